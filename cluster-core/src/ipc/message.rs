@@ -1,0 +1,580 @@
+//! The bytes on the wire between master and workers.
+//!
+//! Each message is one `SOCK_SEQPACKET` datagram: a one-byte tag, then the fields of that message
+//! in a fixed order, big-endian. Decoding checks every length: a short message, trailing bytes,
+//! an unknown tag or a file descriptor count that does not match the message is a
+//! [`ProtocolError`], never a panic or a guess.
+//!
+//! The two directions have their own types ([`ToMaster`], [`ToWorker`]), so a message sent the
+//! wrong way is an unknown tag for the receiver. `Hello` keeps tag 1 and its layout forever, so
+//! that any two builds can at least agree that they disagree on [`PROTOCOL_VERSION`].
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::os::fd::OwnedFd;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// Version of this protocol; sent by a worker in its first message.
+pub(crate) const PROTOCOL_VERSION: u16 = 1;
+
+/// Largest datagram either side sends or accepts.
+pub(crate) const MAX_MESSAGE: usize = 64 * 1024;
+
+/// Largest user payload that fits one message (the tag takes one byte).
+pub const MAX_USER_MESSAGE: usize = MAX_MESSAGE - 1;
+
+/// Most connections (and so file descriptors) carried by one `NewConn` message.
+pub(crate) const MAX_FDS: usize = 64;
+
+/// Identifies a listening socket owned by the master.
+pub(crate) type ListenKey = u32;
+
+/// Identifies one connection handed from the master to a worker.
+pub(crate) type ConnId = u64;
+
+/// A malformed or unexpected message.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    /// A datagram with no bytes at all.
+    #[error("empty message")]
+    Empty,
+    /// The first byte names no message of this protocol.
+    #[error("unknown message tag {0:#04x}")]
+    UnknownTag(u8),
+    /// The message ended before all of its fields.
+    #[error("{message} message is truncated: needs {needed} more bytes")]
+    Short {
+        /// The message being decoded.
+        message: &'static str,
+        /// How many more bytes the next field needed.
+        needed: usize,
+    },
+    /// Bytes left over after the last field.
+    #[error("{message} message has {extra} trailing bytes")]
+    Trailing {
+        /// The message being decoded.
+        message: &'static str,
+        /// How many bytes were left.
+        extra: usize,
+    },
+    /// The kernel cut the datagram (MSG_TRUNC): it was larger than [`MAX_MESSAGE`].
+    #[error("message larger than {MAX_MESSAGE} bytes (MSG_TRUNC)")]
+    Truncated,
+    /// The kernel cut the ancillary data (MSG_CTRUNC): too many file descriptors.
+    #[error("ancillary data truncated (MSG_CTRUNC): more than {MAX_FDS} file descriptors")]
+    AncillaryTruncated,
+    /// Ancillary data other than SCM_RIGHTS.
+    #[error("unexpected ancillary data (level {level}, type {ty})")]
+    UnexpectedAncillary {
+        /// `cmsg_level`.
+        level: i32,
+        /// `cmsg_type`.
+        ty: i32,
+    },
+    /// The number of passed file descriptors does not match the message.
+    #[error("{message} message carries {got} file descriptors, expected {expected}")]
+    FdCount {
+        /// The message being decoded.
+        message: &'static str,
+        /// File descriptors received.
+        got: usize,
+        /// File descriptors the message calls for.
+        expected: usize,
+    },
+    /// An address family byte other than 4 or 6.
+    #[error("bad address family {0}")]
+    AddressFamily(u8),
+    /// A count field larger than the protocol allows.
+    #[error("{message} message lists {count} items, at most {max} allowed")]
+    TooMany {
+        /// The message being decoded.
+        message: &'static str,
+        /// The count on the wire.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The peer speaks another version of the protocol.
+    #[error("protocol version mismatch: peer speaks v{peer}, this build speaks v{PROTOCOL_VERSION}")]
+    Version {
+        /// The peer's version.
+        peer: u16,
+    },
+    /// A worker's first message was not `Hello`.
+    #[error("first message must be hello, got {0}")]
+    NotHello(&'static str),
+}
+
+/// Messages from a worker to the master.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ToMaster {
+    /// First message of every worker ("online").
+    Hello { version: u16, pid: u32 },
+    /// Asks the master for a listening socket (Node's `queryServer`). `index` tells apart
+    /// several port-0 binds of one worker.
+    Listen { req: u32, addr: SocketAddr, index: u32 },
+    /// The worker now accepts connections for `key`.
+    Listening { key: ListenKey },
+    /// The worker closed its listener for `key`.
+    Unlisten { key: ListenKey },
+    /// The worker owns these connections now; the master may close its copies.
+    Accepted { ids: Vec<ConnId> },
+    /// The worker will not serve these connections; the master hands them to another worker.
+    Refused { ids: Vec<ConnId> },
+    /// The worker is about to exit (sent from the panic hook).
+    Exiting { reason: String },
+    /// Application payload.
+    User(Bytes),
+}
+
+/// Result of a listen request: the key and bound address, or an errno.
+pub(crate) type ListenResult = Result<(ListenKey, SocketAddr), i32>;
+
+/// Messages from the master to a worker.
+#[derive(Debug)]
+pub(crate) enum ToWorker {
+    /// Answer to [`ToMaster::Listen`].
+    ListenReply { req: u32, result: ListenResult },
+    /// New client connections for listener `key`, one file descriptor each.
+    NewConn { key: ListenKey, conns: Vec<NewConn> },
+    /// Stop accepting, finish open connections, exit.
+    Disconnect,
+    /// Application payload.
+    User(Bytes),
+}
+
+/// One connection of a [`ToWorker::NewConn`] message.
+#[derive(Debug)]
+pub(crate) struct NewConn {
+    pub(crate) id: ConnId,
+    pub(crate) peer: SocketAddr,
+    pub(crate) fd: OwnedFd,
+}
+
+mod tag {
+    pub(super) const HELLO: u8 = 0x01;
+    pub(super) const LISTEN: u8 = 0x02;
+    pub(super) const LISTENING: u8 = 0x03;
+    pub(super) const UNLISTEN: u8 = 0x04;
+    pub(super) const ACCEPTED: u8 = 0x05;
+    pub(super) const REFUSED: u8 = 0x06;
+    pub(super) const EXITING: u8 = 0x07;
+    pub(super) const USER_TO_MASTER: u8 = 0x08;
+
+    pub(super) const LISTEN_REPLY: u8 = 0x81;
+    pub(super) const NEWCONN: u8 = 0x82;
+    pub(super) const DISCONNECT: u8 = 0x83;
+    pub(super) const USER_TO_WORKER: u8 = 0x84;
+}
+
+impl ToMaster {
+    /// Short name for logs and errors.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Self::Hello { .. } => "hello",
+            Self::Listen { .. } => "listen",
+            Self::Listening { .. } => "listening",
+            Self::Unlisten { .. } => "unlisten",
+            Self::Accepted { .. } => "accepted",
+            Self::Refused { .. } => "refused",
+            Self::Exiting { .. } => "exiting",
+            Self::User(_) => "user",
+        }
+    }
+
+    /// Appends the encoded message to `out`.
+    pub(crate) fn encode(&self, out: &mut BytesMut) {
+        match self {
+            Self::Hello { version, pid } => {
+                out.put_u8(tag::HELLO);
+                out.put_u16(*version);
+                out.put_u32(*pid);
+            }
+            Self::Listen { req, addr, index } => {
+                out.put_u8(tag::LISTEN);
+                out.put_u32(*req);
+                put_addr(out, addr);
+                out.put_u32(*index);
+            }
+            Self::Listening { key } => {
+                out.put_u8(tag::LISTENING);
+                out.put_u32(*key);
+            }
+            Self::Unlisten { key } => {
+                out.put_u8(tag::UNLISTEN);
+                out.put_u32(*key);
+            }
+            Self::Accepted { ids } => put_ids(out, tag::ACCEPTED, ids),
+            Self::Refused { ids } => put_ids(out, tag::REFUSED, ids),
+            Self::Exiting { reason } => {
+                out.put_u8(tag::EXITING);
+                // Cut long panic messages at a character boundary so they fit one datagram.
+                let mut end = reason.len().min(MAX_USER_MESSAGE - 16);
+                while !reason.is_char_boundary(end) {
+                    end -= 1;
+                }
+                out.put_slice(&reason.as_bytes()[..end]);
+            }
+            Self::User(data) => {
+                out.put_u8(tag::USER_TO_MASTER);
+                out.put_slice(data);
+            }
+        }
+    }
+
+    /// Decodes one datagram. No message to the master carries file descriptors.
+    pub(crate) fn decode(mut buf: Bytes, fds: Vec<OwnedFd>) -> Result<Self, ProtocolError> {
+        if buf.is_empty() {
+            return Err(ProtocolError::Empty);
+        }
+        let t = buf.get_u8();
+        let mut r = Reader { buf, message: "" };
+        let msg = match t {
+            tag::HELLO => {
+                r.message = "hello";
+                Self::Hello { version: r.u16()?, pid: r.u32()? }
+            }
+            tag::LISTEN => {
+                r.message = "listen";
+                Self::Listen { req: r.u32()?, addr: r.addr()?, index: r.u32()? }
+            }
+            tag::LISTENING => {
+                r.message = "listening";
+                Self::Listening { key: r.u32()? }
+            }
+            tag::UNLISTEN => {
+                r.message = "unlisten";
+                Self::Unlisten { key: r.u32()? }
+            }
+            tag::ACCEPTED => {
+                r.message = "accepted";
+                Self::Accepted { ids: r.ids()? }
+            }
+            tag::REFUSED => {
+                r.message = "refused";
+                Self::Refused { ids: r.ids()? }
+            }
+            tag::EXITING => {
+                r.message = "exiting";
+                let rest = r.rest();
+                Self::Exiting { reason: String::from_utf8_lossy(&rest).into_owned() }
+            }
+            tag::USER_TO_MASTER => {
+                r.message = "user";
+                Self::User(r.rest())
+            }
+            other => return Err(ProtocolError::UnknownTag(other)),
+        };
+        r.finish()?;
+        expect_fds(msg.name(), fds.len(), 0)?;
+        Ok(msg)
+    }
+}
+
+impl ToWorker {
+    /// Short name for logs and errors.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Self::ListenReply { .. } => "listen reply",
+            Self::NewConn { .. } => "newconn",
+            Self::Disconnect => "disconnect",
+            Self::User(_) => "user",
+        }
+    }
+
+    /// Decodes one datagram, taking ownership of the file descriptors that came with it.
+    pub(crate) fn decode(mut buf: Bytes, fds: Vec<OwnedFd>) -> Result<Self, ProtocolError> {
+        if buf.is_empty() {
+            return Err(ProtocolError::Empty);
+        }
+        let t = buf.get_u8();
+        let mut r = Reader { buf, message: "" };
+        let msg = match t {
+            tag::LISTEN_REPLY => {
+                r.message = "listen reply";
+                let req = r.u32()?;
+                let result = match r.u8()? {
+                    0 => Ok((r.u32()?, r.addr()?)),
+                    _ => Err(r.i32()?),
+                };
+                Self::ListenReply { req, result }
+            }
+            tag::NEWCONN => {
+                r.message = "newconn";
+                let key = r.u32()?;
+                let count = r.count()?;
+                expect_fds("newconn", fds.len(), count)?;
+                let mut conns = Vec::with_capacity(count);
+                for fd in fds {
+                    conns.push(NewConn { id: r.u64()?, peer: r.addr()?, fd });
+                }
+                r.finish()?;
+                return Ok(Self::NewConn { key, conns });
+            }
+            tag::DISCONNECT => {
+                r.message = "disconnect";
+                Self::Disconnect
+            }
+            tag::USER_TO_WORKER => {
+                r.message = "user";
+                Self::User(r.rest())
+            }
+            other => return Err(ProtocolError::UnknownTag(other)),
+        };
+        r.finish()?;
+        expect_fds(msg.name(), fds.len(), 0)?;
+        Ok(msg)
+    }
+}
+
+/// Encoders for master-to-worker messages. `NewConn` is encoded from borrowed parts, because
+/// the master keeps ownership of each connection until the worker acknowledges it.
+pub(crate) mod encode {
+    use super::*;
+
+    pub(crate) fn listen_reply(out: &mut BytesMut, req: u32, result: &ListenResult) {
+        out.put_u8(tag::LISTEN_REPLY);
+        out.put_u32(req);
+        match result {
+            Ok((key, addr)) => {
+                out.put_u8(0);
+                out.put_u32(*key);
+                put_addr(out, addr);
+            }
+            Err(errno) => {
+                out.put_u8(1);
+                out.put_i32(*errno);
+            }
+        }
+    }
+
+    /// Starts a `NewConn` message; follow with [`newconn_entry`] once per connection, in the
+    /// order of the file descriptors attached.
+    pub(crate) fn newconn_header(out: &mut BytesMut, key: ListenKey, count: usize) {
+        debug_assert!(count <= MAX_FDS);
+        out.put_u8(tag::NEWCONN);
+        out.put_u32(key);
+        out.put_u16(count as u16);
+    }
+
+    pub(crate) fn newconn_entry(out: &mut BytesMut, id: ConnId, peer: &SocketAddr) {
+        out.put_u64(id);
+        put_addr(out, peer);
+    }
+
+    pub(crate) fn disconnect(out: &mut BytesMut) {
+        out.put_u8(tag::DISCONNECT);
+    }
+
+    pub(crate) fn user(out: &mut BytesMut, data: &[u8]) {
+        out.put_u8(tag::USER_TO_WORKER);
+        out.put_slice(data);
+    }
+}
+
+/// Encodes `Accepted` for one connection without allocating (the worker's accept path).
+pub(crate) fn accepted_one(id: ConnId) -> [u8; 11] {
+    let mut out = [0u8; 11];
+    out[0] = tag::ACCEPTED;
+    out[1..3].copy_from_slice(&1u16.to_be_bytes());
+    out[3..].copy_from_slice(&id.to_be_bytes());
+    out
+}
+
+fn expect_fds(message: &'static str, got: usize, expected: usize) -> Result<(), ProtocolError> {
+    if got == expected { Ok(()) } else { Err(ProtocolError::FdCount { message, got, expected }) }
+}
+
+fn put_ids(out: &mut BytesMut, t: u8, ids: &[ConnId]) {
+    out.put_u8(t);
+    out.put_u16(ids.len() as u16);
+    for id in ids {
+        out.put_u64(*id);
+    }
+}
+
+fn put_addr(out: &mut BytesMut, addr: &SocketAddr) {
+    match addr {
+        SocketAddr::V4(a) => {
+            out.put_u8(4);
+            out.put_slice(&a.ip().octets());
+            out.put_u16(a.port());
+        }
+        SocketAddr::V6(a) => {
+            out.put_u8(6);
+            out.put_slice(&a.ip().octets());
+            out.put_u16(a.port());
+            out.put_u32(a.flowinfo());
+            out.put_u32(a.scope_id());
+        }
+    }
+}
+
+/// A bounds-checked cursor over one message.
+struct Reader {
+    buf: Bytes,
+    message: &'static str,
+}
+
+impl Reader {
+    fn need(&self, n: usize) -> Result<(), ProtocolError> {
+        if self.buf.remaining() < n {
+            Err(ProtocolError::Short { message: self.message, needed: n - self.buf.remaining() })
+        } else {
+            Ok(())
+        }
+    }
+    fn u8(&mut self) -> Result<u8, ProtocolError> {
+        self.need(1)?;
+        Ok(self.buf.get_u8())
+    }
+    fn u16(&mut self) -> Result<u16, ProtocolError> {
+        self.need(2)?;
+        Ok(self.buf.get_u16())
+    }
+    fn u32(&mut self) -> Result<u32, ProtocolError> {
+        self.need(4)?;
+        Ok(self.buf.get_u32())
+    }
+    fn i32(&mut self) -> Result<i32, ProtocolError> {
+        self.need(4)?;
+        Ok(self.buf.get_i32())
+    }
+    fn u64(&mut self) -> Result<u64, ProtocolError> {
+        self.need(8)?;
+        Ok(self.buf.get_u64())
+    }
+    fn count(&mut self) -> Result<usize, ProtocolError> {
+        let count = usize::from(self.u16()?);
+        if count > MAX_FDS {
+            return Err(ProtocolError::TooMany { message: self.message, count, max: MAX_FDS });
+        }
+        Ok(count)
+    }
+    fn ids(&mut self) -> Result<Vec<ConnId>, ProtocolError> {
+        let count = self.count()?;
+        (0..count).map(|_| self.u64()).collect()
+    }
+    fn addr(&mut self) -> Result<SocketAddr, ProtocolError> {
+        match self.u8()? {
+            4 => {
+                self.need(6)?;
+                let mut ip = [0; 4];
+                self.buf.copy_to_slice(&mut ip);
+                Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::from(ip)), self.buf.get_u16()))
+            }
+            6 => {
+                self.need(26)?;
+                let mut ip = [0; 16];
+                self.buf.copy_to_slice(&mut ip);
+                let port = self.buf.get_u16();
+                let flowinfo = self.buf.get_u32();
+                let scope = self.buf.get_u32();
+                Ok(SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(ip), port, flowinfo, scope)))
+            }
+            other => Err(ProtocolError::AddressFamily(other)),
+        }
+    }
+    fn rest(&mut self) -> Bytes {
+        self.buf.split_off(0)
+    }
+    fn finish(self) -> Result<(), ProtocolError> {
+        match self.buf.remaining() {
+            0 => Ok(()),
+            extra => Err(ProtocolError::Trailing { message: self.message, extra }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(msg: ToMaster) {
+        let mut out = BytesMut::new();
+        msg.encode(&mut out);
+        assert_eq!(ToMaster::decode(out.freeze(), Vec::new()), Ok(msg));
+    }
+
+    fn fd() -> OwnedFd {
+        std::fs::File::open("/dev/null").unwrap().into()
+    }
+
+    #[test]
+    fn to_master_round_trips() {
+        round_trip(ToMaster::Hello { version: PROTOCOL_VERSION, pid: 42 });
+        round_trip(ToMaster::Listen { req: 7, addr: "127.0.0.1:8080".parse().unwrap(), index: 0 });
+        round_trip(ToMaster::Listen { req: 8, addr: "[::1]:0".parse().unwrap(), index: 3 });
+        round_trip(ToMaster::Listening { key: 3 });
+        round_trip(ToMaster::Unlisten { key: 3 });
+        round_trip(ToMaster::Accepted { ids: vec![1, 2, u64::MAX] });
+        round_trip(ToMaster::Refused { ids: vec![] });
+        let one = accepted_one(77);
+        assert_eq!(
+            ToMaster::decode(Bytes::copy_from_slice(&one), Vec::new()),
+            Ok(ToMaster::Accepted { ids: vec![77] })
+        );
+        round_trip(ToMaster::Exiting { reason: "panicked at 'boom'".into() });
+        round_trip(ToMaster::User(Bytes::from_static(b"\x02looks like listen")));
+    }
+
+    #[test]
+    fn newconn_carries_one_fd_per_connection() {
+        let peers: [SocketAddr; 2] = ["10.0.0.1:5000".parse().unwrap(), "[::1]:6000".parse().unwrap()];
+        let mut out = BytesMut::new();
+        encode::newconn_header(&mut out, 9, 2);
+        encode::newconn_entry(&mut out, 100, &peers[0]);
+        encode::newconn_entry(&mut out, 101, &peers[1]);
+        let bytes = out.freeze();
+        match ToWorker::decode(bytes.clone(), vec![fd(), fd()]).unwrap() {
+            ToWorker::NewConn { key, conns } => {
+                assert_eq!(key, 9);
+                assert_eq!(
+                    conns.iter().map(|c| (c.id, c.peer)).collect::<Vec<_>>(),
+                    vec![(100, peers[0]), (101, peers[1])]
+                );
+            }
+            other => panic!("decoded {other:?}"),
+        }
+        let err = ToWorker::decode(bytes.clone(), vec![fd()]).unwrap_err();
+        assert_eq!(err, ProtocolError::FdCount { message: "newconn", got: 1, expected: 2 });
+    }
+
+    #[test]
+    fn listen_reply_round_trips() {
+        for result in [Ok((4, "0.0.0.0:1234".parse().unwrap())), Err(libc::EADDRINUSE)] {
+            let mut out = BytesMut::new();
+            encode::listen_reply(&mut out, 5, &result);
+            match ToWorker::decode(out.freeze(), Vec::new()).unwrap() {
+                ToWorker::ListenReply { req: 5, result: got } => assert_eq!(got, result),
+                other => panic!("decoded {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_input_is_a_typed_error() {
+        let dec = |b: &'static [u8]| ToMaster::decode(Bytes::from_static(b), Vec::new()).unwrap_err();
+        assert_eq!(dec(b""), ProtocolError::Empty);
+        assert_eq!(dec(b"\x7f"), ProtocolError::UnknownTag(0x7f));
+        // A master-to-worker tag sent towards the master is unknown there.
+        assert_eq!(dec(b"\x83"), ProtocolError::UnknownTag(0x83));
+        assert_eq!(dec(b"\x01\x00"), ProtocolError::Short { message: "hello", needed: 1 });
+        assert_eq!(dec(b"\x03\x00\x00\x00\x01\xff"), ProtocolError::Trailing { message: "listening", extra: 1 });
+        assert_eq!(dec(b"\x02\x00\x00\x00\x01\x05"), ProtocolError::AddressFamily(5));
+        assert_eq!(dec(b"\x05\xff\xff"), ProtocolError::TooMany { message: "accepted", count: 0xffff, max: MAX_FDS });
+        let err = ToMaster::decode(Bytes::from_static(b"\x03\x00\x00\x00\x01"), vec![fd()]).unwrap_err();
+        assert_eq!(err, ProtocolError::FdCount { message: "listening", got: 1, expected: 0 });
+        let err = ToWorker::decode(Bytes::from_static(b"\x83"), vec![fd()]).unwrap_err();
+        assert_eq!(err, ProtocolError::FdCount { message: "disconnect", got: 1, expected: 0 });
+    }
+
+    #[test]
+    fn long_exit_reason_is_cut_to_fit() {
+        let msg = ToMaster::Exiting { reason: "é".repeat(MAX_MESSAGE) };
+        let mut out = BytesMut::new();
+        msg.encode(&mut out);
+        assert!(out.len() <= MAX_MESSAGE);
+        assert!(matches!(ToMaster::decode(out.freeze(), Vec::new()), Ok(ToMaster::Exiting { .. })));
+    }
+}

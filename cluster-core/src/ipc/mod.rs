@@ -1,0 +1,158 @@
+//! The master/worker channel: one `SOCK_SEQPACKET` socket pair per worker.
+//!
+//! [`message`] defines the bytes; this module moves them, with the file descriptors that ride
+//! along as SCM_RIGHTS ancillary data. Every receive passes an ancillary buffer (a plain `recv`
+//! would make the kernel close passed descriptors), and a datagram or ancillary block the
+//! kernel had to cut (MSG_TRUNC / MSG_CTRUNC) is a protocol error, never a partial message.
+
+pub(crate) mod message;
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use tokio_seqpacket::UnixSeqpacket;
+use tokio_seqpacket::ancillary::OwnedAncillaryMessage;
+
+pub use message::ProtocolError;
+use message::{MAX_FDS, MAX_MESSAGE};
+
+/// Bytes of ancillary buffer: room for one SCM_RIGHTS block of [`MAX_FDS`] descriptors.
+const ANCILLARY_SPACE: usize = 64 + MAX_FDS * std::mem::size_of::<libc::c_int>();
+
+/// Why a channel stopped delivering messages.
+#[derive(Debug, thiserror::Error)]
+pub enum RecvError {
+    /// The socket failed.
+    #[error("channel i/o error: {0}")]
+    Io(#[from] io::Error),
+    /// The peer sent something that is not a valid message.
+    #[error("protocol error: {0}")]
+    Protocol(#[from] ProtocolError),
+}
+
+/// One end of a master/worker channel.
+#[derive(Debug)]
+pub(crate) struct Channel {
+    sock: UnixSeqpacket,
+}
+
+impl Channel {
+    /// Creates a connected pair: the master's end, and the worker's end as a plain fd to be
+    /// inherited by the child (close-on-exec is cleared only in the child).
+    pub(crate) fn pair() -> io::Result<(Channel, OwnedFd)> {
+        let (master, worker) = UnixSeqpacket::pair()?;
+        Ok((Channel { sock: master }, OwnedFd::from(worker)))
+    }
+
+    /// Wraps an inherited channel fd (worker side). Needs a tokio runtime.
+    pub(crate) fn from_fd(fd: OwnedFd) -> io::Result<Channel> {
+        Ok(Channel { sock: UnixSeqpacket::try_from(fd)? })
+    }
+
+    /// The socket, for sends that cannot await (the panic hook).
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+
+    /// Sends one datagram, waiting for buffer space if needed.
+    pub(crate) async fn send(&self, data: &[u8]) -> io::Result<()> {
+        self.sock.send(data).await.map(drop)
+    }
+
+    /// Polls sending one datagram (for `poll`-style callers such as `Stream` impls).
+    pub(crate) fn poll_send(&self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<()>> {
+        self.sock.poll_send(cx, data).map_ok(drop)
+    }
+
+    /// Sends one datagram with file descriptors attached, without waiting: fails with
+    /// `WouldBlock` when the socket buffer is full. Used by the dispatcher, which must not
+    /// await while it holds its table.
+    pub(crate) fn try_send_with_fds(&self, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        crate::sys::send_with_fds(self.sock.as_fd(), data, fds)
+    }
+}
+
+/// Receive buffers for one channel, reused for every message.
+pub(crate) struct Receiver {
+    data: Box<[u8]>,
+    ancillary: Box<[u8]>,
+}
+
+impl Receiver {
+    pub(crate) fn new() -> Self {
+        Receiver {
+            data: vec![0; MAX_MESSAGE].into_boxed_slice(),
+            ancillary: vec![0; ANCILLARY_SPACE].into_boxed_slice(),
+        }
+    }
+
+    /// Receives the next datagram and the file descriptors that came with it.
+    ///
+    /// `Ok(None)` is end of stream: the peer closed its end (this protocol never sends an empty
+    /// datagram). Descriptors of a rejected message are closed before the error is returned.
+    pub(crate) async fn recv(&mut self, channel: &Channel) -> Result<Option<(Bytes, Vec<OwnedFd>)>, RecvError> {
+        let (info, ancillary) = channel.sock.recv_with_ancillary(&mut self.data, &mut self.ancillary).await?;
+        let mut fds = Vec::new();
+        let ancillary_truncated = info.ancillary_truncated() || ancillary.is_truncated();
+        let mut unexpected = None;
+        for message in ancillary.into_messages() {
+            match message {
+                OwnedAncillaryMessage::FileDescriptors(received) => fds.extend(received),
+                OwnedAncillaryMessage::Other(other) => {
+                    unexpected =
+                        Some(ProtocolError::UnexpectedAncillary { level: other.cmsg_level(), ty: other.cmsg_type() })
+                }
+            }
+        }
+        if info.truncated() {
+            return Err(ProtocolError::Truncated.into());
+        }
+        if ancillary_truncated {
+            return Err(ProtocolError::AncillaryTruncated.into());
+        }
+        if let Some(err) = unexpected {
+            return Err(err.into());
+        }
+        if info.bytes_read() == 0 && fds.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some((Bytes::copy_from_slice(&self.data[..info.bytes_read()]), fds)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::IoSlice;
+    use std::os::fd::AsFd;
+    use tokio_seqpacket::ancillary::AncillaryMessageWriter;
+
+    #[tokio::test]
+    async fn passes_fds_and_reports_truncation() {
+        let (a, b) = UnixSeqpacket::pair().unwrap();
+        let (a, b) = (Channel { sock: a }, Channel { sock: b });
+        let file = std::fs::File::open("/dev/null").unwrap();
+        a.try_send_with_fds(b"\x01", &[file.as_fd(), file.as_fd()]).unwrap();
+        let mut rx = Receiver::new();
+        let (bytes, fds) = rx.recv(&b).await.unwrap().unwrap();
+        assert_eq!(&bytes[..], b"\x01");
+        assert_eq!(fds.len(), 2);
+
+        // Larger than MAX_MESSAGE: the kernel truncates, we report it.
+        a.send(&vec![7u8; MAX_MESSAGE + 10]).await.unwrap();
+        assert!(matches!(rx.recv(&b).await, Err(RecvError::Protocol(ProtocolError::Truncated))));
+
+        // More descriptors than the ancillary buffer holds.
+        let many: Vec<_> = (0..MAX_FDS + 40).map(|_| file.as_fd()).collect();
+        let mut space = vec![0u8; 4096];
+        let mut anc = AncillaryMessageWriter::new(&mut space);
+        anc.add_fds(many.iter().copied()).unwrap();
+        a.sock.send_vectored_with_ancillary(&[IoSlice::new(b"\x01")], &mut anc).await.unwrap();
+        assert!(matches!(rx.recv(&b).await, Err(RecvError::Protocol(ProtocolError::AncillaryTruncated))));
+
+        drop(a);
+        assert!(rx.recv(&b).await.unwrap().is_none());
+    }
+}

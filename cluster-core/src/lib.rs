@@ -1,0 +1,54 @@
+//! # cluster
+//!
+//! Node.js `cluster` semantics and PM2-grade process management for tokio servers.
+//!
+//! One binary runs as the **master** or as a **worker**. The master re-executes its own binary
+//! for each worker, owns the listening sockets, accepts connections and hands them to workers
+//! as file descriptors over `SOCK_SEQPACKET` channels; it replaces workers that die and stops
+//! them gracefully. The application code is the same in every role:
+//!
+//! ```no_run
+//! use cluster::net::TcpListener;
+//!
+//! #[cluster::main(workers = 4)]
+//! async fn main() -> std::io::Result<()> {
+//!     let mut listener = TcpListener::bind("127.0.0.1:8080").await?;
+//!     loop {
+//!         tokio::select! {
+//!             conn = listener.accept() => {
+//!                 let (stream, _peer) = conn?;
+//!                 tokio::spawn(async move { drop(stream) /* serve it */ });
+//!             }
+//!             _ = cluster::worker::shutdown() => return Ok(()),
+//!         }
+//!     }
+//! }
+//! ```
+//!
+//! Layout: [`net`] (role-transparent listeners), [`worker`] (the worker's API), [`master`]
+//! (events and messages for code in the master), [`Cluster`] (the builder behind the macro).
+#![warn(missing_docs)]
+
+mod config;
+mod ipc;
+mod log;
+pub mod master;
+pub mod net;
+mod role;
+mod sys;
+pub mod worker;
+
+pub use cluster_macros::main;
+pub use config::{Builder, Cluster, role};
+pub use ipc::message::MAX_USER_MESSAGE;
+pub use ipc::{ProtocolError, RecvError};
+pub use master::Master;
+pub use net::is_closed;
+pub use role::{ENV_CHANNEL_FD, ENV_UNIQUE_ID, ENV_WORKERS, Role, StartError};
+pub use sys::ChannelFdError;
+
+/// Used by `#[cluster::main]`; not a public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::config::Builder;
+}

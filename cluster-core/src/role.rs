@@ -1,0 +1,85 @@
+//! Which process am I: the master, a worker, or a single process with no cluster.
+//!
+//! The master marks each worker it starts with `CLUSTER_UNIQUE_ID` (the worker id) and
+//! `CLUSTER_CHANNEL_FD` (the inherited IPC socket). A worker reads both, checks the fd, and
+//! removes them from its environment so programs it starts are not mistaken for workers.
+
+use std::os::fd::{OwnedFd, RawFd};
+
+use crate::sys::{self, ChannelFdError};
+
+/// Set by the master in each worker: the worker id (1..=N).
+pub const ENV_UNIQUE_ID: &str = "CLUSTER_UNIQUE_ID";
+/// Set by the master in each worker: the fd number of the IPC channel.
+pub const ENV_CHANNEL_FD: &str = "CLUSTER_CHANNEL_FD";
+/// Number of workers; overrides the code's setting. `0` runs one process with no master.
+pub const ENV_WORKERS: &str = "CLUSTER_WORKERS";
+
+/// Where the master puts the channel in each worker.
+pub(crate) const CHANNEL_FD: RawFd = 3;
+
+/// The role of this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Supervises workers and owns the listening sockets.
+    Master,
+    /// Runs the application; `id` is 1..=N.
+    Worker {
+        /// The worker id.
+        id: u32,
+    },
+    /// No cluster: the application runs in this one process (`CLUSTER_WORKERS=0`).
+    Standalone,
+}
+
+/// How this process was started, with what a worker needs to connect.
+pub(crate) enum Start {
+    Master { workers: usize },
+    Worker { id: u32, channel: OwnedFd },
+    Standalone,
+}
+
+/// The environment does not describe a valid process of a cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// `CLUSTER_UNIQUE_ID` is not a positive integer.
+    #[error("{ENV_UNIQUE_ID}={0:?} is not a worker id (a positive integer)")]
+    BadId(String),
+    /// A worker without `CLUSTER_CHANNEL_FD`.
+    #[error(
+        "{ENV_UNIQUE_ID} is set but {ENV_CHANNEL_FD} is missing: workers are started by the cluster master, not by hand"
+    )]
+    MissingChannel,
+    /// `CLUSTER_CHANNEL_FD` is not a descriptor number.
+    #[error("{ENV_CHANNEL_FD}={0:?} is not a file descriptor number")]
+    BadChannelNumber(String),
+    /// The descriptor is not a usable channel.
+    #[error("{ENV_CHANNEL_FD}: {0}")]
+    BadChannel(#[from] ChannelFdError),
+    /// `CLUSTER_WORKERS` is not a count.
+    #[error("{ENV_WORKERS}={0:?} is not a number of workers (0 runs without a master)")]
+    BadWorkers(String),
+}
+
+/// Reads the environment once, at start-up, while the process is single-threaded.
+pub(crate) fn detect(default_workers: usize) -> Result<Start, StartError> {
+    if let Some(id) = std::env::var_os(ENV_UNIQUE_ID) {
+        let id = id.to_string_lossy().into_owned();
+        let parsed = id.parse::<u32>().ok().filter(|id| *id > 0).ok_or(StartError::BadId(id))?;
+        let fd = std::env::var_os(ENV_CHANNEL_FD).ok_or(StartError::MissingChannel)?;
+        let fd = fd.to_string_lossy().into_owned();
+        let raw = fd.parse::<RawFd>().ok().filter(|fd| *fd >= 0).ok_or(StartError::BadChannelNumber(fd))?;
+        let channel = sys::adopt_channel_fd(raw)?;
+        sys::remove_env(ENV_UNIQUE_ID);
+        sys::remove_env(ENV_CHANNEL_FD);
+        return Ok(Start::Worker { id: parsed, channel });
+    }
+    let workers = match std::env::var_os(ENV_WORKERS) {
+        Some(n) => {
+            let n = n.to_string_lossy().into_owned();
+            n.trim().parse::<usize>().map_err(|_| StartError::BadWorkers(n))?
+        }
+        None => default_workers,
+    };
+    Ok(if workers == 0 { Start::Standalone } else { Start::Master { workers } })
+}

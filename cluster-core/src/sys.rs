@@ -1,0 +1,188 @@
+//! Every libc call and `unsafe` block of the crate lives here.
+//!
+//! The rest of the crate deals in `OwnedFd`, `io::Result` and plain Rust types.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+/// Turns a libc return value into an `io::Result`.
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret == -1 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+}
+
+/// Reads an integer socket option.
+fn sockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are valid for writes of the sizes passed.
+    check(unsafe { libc::getsockopt(fd, level, name, (&raw mut value).cast(), &mut len) })?;
+    Ok(value)
+}
+
+/// Why an inherited fd cannot be used as the worker's IPC channel.
+#[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
+pub enum ChannelFdError {
+    #[error("fd {fd} is not open ({source})")]
+    NotOpen { fd: RawFd, source: io::Error },
+    #[error("fd {fd} is not a socket ({source})")]
+    NotSocket { fd: RawFd, source: io::Error },
+    #[error("fd {fd} is not an AF_UNIX socket (domain {domain})")]
+    WrongDomain { fd: RawFd, domain: libc::c_int },
+    #[error("fd {fd} is not a SOCK_SEQPACKET socket (type {ty})")]
+    WrongType { fd: RawFd, ty: libc::c_int },
+}
+
+/// Checks that `fd` is an open AF_UNIX SOCK_SEQPACKET socket, takes ownership of it and marks
+/// it close-on-exec so that programs the worker starts do not inherit it.
+///
+/// Must be called at most once per fd, before anything else claims it.
+pub(crate) fn adopt_channel_fd(fd: RawFd) -> Result<OwnedFd, ChannelFdError> {
+    // SAFETY: F_GETFD only reads the descriptor's flags.
+    let flags =
+        check(unsafe { libc::fcntl(fd, libc::F_GETFD) }).map_err(|source| ChannelFdError::NotOpen { fd, source })?;
+    let domain = sockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)
+        .map_err(|source| ChannelFdError::NotSocket { fd, source })?;
+    if domain != libc::AF_UNIX {
+        return Err(ChannelFdError::WrongDomain { fd, domain });
+    }
+    let ty =
+        sockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE).map_err(|source| ChannelFdError::NotSocket { fd, source })?;
+    if ty != libc::SOCK_SEQPACKET {
+        return Err(ChannelFdError::WrongType { fd, ty });
+    }
+    // SAFETY: the fd is open; FD_CLOEXEC and O_NONBLOCK change nothing but how exec and I/O
+    // treat it (tokio needs it non-blocking).
+    unsafe {
+        check(libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC))
+            .and_then(|_| check(libc::fcntl(fd, libc::F_GETFL)))
+            .and_then(|fl| check(libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK)))
+            .map_err(|source| ChannelFdError::NotOpen { fd, source })?;
+    }
+    // SAFETY: the fd is open and, per this function's contract, owned by no one else: it was
+    // inherited from the master for this purpose.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Removes a variable from the process environment.
+///
+/// Called only while the process is still single-threaded (before any runtime is built), which
+/// is what makes `remove_var` sound.
+pub(crate) fn remove_env(name: &str) {
+    // SAFETY: see above: no other thread exists yet that could read the environment.
+    unsafe { std::env::remove_var(name) }
+}
+
+/// Prepares a freshly forked worker, between `fork` and `exec`.
+///
+/// Puts the channel at `target` (clearing close-on-exec only in the child), and asks the kernel
+/// to SIGKILL the worker if the master dies, so no worker is ever orphaned.
+///
+/// # Safety
+/// Must only be called in the child of a `fork`, as a `pre_exec` hook: it only makes
+/// async-signal-safe calls.
+pub(crate) unsafe fn child_setup(channel: RawFd, target: RawFd, master_pid: libc::pid_t) -> io::Result<()> {
+    // SAFETY (all calls below): async-signal-safe syscalls on descriptors of this process.
+    unsafe {
+        if channel == target {
+            let flags = check(libc::fcntl(target, libc::F_GETFD))?;
+            check(libc::fcntl(target, libc::F_SETFD, flags & !libc::FD_CLOEXEC))?;
+        } else {
+            // dup2 leaves the new descriptor without FD_CLOEXEC.
+            check(libc::dup2(channel, target))?;
+        }
+        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
+        // The master may have died between fork and prctl: then nobody would send the signal.
+        if libc::getppid() != master_pid {
+            libc::_exit(1);
+        }
+    }
+    Ok(())
+}
+
+/// This process's id.
+pub(crate) fn getpid() -> u32 {
+    std::process::id()
+}
+
+/// Sends a signal to a process.
+pub(crate) fn kill(pid: u32, signal: libc::c_int) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: kill has no memory-safety preconditions.
+    check(unsafe { libc::kill(pid, signal) }).map(drop)
+}
+
+/// Sends one datagram without waiting, from code that cannot await (the panic hook).
+///
+/// Fails with `WouldBlock` when the socket buffer is full.
+pub(crate) fn send_now(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
+    // SAFETY: `data` is valid for reads of `data.len()` bytes.
+    let n = unsafe {
+        libc::send(fd.as_raw_fd(), data.as_ptr().cast(), data.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+    };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+}
+
+/// Immediately terminates the process, without running destructors or atexit handlers.
+pub(crate) fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit has no preconditions.
+    unsafe { libc::_exit(code) }
+}
+
+/// Arranges for [`child_setup`] to run in the worker between fork and exec.
+pub(crate) fn prepare_worker_command(cmd: &mut std::process::Command, channel: RawFd, target: RawFd) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: `getpid` has no preconditions.
+    let master = unsafe { libc::getpid() };
+    // SAFETY: the hook runs in the forked child and makes only async-signal-safe calls.
+    unsafe {
+        cmd.pre_exec(move || child_setup(channel, target, master));
+    }
+}
+
+/// Registers a socket the caller owns with tokio's reactor.
+pub(crate) fn watch(socket: socket2::Socket) -> io::Result<tokio::io::unix::AsyncFd<socket2::Socket>> {
+    // SAFETY: `Socket` owns its descriptor: it stays open, and `as_raw_fd` keeps returning
+    // it, until the `AsyncFd` (which owns the `Socket`) is dropped.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}
+
+/// Sends one datagram with `fds` attached as SCM_RIGHTS, without blocking (`MSG_DONTWAIT`):
+/// fails with `WouldBlock` when the socket buffer is full.
+///
+/// The readiness-based sends of tokio-seqpacket cannot serve here: they report `Pending` on a
+/// socket the reactor has not yet seen writable, and the dispatcher cannot wait.
+pub(crate) fn send_with_fds(socket: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    const MAX: usize = crate::ipc::message::MAX_FDS;
+    if fds.len() > MAX {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many file descriptors for one message"));
+    }
+    // Aligned room for one SCM_RIGHTS header and MAX descriptors.
+    let mut control = [0u64; (MAX * 4 + 64) / 8];
+    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
+    // SAFETY: zeroed msghdr is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        let payload = std::mem::size_of_val(fds) as u32;
+        // SAFETY: CMSG_* compute sizes and pointers inside `control`, which is large enough and
+        // 8-byte aligned; we write exactly CMSG_LEN(payload) bytes into it.
+        unsafe {
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(payload) as _;
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(payload) as _;
+            let dst = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+            for (i, fd) in fds.iter().enumerate() {
+                dst.add(i).write_unaligned(fd.as_raw_fd());
+            }
+        }
+    }
+    // SAFETY: `msg` points at `iov`, `data` and `control`, all alive for the call.
+    let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}

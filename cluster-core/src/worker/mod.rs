@@ -1,0 +1,306 @@
+//! The worker side: its channel to the master, and what user code in a worker can call.
+//!
+//! One task reads the channel and routes each message: listen replies to the waiting
+//! `bind`, new connections to the queue of their listener, user messages to [`recv`], and
+//! `disconnect` to the [`shutdown`] signal. Accepting a connection acknowledges it to the
+//! master *before* user code sees it, so the master never hands a connection to a second
+//! worker after the first one may have read from it.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::ipc::message::{self, ConnId, ListenKey, ListenResult, NewConn, PROTOCOL_VERSION, ToMaster, ToWorker};
+use crate::ipc::{Channel, Receiver};
+use crate::sys;
+
+/// The queue of connections the master handed to one listener.
+pub(crate) type ConnQueue = mpsc::UnboundedReceiver<NewConn>;
+
+/// How long a worker whose master vanished keeps draining before it exits.
+const ORPHAN_GRACE: Duration = Duration::from_secs(5);
+
+/// This worker's connection to its master.
+pub(crate) struct Client {
+    id: u32,
+    pub(crate) channel: Channel,
+    state: Mutex<State>,
+    shutdown: watch::Sender<bool>,
+    messages: tokio::sync::Mutex<mpsc::UnboundedReceiver<Bytes>>,
+}
+
+struct State {
+    next_req: u32,
+    replies: HashMap<u32, oneshot::Sender<ListenResult>>,
+    listeners: HashMap<ListenKey, mpsc::UnboundedSender<NewConn>>,
+    /// Port-0 binds per address so far: the n-th port-0 bind of every worker shares a port.
+    port0: HashMap<SocketAddr, u32>,
+    messages: mpsc::UnboundedSender<Bytes>,
+}
+
+static CLIENT: OnceLock<Arc<Client>> = OnceLock::new();
+
+/// The client of this process, if it is a worker.
+pub(crate) fn client() -> Option<&'static Arc<Client>> {
+    CLIENT.get()
+}
+
+/// Connects to the master over the inherited channel and says hello. Needs a runtime.
+pub(crate) async fn start(id: u32, channel: OwnedFd, exit_on_panic: bool) -> io::Result<&'static Arc<Client>> {
+    let channel = Channel::from_fd(channel)?;
+    let (messages_tx, messages_rx) = mpsc::unbounded_channel();
+    let client = Arc::new(Client {
+        id,
+        channel,
+        state: Mutex::new(State {
+            next_req: 0,
+            replies: HashMap::new(),
+            listeners: HashMap::new(),
+            port0: HashMap::new(),
+            messages: messages_tx,
+        }),
+        shutdown: watch::Sender::new(false),
+        messages: tokio::sync::Mutex::new(messages_rx),
+    });
+    let client = CLIENT.get_or_init(|| client);
+    install_panic_hook(exit_on_panic);
+    client.send(&ToMaster::Hello { version: PROTOCOL_VERSION, pid: sys::getpid() }).await?;
+    tokio::spawn(read_loop(client.clone()));
+    Ok(client)
+}
+
+impl Client {
+    async fn send(&self, msg: &ToMaster) -> io::Result<()> {
+        let mut out = BytesMut::new();
+        msg.encode(&mut out);
+        self.channel.send(&out).await
+    }
+
+    /// Sends from code that cannot await (drop glue): now if the socket has room, else from a
+    /// task. Errors mean the master is gone, and then nobody is left to tell.
+    fn send_soon(self: &Arc<Self>, msg: ToMaster) {
+        let mut out = BytesMut::new();
+        msg.encode(&mut out);
+        if let Err(e) = self.channel.try_send_with_fds(&out, &[])
+            && e.kind() == io::ErrorKind::WouldBlock
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let client = self.clone();
+            rt.spawn(async move { client.channel.send(&out).await });
+        }
+    }
+
+    /// Asks the master for a listening socket on `addr`; returns its key, the bound address
+    /// and the queue the master's connections arrive on.
+    pub(crate) async fn listen(self: &Arc<Self>, addr: SocketAddr) -> io::Result<(ListenKey, SocketAddr, ConnQueue)> {
+        let (tx, rx) = oneshot::channel();
+        let (req, index) = {
+            let mut state = self.state.lock().unwrap();
+            let req = state.next_req;
+            state.next_req = state.next_req.wrapping_add(1);
+            state.replies.insert(req, tx);
+            let index = if addr.port() == 0 {
+                let n = state.port0.entry(addr).or_default();
+                *n += 1;
+                *n - 1
+            } else {
+                0
+            };
+            (req, index)
+        };
+        self.send(&ToMaster::Listen { req, addr, index }).await?;
+        let (key, bound) = rx
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "cluster master went away during bind"))?
+            .map_err(io::Error::from_raw_os_error)?;
+        let (tx, queue) = mpsc::unbounded_channel();
+        {
+            let mut state = self.state.lock().unwrap();
+            if state.listeners.contains_key(&key) {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("this worker already listens on {bound}"),
+                ));
+            }
+            state.listeners.insert(key, tx);
+        }
+        self.send(&ToMaster::Listening { key }).await?;
+        Ok((key, bound, queue))
+    }
+
+    /// A listener was dropped: tell the master, and hand back what it had not accepted.
+    pub(crate) fn unlisten(self: &Arc<Self>, key: ListenKey, mut queue: ConnQueue, pending: Option<NewConn>) {
+        self.state.lock().unwrap().listeners.remove(&key);
+        self.send_soon(ToMaster::Unlisten { key });
+        queue.close();
+        let mut ids: Vec<ConnId> = pending.into_iter().map(|c| c.id).collect();
+        while let Ok(conn) = queue.try_recv() {
+            ids.push(conn.id);
+        }
+        for chunk in ids.chunks(message::MAX_FDS) {
+            self.send_soon(ToMaster::Refused { ids: chunk.to_vec() });
+        }
+    }
+
+    fn handle(self: &Arc<Self>, msg: ToWorker) {
+        match msg {
+            ToWorker::NewConn { key, conns } => {
+                let state = self.state.lock().unwrap();
+                let mut refused = Vec::new();
+                for conn in conns {
+                    match state.listeners.get(&key) {
+                        Some(queue) => {
+                            if let Err(mpsc::error::SendError(conn)) = queue.send(conn) {
+                                refused.push(conn.id);
+                            }
+                        }
+                        None => refused.push(conn.id),
+                    }
+                }
+                drop(state);
+                if !refused.is_empty() {
+                    self.send_soon(ToMaster::Refused { ids: refused });
+                }
+            }
+            ToWorker::ListenReply { req, result } => {
+                if let Some(reply) = self.state.lock().unwrap().replies.remove(&req) {
+                    let _ = reply.send(result);
+                }
+            }
+            ToWorker::Disconnect => self.begin_shutdown(),
+            ToWorker::User(data) => {
+                let _ = self.state.lock().unwrap().messages.send(data);
+            }
+        }
+    }
+
+    /// Stops accepting: listeners return what is already queued, then report closed, and the
+    /// shutdown signal fires.
+    fn begin_shutdown(&self) {
+        self.state.lock().unwrap().listeners.clear();
+        self.shutdown.send_replace(true);
+    }
+}
+
+async fn read_loop(client: Arc<Client>) {
+    let mut rx = Receiver::new();
+    loop {
+        match rx.recv(&client.channel).await {
+            Ok(Some((data, fds))) => match ToWorker::decode(data, fds) {
+                Ok(msg) => client.handle(msg),
+                Err(e) => {
+                    // The master is trusted; garbage from it means a broken build. Do not guess.
+                    eprintln!("cluster: worker {}: bad message from master: {e}; exiting", client.id);
+                    sys::exit_now(70);
+                }
+            },
+            Ok(None) | Err(_) => {
+                // The master is gone (PR_SET_PDEATHSIG normally kills us first). Drain briefly,
+                // then go, even if the runtime is blocked.
+                client.begin_shutdown();
+                // Dropping the sender ends `recv()` once queued messages are read.
+                client.state.lock().unwrap().messages = mpsc::unbounded_channel().0;
+                std::thread::spawn(|| {
+                    std::thread::sleep(ORPHAN_GRACE);
+                    sys::exit_now(1);
+                });
+                return;
+            }
+        }
+    }
+}
+
+/// Reports a panic to the master before the worker goes (Node's `suicide` message), then, with
+/// `exit_on_panic`, ends the process so the master replaces it.
+fn install_panic_hook(exit_on_panic: bool) {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        previous(info);
+        if let Some(client) = CLIENT.get() {
+            let mut out = BytesMut::new();
+            ToMaster::Exiting { reason: info.to_string() }.encode(&mut out);
+            let _ = sys::send_now(client.channel.fd(), &out);
+        }
+        if exit_on_panic {
+            sys::exit_now(101);
+        }
+    }));
+}
+
+/// This worker's id (1..=N, reused by its replacements), or `None` outside a worker.
+pub fn id() -> Option<u32> {
+    client().map(|c| c.id)
+}
+
+/// Whether this process is a worker of a cluster.
+pub fn is_worker() -> bool {
+    client().is_some()
+}
+
+/// Resolves when this worker should stop: the master asked it to (graceful stop, reload) or
+/// the master is gone. Outside a cluster, resolves on SIGINT or SIGTERM.
+///
+/// Await it beside your accept loop, stop accepting, and let open connections finish (with
+/// hyper, call `graceful_shutdown` on each connection so keep-alive clients are told).
+pub async fn shutdown() {
+    match client() {
+        Some(client) => {
+            let mut rx = client.shutdown.subscribe();
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+        None => {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let term = async {
+                match term.as_mut() {
+                    Some(term) => drop(term.recv().await),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term => {}
+            }
+        }
+    }
+}
+
+/// Whether the master has asked this worker to stop.
+pub fn is_shutting_down() -> bool {
+    client().is_some_and(|c| *c.shutdown.borrow())
+}
+
+/// Why a message could not be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// This process is not a worker (or, on the master side, no such worker is running).
+    #[error("no such peer: {0}")]
+    NoPeer(String),
+    /// The payload exceeds [`MAX_USER_MESSAGE`](crate::MAX_USER_MESSAGE) bytes.
+    #[error("message of {0} bytes exceeds the limit of {max} bytes", max = message::MAX_USER_MESSAGE)]
+    TooLarge(usize),
+    /// The channel failed (the peer exited).
+    #[error("channel error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Sends a message to the master (Node's `process.send`).
+pub async fn send(data: impl Into<Bytes>) -> Result<(), SendError> {
+    let data = data.into();
+    let client = client().ok_or_else(|| SendError::NoPeer("this process is not a cluster worker".into()))?;
+    if data.len() > message::MAX_USER_MESSAGE {
+        return Err(SendError::TooLarge(data.len()));
+    }
+    Ok(client.send(&ToMaster::User(data)).await?)
+}
+
+/// Receives the next message from the master (Node's `process.on('message')`); `None` outside
+/// a worker or once the master is gone.
+pub async fn recv() -> Option<Bytes> {
+    client()?.messages.lock().await.recv().await
+}

@@ -1,0 +1,194 @@
+//! `#[cluster::main]`: runs an `async fn main` as a cluster of worker processes.
+//!
+//! The expansion is short: it builds a [`cluster::Cluster`] builder from the arguments and
+//! passes it the body as a future. All the work happens in the library.
+
+use proc_macro::TokenStream;
+use proc_macro2::{Span, TokenStream as TokenStream2};
+use quote::{quote, quote_spanned};
+use syn::parse::Parser;
+use syn::punctuated::Punctuated;
+use syn::spanned::Spanned;
+use syn::{Expr, ExprLit, ItemFn, Lit, MetaNameValue, Token};
+
+const KEYS: &str = "`workers`, `worker_threads`, `kill_timeout_ms`, `exit_on_panic`, `master`, `crate`";
+
+/// Runs `async fn main` as a cluster: the body runs in every worker; the master supervises.
+///
+/// ```no_run
+/// #[cluster::main(workers = 4)]
+/// async fn main() {
+///     // runs in each of the 4 workers
+/// }
+/// ```
+///
+/// Arguments (all optional):
+/// - `workers = N`: number of workers (default: available parallelism). The environment
+///   variable `CLUSTER_WORKERS` overrides it; `CLUSTER_WORKERS=0` runs the body in one
+///   process with no master.
+/// - `worker_threads = N`: run each worker on a multi-threaded runtime with N threads
+///   (default: a single-threaded runtime per worker).
+/// - `kill_timeout_ms = N`: how long stopping workers may drain (default 30000).
+/// - `exit_on_panic = bool`: whether a panic ends the worker (default `true`).
+/// - `master = path`: an `async fn(cluster::Master)` to run in the master, for worker events
+///   and messages.
+/// - `crate = "path"`: where the `cluster` crate is, if renamed.
+#[proc_macro_attribute]
+pub fn main(args: TokenStream, item: TokenStream) -> TokenStream {
+    let item = TokenStream2::from(item);
+    let func: ItemFn = match syn::parse2(item.clone()) {
+        Ok(func) => func,
+        Err(e) => return with_error(item, e),
+    };
+    let config = match Punctuated::<MetaNameValue, Token![,]>::parse_terminated.parse(args) {
+        Ok(args) => Config::from_args(args),
+        Err(e) => Err(e),
+    };
+    let config = config.and_then(|c| c.check(&func).map(|()| c));
+    match config {
+        Ok(config) => expand(func, config),
+        Err(e) => with_error(item, e),
+    }
+}
+
+/// On error, emit the user's function unchanged beside the error, so IDEs keep working.
+fn with_error(item: TokenStream2, error: syn::Error) -> TokenStream {
+    let error = error.into_compile_error();
+    quote!(#item #error).into()
+}
+
+#[derive(Default)]
+struct Config {
+    workers: Option<Expr>,
+    worker_threads: Option<Expr>,
+    kill_timeout_ms: Option<Expr>,
+    exit_on_panic: Option<Expr>,
+    master: Option<syn::Path>,
+    krate: Option<syn::Path>,
+}
+
+impl Config {
+    fn from_args(args: Punctuated<MetaNameValue, Token![,]>) -> syn::Result<Self> {
+        let mut config = Config::default();
+        for arg in args {
+            let Some(ident) = arg.path.get_ident() else {
+                return Err(syn::Error::new_spanned(&arg.path, format!("unknown argument; expected one of {KEYS}")));
+            };
+            let name = ident.to_string();
+            let span = arg.path.span();
+            match name.as_str() {
+                "workers" => set(&mut config.workers, int(&arg.value, "workers", false)?, span, &name)?,
+                "worker_threads" => {
+                    set(&mut config.worker_threads, int(&arg.value, "worker_threads", true)?, span, &name)?
+                }
+                "kill_timeout_ms" => {
+                    set(&mut config.kill_timeout_ms, int(&arg.value, "kill_timeout_ms", false)?, span, &name)?
+                }
+                "exit_on_panic" => set(&mut config.exit_on_panic, boolean(&arg.value)?, span, &name)?,
+                "master" => set(&mut config.master, path(&arg.value, "master")?, span, &name)?,
+                "crate" => set(&mut config.krate, crate_path(&arg.value)?, span, &name)?,
+                _ => {
+                    return Err(syn::Error::new(span, format!("unknown argument `{name}`; expected one of {KEYS}")));
+                }
+            }
+        }
+        Ok(config)
+    }
+
+    fn check(&self, func: &ItemFn) -> syn::Result<()> {
+        if func.sig.asyncness.is_none() {
+            return Err(syn::Error::new_spanned(
+                func.sig.fn_token,
+                "the `async` keyword is missing from the function declaration",
+            ));
+        }
+        if func.sig.ident != "main" {
+            return Err(syn::Error::new_spanned(&func.sig.ident, "#[cluster::main] goes on `async fn main`"));
+        }
+        if !func.sig.inputs.is_empty() {
+            return Err(syn::Error::new_spanned(
+                &func.sig.inputs,
+                "`main` takes no arguments; use `master = path` to run code in the master",
+            ));
+        }
+        if let Some(generics) = func.sig.generics.lt_token {
+            return Err(syn::Error::new_spanned(generics, "`main` cannot be generic"));
+        }
+        Ok(())
+    }
+}
+
+fn set<T>(slot: &mut Option<T>, value: T, span: Span, name: &str) -> syn::Result<()> {
+    if slot.is_some() {
+        return Err(syn::Error::new(span, format!("argument `{name}` is set more than once")));
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
+fn int(value: &Expr, name: &str, positive: bool) -> syn::Result<Expr> {
+    match value {
+        Expr::Lit(ExprLit { lit: Lit::Int(lit), .. }) => {
+            let n: u64 = lit.base10_parse().map_err(|e| syn::Error::new_spanned(lit, e))?;
+            if positive && n == 0 {
+                return Err(syn::Error::new_spanned(lit, format!("`{name}` must be at least 1")));
+            }
+            Ok(value.clone())
+        }
+        other => Err(syn::Error::new_spanned(other, format!("`{name}` takes an integer literal, like `{name} = 4`"))),
+    }
+}
+
+fn boolean(value: &Expr) -> syn::Result<Expr> {
+    match value {
+        Expr::Lit(ExprLit { lit: Lit::Bool(_), .. }) => Ok(value.clone()),
+        other => Err(syn::Error::new_spanned(other, "`exit_on_panic` takes `true` or `false`")),
+    }
+}
+
+fn path(value: &Expr, name: &str) -> syn::Result<syn::Path> {
+    match value {
+        Expr::Path(p) => Ok(p.path.clone()),
+        other => {
+            Err(syn::Error::new_spanned(other, format!("`{name}` takes a function path, like `{name} = run_master`")))
+        }
+    }
+}
+
+fn crate_path(value: &Expr) -> syn::Result<syn::Path> {
+    match value {
+        Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => s.parse().map_err(|e| syn::Error::new_spanned(s, e)),
+        other => Err(syn::Error::new_spanned(other, "`crate` takes a string, like `crate = \"my_cluster\"`")),
+    }
+}
+
+fn expand(func: ItemFn, config: Config) -> TokenStream {
+    let ItemFn { attrs, vis, mut sig, block } = func;
+    sig.asyncness = None;
+    let krate = config.krate.map_or_else(|| quote!(::cluster), |p| quote!(#p));
+    let mut builder = quote!(#krate::__private::Builder::default());
+    if let Some(n) = config.workers {
+        builder = quote_spanned!(n.span()=> #builder.workers(#n));
+    }
+    if let Some(n) = config.worker_threads {
+        builder = quote_spanned!(n.span()=> #builder.worker_threads(#n));
+    }
+    if let Some(ms) = config.kill_timeout_ms {
+        builder = quote_spanned!(ms.span()=> #builder.kill_timeout(::std::time::Duration::from_millis(#ms)));
+    }
+    if let Some(b) = config.exit_on_panic {
+        builder = quote_spanned!(b.span()=> #builder.exit_on_panic(#b));
+    }
+    if let Some(master) = config.master {
+        builder = quote_spanned!(master.span()=> #builder.master(#master));
+    }
+    let body_span = block.span();
+    let body = quote_spanned!(body_span=> #builder.run(async move #block));
+    quote! {
+        #(#attrs)*
+        #vis #sig {
+            #body
+        }
+    }
+    .into()
+}

@@ -1,0 +1,104 @@
+//! `hello`: the clustered HTTP/1.1 server that tests and the README drive.
+//!
+//! Env: `HOST` (127.0.0.1), `PORT` (8080), `CLUSTER_WORKERS`. Routes: `/` → `hello world`,
+//! `/worker` → `{"id":N,"pid":P}`, `/sleep?ms=N`. With `HELLO_DEBUG=1` also `/exit?code=N`,
+//! `/panic` and `/hang` (blocks the worker's runtime). Start-up failures on demand:
+//! `HELLO_CRASH_ON_START=1` (every worker exits 3), `HELLO_CRASH_WORKER=<id>` (that worker),
+//! `HELLO_FAIL_IF_EXISTS=<path>` (while the path exists).
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+
+#[cluster::main]
+async fn main() -> std::io::Result<()> {
+    crash_on_start_if_asked();
+    let host = std::env::var("HOST").unwrap_or_else(|_| "127.0.0.1".into());
+    let port = std::env::var("PORT").unwrap_or_else(|_| "8080".into());
+    let mut listener = cluster::net::TcpListener::bind(format!("{host}:{port}")).await?;
+    let id = cluster::worker::id().unwrap_or(0);
+    println!("worker {id} (pid {}) listening on http://{}", std::process::id(), listener.local_addr()?);
+
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            conn = listener.accept() => {
+                let (stream, _) = match conn {
+                    Ok(conn) => conn,
+                    Err(e) if cluster::is_closed(&e) => break,
+                    Err(e) => {
+                        eprintln!("accept error: {e}");
+                        continue;
+                    }
+                };
+                let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service_fn(handle));
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            _ = cluster::worker::shutdown() => break,
+        }
+    }
+    // Stop accepting, tell keep-alive clients `connection: close`, let requests finish.
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+fn crash_on_start_if_asked() {
+    let id = cluster::worker::id().unwrap_or(0).to_string();
+    let crash_all = std::env::var("HELLO_CRASH_ON_START").is_ok_and(|v| v == "1");
+    let crash_me = std::env::var("HELLO_CRASH_WORKER").is_ok_and(|v| v == id);
+    let bad_deploy = std::env::var_os("HELLO_FAIL_IF_EXISTS").is_some_and(|p| std::path::Path::new(&p).exists());
+    if crash_all || crash_me || bad_deploy {
+        eprintln!("hello: worker {id} crashing on start as asked");
+        std::process::exit(3);
+    }
+}
+
+fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
+    req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain")
+        .body(Full::new(body.into()))
+        .expect("valid response")
+}
+
+async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let debug = std::env::var("HELLO_DEBUG").is_ok_and(|v| v == "1");
+    let response = match req.uri().path() {
+        "/" => text(StatusCode::OK, "hello world\n"),
+        "/worker" => {
+            let body = format!("{{\"id\":{},\"pid\":{}}}", cluster::worker::id().unwrap_or(0), std::process::id());
+            let mut r = text(StatusCode::OK, body);
+            r.headers_mut().insert("content-type", "application/json".parse().expect("header"));
+            r
+        }
+        "/sleep" => {
+            let ms = query(&req, "ms").unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            text(StatusCode::OK, format!("slept {ms} ms\n"))
+        }
+        "/exit" if debug => std::process::exit(query(&req, "code").unwrap_or(0) as i32),
+        "/panic" if debug => panic!("/panic requested"),
+        "/hang" if debug => loop {
+            // Blocks the worker's (single-threaded) runtime: nothing else in it runs.
+            std::thread::sleep(Duration::from_secs(3600));
+        },
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    };
+    Ok(response)
+}
