@@ -1,1 +1,276 @@
+//! Helpers for the black-box tests: start example binaries as real processes, talk to them with
+//! a real HTTP client, look at them through `/proc`, and wait with deadlines (never fixed sleeps).
 
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Path of a binary of the `examples` crate, built once per test run.
+pub fn example_bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "examples", "--bins"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the examples failed");
+    });
+    target_dir().join(name)
+}
+
+fn target_dir() -> PathBuf {
+    // Test executables live in <target>/debug/deps/.
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent().and_then(|deps| deps.parent()).expect("target dir").to_path_buf()
+}
+
+/// Polls `f` every 10 ms until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A cluster master started by a test, with its output captured. Killed (with its workers,
+/// through PR_SET_PDEATHSIG) when dropped.
+pub struct Server {
+    child: Child,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+    /// The address workers listen on, parsed from their "listening on http://…" lines.
+    pub addr: SocketAddr,
+}
+
+impl Server {
+    /// Starts `bin` with `env`, on 127.0.0.1 port 0, and waits until `workers` workers print
+    /// that they listen.
+    pub fn start(bin: &str, env: &[(&str, &str)], workers: usize) -> Server {
+        Self::start_path(example_bin(bin), env, workers)
+    }
+
+    /// Like [`start`](Self::start) for any binary path.
+    pub fn start_path(path: PathBuf, env: &[(&str, &str)], workers: usize) -> Server {
+        let mut server = Self::spawn(path, env);
+        server.addr = wait_for(Duration::from_secs(20), "workers to listen", || {
+            let out = server.stdout();
+            let addrs: Vec<&str> = out.lines().filter_map(|l| l.split("listening on http://").nth(1)).collect();
+            (addrs.len() >= workers).then(|| addrs[0].trim().parse().expect("listening address"))
+        });
+        server
+    }
+
+    /// Starts `path` without waiting for anything.
+    pub fn spawn(path: PathBuf, env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(&path);
+        cmd.env("HOST", "127.0.0.1")
+            .env("PORT", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {}: {e}", path.display()));
+        let stdout = capture(child.stdout.take().expect("stdout"));
+        let stderr = capture(child.stderr.take().expect("stderr"));
+        Server { child, stdout, stderr, addr: "0.0.0.0:0".parse().unwrap() }
+    }
+
+    /// The master's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the cluster printed on stdout so far.
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// Everything the cluster printed on stderr so far (the master's log).
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until stderr contains `needle`.
+    pub fn wait_stderr(&self, needle: &str, timeout: Duration) {
+        wait_for(timeout, &format!("{needle:?} in stderr"), || self.stderr().contains(needle).then_some(()));
+    }
+
+    /// Sends `signal` to the master.
+    pub fn signal(&self, signal: libc::c_int) {
+        kill(self.pid(), signal);
+    }
+
+    /// Waits up to `timeout` for the master to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Pids of the master's live children (its workers).
+    pub fn workers(&self) -> Vec<u32> {
+        children(self.pid())
+    }
+
+    /// `GET path` on a new connection (`connection: close`).
+    pub fn get(&self, path: &str) -> Response {
+        get(self.addr, path).unwrap_or_else(|e| panic!("GET {path}: {e}\nstderr:\n{}", self.stderr()))
+    }
+
+    /// `GET /worker`: (worker id, pid) of the worker that answered.
+    pub fn which_worker(&self) -> (u32, u32) {
+        parse_worker(&self.get("/worker").body)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let workers = self.workers();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for pid in workers {
+            kill(pid, libc::SIGKILL);
+        }
+    }
+}
+
+fn capture(mut pipe: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let buf = Arc::new(Mutex::new(String::new()));
+    let out = buf.clone();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(&mut pipe);
+        let mut line = String::new();
+        while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+            out.lock().unwrap().push_str(&line);
+            line.clear();
+        }
+    });
+    buf
+}
+
+/// Sends a signal to a process (ignoring "no such process").
+pub fn kill(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid as libc::pid_t, signal) };
+}
+
+/// Whether a process with this pid exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| stat_field(&stat, 0) != Some("Z"))
+}
+
+/// Field `n` after the command name of a /proc/<pid>/stat line (0 = state, 1 = ppid).
+fn stat_field(stat: &str, n: usize) -> Option<&str> {
+    stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(n))
+}
+
+/// Live children of `pid`.
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut kids = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(child) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat"))
+            && stat_field(&stat, 1) == Some(&pid.to_string())
+            && stat_field(&stat, 0) != Some("Z")
+        {
+            kids.push(child);
+        }
+    }
+    kids.sort_unstable();
+    kids
+}
+
+/// Socket inodes of the processes's open fds.
+pub fn socket_inodes(pid: u32) -> Vec<u64> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|link| link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok())
+        .collect()
+}
+
+/// Inode of the TCP socket listening on `port` (from /proc/net/tcp and tcp6).
+pub fn listening_inode(port: u16) -> Option<u64> {
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let local_port =
+                cols.get(1).and_then(|a| a.rsplit(':').next()).and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) && cols.get(3) == Some(&"0A") {
+                return cols.get(9).and_then(|i| i.parse().ok());
+            }
+        }
+    }
+    None
+}
+
+/// An HTTP response.
+#[derive(Debug)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Body as text.
+    pub body: String,
+}
+
+/// `GET path` over a new connection with a real HTTP/1.1 client (hyper), `connection: close`.
+pub fn get(addr: SocketAddr, path: &str) -> Result<Response, String> {
+    get_timeout(addr, path, Duration::from_secs(10))
+}
+
+/// [`get`] with an overall timeout.
+pub fn get_timeout(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Response, String> {
+    runtime().block_on(async {
+        tokio::time::timeout(timeout, request(addr, path)).await.map_err(|_| format!("no answer within {timeout:?}"))?
+    })
+}
+
+async fn request(addr: SocketAddr, path: &str) -> Result<Response, String> {
+    use http_body_util::{BodyExt, Empty};
+    let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header("host", addr.to_string())
+        .header("connection", "close")
+        .body(Empty::<bytes::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let res = sender.send_request(req).await.map_err(|e| format!("request: {e}"))?;
+    let status = res.status().as_u16();
+    let body = res.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
+    Ok(Response { status, body: String::from_utf8_lossy(&body).into_owned() })
+}
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap())
+}
+
+/// Parses `{"id":N,"pid":P}`.
+pub fn parse_worker(body: &str) -> (u32, u32) {
+    let num = |key: &str| -> u32 {
+        let rest = body.split(&format!("\"{key}\":")).nth(1).unwrap_or_else(|| panic!("no {key} in {body:?}"));
+        rest.chars().take_while(char::is_ascii_digit).collect::<String>().parse().expect("number")
+    };
+    (num("id"), num("pid"))
+}

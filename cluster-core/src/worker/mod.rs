@@ -188,10 +188,20 @@ impl Client {
     }
 }
 
+/// Reads the master's messages. Also turns SIGINT / SIGTERM sent to the worker itself (a
+/// terminal's Ctrl-C reaches the whole process group) into a graceful stop, so in-flight
+/// requests finish; the master's kill timeout still bounds it.
 async fn read_loop(client: Arc<Client>) {
+    use tokio::signal::unix::{SignalKind, signal};
     let mut rx = Receiver::new();
+    let (mut term, mut int) = (signal(SignalKind::terminate()).ok(), signal(SignalKind::interrupt()).ok());
     loop {
-        match rx.recv(&client.channel).await {
+        let received = tokio::select! {
+            received = rx.recv(&client.channel) => received,
+            Some(()) = recv_signal(&mut term) => { client.begin_shutdown(); continue }
+            Some(()) = recv_signal(&mut int) => { client.begin_shutdown(); continue }
+        };
+        match received {
             Ok(Some((data, fds))) => match ToWorker::decode(data, fds) {
                 Ok(msg) => client.handle(msg),
                 Err(e) => {
@@ -213,6 +223,13 @@ async fn read_loop(client: Arc<Client>) {
                 return;
             }
         }
+    }
+}
+
+async fn recv_signal(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match signal {
+        Some(signal) => signal.recv().await,
+        None => std::future::pending().await,
     }
 }
 

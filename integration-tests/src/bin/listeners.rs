@@ -1,0 +1,20 @@
+//! Test program: every worker binds port 0 twice and a port that is already taken
+//! (`TAKEN_PORT`), and prints what it got.
+
+fn main() {
+    cluster::Cluster::builder().workers(2).run(worker()).expect("worker");
+}
+
+async fn worker() -> std::io::Result<()> {
+    let id = cluster::worker::id().unwrap_or(0);
+    let a = cluster::net::TcpListener::bind("127.0.0.1:0").await?;
+    let b = cluster::net::TcpListener::bind("127.0.0.1:0").await?;
+    let taken = std::env::var("TAKEN_PORT").expect("TAKEN_PORT");
+    let taken = match cluster::net::TcpListener::bind(format!("127.0.0.1:{taken}")).await {
+        Ok(_) => "bound".to_string(),
+        Err(e) => format!("{:?}", e.kind()),
+    };
+    println!("worker {id} a={} b={} taken={taken}", a.local_addr()?.port(), b.local_addr()?.port());
+    cluster::worker::shutdown().await;
+    Ok(())
+}

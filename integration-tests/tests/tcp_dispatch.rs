@@ -1,0 +1,70 @@
+//! The data path: a clustered `hello` serves from every worker through the master's socket.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use integration_tests::{Server, children, listening_inode, parse_worker, socket_inodes};
+
+#[test]
+fn two_workers_answer_every_request() {
+    let server = Server::start("hello", &[("CLUSTER_WORKERS", "2")], 2);
+    let mut seen = HashSet::new();
+    for i in 0..200 {
+        // One request in four checks the body of `/`; the rest ask who answered.
+        if i % 4 == 0 {
+            let res = server.get("/");
+            assert_eq!((res.status, res.body.as_str()), (200, "hello world\n"));
+        } else {
+            let res = server.get("/worker");
+            assert_eq!(res.status, 200);
+            seen.insert(parse_worker(&res.body));
+        }
+    }
+    let ids: HashSet<u32> = seen.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, HashSet::from([1, 2]), "both workers serve");
+    let pids: HashSet<u32> = seen.iter().map(|(_, pid)| *pid).collect();
+    assert_eq!(pids, children(server.pid()).into_iter().collect(), "the serving workers are the master's children");
+}
+
+#[test]
+fn only_the_master_holds_the_listening_socket() {
+    let server = Server::start("hello", &[("CLUSTER_WORKERS", "2")], 2);
+    let inode = listening_inode(server.addr.port()).expect("listening socket in /proc/net/tcp");
+    assert!(socket_inodes(server.pid()).contains(&inode), "master holds the listening socket");
+    let workers = children(server.pid());
+    assert_eq!(workers.len(), 2);
+    for pid in workers {
+        assert!(!socket_inodes(pid).contains(&inode), "worker {pid} must not hold the listening socket");
+    }
+}
+
+#[test]
+fn standalone_mode_serves_from_one_process() {
+    let server = Server::start("hello", &[("CLUSTER_WORKERS", "0")], 1);
+    assert_eq!(server.get("/").body, "hello world\n");
+    let (id, pid) = parse_worker(&server.get("/worker").body);
+    assert_eq!((id, pid), (0, server.pid()), "served by the process itself");
+    assert!(children(server.pid()).is_empty(), "no workers in standalone mode");
+}
+
+#[test]
+fn axum_example_serves_through_the_cluster_listener() {
+    let server = Server::start("axum-hello", &[("CLUSTER_WORKERS", "2")], 2);
+    let ids: HashSet<u32> = (0..10).map(|_| server.which_worker().0).collect();
+    assert_eq!(ids, HashSet::from([1, 2]));
+    assert_eq!(server.get("/").body, "hello world\n");
+}
+
+#[test]
+fn bench_server_answers_keep_alive_and_close() {
+    use std::io::{Read, Write};
+    let server = Server::start("bench-server", &[("CLUSTER_WORKERS", "2")], 2);
+    let mut conn = std::net::TcpStream::connect(server.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // Two pipelined requests on one connection, the second asking to close.
+    conn.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\nGET / HTTP/1.1\r\nhost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    conn.read_to_string(&mut out).unwrap();
+    assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 2, "{out}");
+    assert_eq!(out.matches("connection: close").count(), 1, "{out}");
+}
