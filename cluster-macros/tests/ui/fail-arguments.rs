@@ -1,0 +1,2 @@
+#[cluster::main]
+async fn main(role: u32) {}

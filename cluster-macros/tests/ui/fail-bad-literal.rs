@@ -1,0 +1,2 @@
+#[cluster::main(workers = "two")]
+async fn main() {}

@@ -1,0 +1,2 @@
+#[cluster::main(master = "run_master")]
+async fn main() {}

@@ -1,0 +1,2 @@
+#[cluster::main(worker_threads = 0)]
+async fn main() {}
