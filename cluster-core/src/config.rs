@@ -5,7 +5,12 @@ use std::time::Duration;
 
 use crate::log::log;
 use crate::master::{self, Master, MasterHook};
-use crate::role::{self, Role, Start};
+use crate::role::{self, Role, Start, StartError};
+use crate::role::{
+    ENV_HEARTBEAT_TIMEOUT_MS, ENV_KILL_TIMEOUT_MS, ENV_MAX_CONNECTIONS, ENV_MAX_CONNECTIONS_JITTER, ENV_MAX_RSS_MB,
+    ENV_MIN_UPTIME_MS, ENV_READY_TIMEOUT_MS, ENV_RELOAD_CONCURRENCY, ENV_RESTART_DELAY_MAX_MS, ENV_RESTART_DELAY_MS,
+    ENV_WAIT_READY,
+};
 use crate::worker;
 
 /// Settings shared by the master and its workers.
@@ -17,6 +22,71 @@ pub(crate) struct Config {
     pub(crate) window: usize,
     pub(crate) worker_threads: Option<usize>,
     pub(crate) exit_on_panic: bool,
+    pub(crate) ready_timeout: Duration,
+    pub(crate) wait_ready: bool,
+    pub(crate) heartbeat_timeout: Option<Duration>,
+    pub(crate) min_uptime: Duration,
+    pub(crate) restart_delay: Duration,
+    pub(crate) restart_delay_max: Duration,
+    pub(crate) max_rss: Option<u64>,
+    pub(crate) max_connections: Option<u64>,
+    pub(crate) max_connections_jitter: u64,
+    pub(crate) reload_concurrency: usize,
+}
+
+impl Config {
+    /// How often a worker sends a heartbeat: a few per timeout, at most one a second.
+    pub(crate) fn heartbeat_interval(&self) -> Option<Duration> {
+        self.heartbeat_timeout.map(|t| (t / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)))
+    }
+
+    /// Applies the `CLUSTER_*` environment variables, which override the code's settings.
+    fn apply_env(&mut self) -> Result<(), StartError> {
+        fn var<T: std::str::FromStr>(name: &'static str) -> Result<Option<T>, StartError> {
+            match std::env::var_os(name) {
+                None => Ok(None),
+                Some(v) => {
+                    let v = v.to_string_lossy().into_owned();
+                    v.trim().parse().map(Some).map_err(|_| StartError::BadSetting { name, value: v })
+                }
+            }
+        }
+        let ms = Duration::from_millis;
+        if let Some(v) = var(ENV_KILL_TIMEOUT_MS)? {
+            self.kill_timeout = ms(v);
+        }
+        if let Some(v) = var(ENV_READY_TIMEOUT_MS)? {
+            self.ready_timeout = ms(v);
+        }
+        if let Some(v) = var::<u8>(ENV_WAIT_READY)? {
+            self.wait_ready = v != 0;
+        }
+        if let Some(v) = var(ENV_HEARTBEAT_TIMEOUT_MS)? {
+            self.heartbeat_timeout = (v > 0).then(|| ms(v));
+        }
+        if let Some(v) = var(ENV_MIN_UPTIME_MS)? {
+            self.min_uptime = ms(v);
+        }
+        if let Some(v) = var(ENV_RESTART_DELAY_MS)? {
+            self.restart_delay = ms(v);
+        }
+        if let Some(v) = var(ENV_RESTART_DELAY_MAX_MS)? {
+            self.restart_delay_max = ms(v);
+        }
+        if let Some(v) = var::<u64>(ENV_MAX_RSS_MB)? {
+            self.max_rss = (v > 0).then_some(v << 20);
+        }
+        if let Some(v) = var::<u64>(ENV_MAX_CONNECTIONS)? {
+            self.max_connections = (v > 0).then_some(v);
+        }
+        if let Some(v) = var(ENV_MAX_CONNECTIONS_JITTER)? {
+            self.max_connections_jitter = v;
+        }
+        if let Some(v) = var::<usize>(ENV_RELOAD_CONCURRENCY)? {
+            self.reload_concurrency = v.max(1);
+        }
+        Ok(())
+    }
 }
 
 impl Default for Config {
@@ -28,6 +98,16 @@ impl Default for Config {
             window: 64,
             worker_threads: None,
             exit_on_panic: true,
+            ready_timeout: Duration::from_secs(30),
+            wait_ready: false,
+            heartbeat_timeout: Some(Duration::from_secs(30)),
+            min_uptime: Duration::from_secs(1),
+            restart_delay: Duration::from_millis(100),
+            restart_delay_max: Duration::from_secs(30),
+            max_rss: None,
+            max_connections: None,
+            max_connections_jitter: 0,
+            reload_concurrency: 1,
         }
     }
 }
@@ -103,6 +183,66 @@ impl Builder {
         self
     }
 
+    /// How long a new worker may take to become ready (listening on every address its
+    /// predecessor listened on, or [`ready`](crate::worker::ready) with
+    /// [`wait_ready`](Self::wait_ready)) during a reload before the reload is abandoned
+    /// (default 30 s).
+    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
+        self.cfg.ready_timeout = timeout;
+        self
+    }
+
+    /// Whether a worker is ready only once it calls [`worker::ready`](crate::worker::ready)
+    /// (PM2's `wait_ready`), rather than once it listens (default `false`).
+    pub fn wait_ready(mut self, wait: bool) -> Self {
+        self.cfg.wait_ready = wait;
+        self
+    }
+
+    /// A worker whose runtime sends no heartbeat for this long is killed and replaced
+    /// (default 30 s; `None` turns liveness checks off).
+    pub fn heartbeat_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.cfg.heartbeat_timeout = timeout.filter(|t| !t.is_zero());
+        self
+    }
+
+    /// A worker that dies before it is ready, or sooner than this after it started, is
+    /// unstable: it is restarted with backoff (default 1 s).
+    pub fn min_uptime(mut self, uptime: Duration) -> Self {
+        self.cfg.min_uptime = uptime;
+        self
+    }
+
+    /// Backoff of unstable restarts: the first delay, doubled at each further unstable exit
+    /// up to `max` (defaults 100 ms and 30 s). A stable run resets it.
+    pub fn restart_delay(mut self, first: Duration, max: Duration) -> Self {
+        self.cfg.restart_delay = first;
+        self.cfg.restart_delay_max = max.max(first);
+        self
+    }
+
+    /// Replaces a worker gracefully once its resident memory exceeds `bytes` (checked every
+    /// second; default: no limit).
+    pub fn max_rss(mut self, bytes: Option<u64>) -> Self {
+        self.cfg.max_rss = bytes;
+        self
+    }
+
+    /// Replaces a worker gracefully after it accepted about `n` connections, plus a random
+    /// `0..=jitter` per worker so that workers do not all restart at once (gunicorn's
+    /// `max_requests`; default: no limit).
+    pub fn max_connections(mut self, n: Option<u64>, jitter: u64) -> Self {
+        self.cfg.max_connections = n.filter(|n| *n > 0);
+        self.cfg.max_connections_jitter = jitter;
+        self
+    }
+
+    /// How many workers a rolling reload replaces at a time (default 1).
+    pub fn reload_concurrency(mut self, n: usize) -> Self {
+        self.cfg.reload_concurrency = n.max(1);
+        self
+    }
+
     /// Runs `hook` in the master beside the supervisor, with a [`Master`] handle for worker
     /// events and messages.
     pub fn master<F, Fut>(mut self, hook: F) -> Self
@@ -119,8 +259,8 @@ impl Builder {
     /// supervises until it is stopped, then exits the process.
     ///
     /// Call it from a plain `fn main`, before any other thread starts.
-    pub fn run<F: Future>(self, body: F) -> F::Output {
-        let start = match role::detect(self.cfg.workers) {
+    pub fn run<F: Future>(mut self, body: F) -> F::Output {
+        let start = match self.cfg.apply_env().and_then(|()| role::detect(self.cfg.workers)) {
             Ok(start) => start,
             Err(e) => {
                 eprintln!("cluster: {e}");
@@ -141,7 +281,7 @@ impl Builder {
                 let _ = ROLE.set(Role::Worker { id });
                 let rt = runtime(self.cfg.worker_threads);
                 rt.block_on(async move {
-                    if let Err(e) = worker::start(id, channel, self.cfg.exit_on_panic).await {
+                    if let Err(e) = worker::start(id, channel, &self.cfg).await {
                         eprintln!("cluster: worker {id}: cannot reach the master: {e}");
                         std::process::exit(2);
                     }
@@ -187,8 +327,7 @@ fn runtime(threads: Option<usize>) -> tokio::runtime::Runtime {
 async fn drain_tasks(limit: Duration) {
     let deadline = tokio::time::Instant::now() + limit;
     let metrics = tokio::runtime::Handle::current().metrics();
-    // The channel reader is ours; anything beyond it belongs to the application.
-    while metrics.num_alive_tasks() > 1 && tokio::time::Instant::now() < deadline {
+    while metrics.num_alive_tasks() > worker::own_tasks() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

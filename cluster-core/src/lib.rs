@@ -47,6 +47,16 @@ pub use net::is_closed;
 pub use role::{ENV_CHANNEL_FD, ENV_UNIQUE_ID, ENV_WORKERS, Role, StartError};
 pub use sys::ChannelFdError;
 
+/// Every environment variable the cluster reads. The settings ones override the code's
+/// settings, in the master and in workers alike.
+pub mod env {
+    pub use crate::role::{
+        ENV_CHANNEL_FD, ENV_HEARTBEAT_TIMEOUT_MS, ENV_KILL_TIMEOUT_MS, ENV_MAX_CONNECTIONS, ENV_MAX_CONNECTIONS_JITTER,
+        ENV_MAX_RSS_MB, ENV_MIN_UPTIME_MS, ENV_READY_TIMEOUT_MS, ENV_RELOAD_CONCURRENCY, ENV_RESTART_DELAY_MAX_MS,
+        ENV_RESTART_DELAY_MS, ENV_UNIQUE_ID, ENV_WAIT_READY, ENV_WORKERS,
+    };
+}
+
 /// Used by `#[cluster::main]`; not a public API.
 #[doc(hidden)]
 pub mod __private {

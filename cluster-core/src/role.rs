@@ -14,6 +14,28 @@ pub const ENV_UNIQUE_ID: &str = "CLUSTER_UNIQUE_ID";
 pub const ENV_CHANNEL_FD: &str = "CLUSTER_CHANNEL_FD";
 /// Number of workers; overrides the code's setting. `0` runs one process with no master.
 pub const ENV_WORKERS: &str = "CLUSTER_WORKERS";
+/// Kill timeout of a stopping worker, in ms.
+pub const ENV_KILL_TIMEOUT_MS: &str = "CLUSTER_KILL_TIMEOUT_MS";
+/// How long a reload waits for a new worker to be ready, in ms.
+pub const ENV_READY_TIMEOUT_MS: &str = "CLUSTER_READY_TIMEOUT_MS";
+/// `1`: a worker is ready only once it calls `cluster::worker::ready()`.
+pub const ENV_WAIT_READY: &str = "CLUSTER_WAIT_READY";
+/// Heartbeat timeout in ms; `0` turns liveness checks off.
+pub const ENV_HEARTBEAT_TIMEOUT_MS: &str = "CLUSTER_HEARTBEAT_TIMEOUT_MS";
+/// Minimum uptime (ms) below which an exit counts as a crash loop.
+pub const ENV_MIN_UPTIME_MS: &str = "CLUSTER_MIN_UPTIME_MS";
+/// First restart delay of a crash loop, in ms.
+pub const ENV_RESTART_DELAY_MS: &str = "CLUSTER_RESTART_DELAY_MS";
+/// Largest restart delay of a crash loop, in ms.
+pub const ENV_RESTART_DELAY_MAX_MS: &str = "CLUSTER_RESTART_DELAY_MAX_MS";
+/// Resident memory limit per worker, in MiB; `0` means none.
+pub const ENV_MAX_RSS_MB: &str = "CLUSTER_MAX_RSS_MB";
+/// Connections a worker accepts before it is replaced; `0` means no limit.
+pub const ENV_MAX_CONNECTIONS: &str = "CLUSTER_MAX_CONNECTIONS";
+/// Random extra connections per worker on top of `CLUSTER_MAX_CONNECTIONS`.
+pub const ENV_MAX_CONNECTIONS_JITTER: &str = "CLUSTER_MAX_CONNECTIONS_JITTER";
+/// Workers replaced at a time by a rolling reload.
+pub const ENV_RELOAD_CONCURRENCY: &str = "CLUSTER_RELOAD_CONCURRENCY";
 
 /// Where the master puts the channel in each worker.
 pub(crate) const CHANNEL_FD: RawFd = 3;
@@ -59,6 +81,14 @@ pub enum StartError {
     /// `CLUSTER_WORKERS` is not a count.
     #[error("{ENV_WORKERS}={0:?} is not a number of workers (0 runs without a master)")]
     BadWorkers(String),
+    /// A `CLUSTER_*` setting that does not parse.
+    #[error("{name}={value:?} is not a valid value")]
+    BadSetting {
+        /// The variable.
+        name: &'static str,
+        /// Its value.
+        value: String,
+    },
 }
 
 /// Reads the environment once, at start-up, while the process is single-threaded.

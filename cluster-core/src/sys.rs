@@ -112,6 +112,19 @@ pub(crate) fn kill(pid: u32, signal: libc::c_int) -> io::Result<()> {
     check(unsafe { libc::kill(pid, signal) }).map(drop)
 }
 
+/// Resident memory of process `pid`, in bytes (from `/proc/<pid>/statm`).
+pub(crate) fn rss(pid: u32) -> io::Result<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm"))?;
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/<pid>/statm format"))?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Ok(pages * u64::try_from(page).unwrap_or(4096))
+}
+
 /// Sends one datagram without waiting, from code that cannot await (the panic hook).
 ///
 /// Fails with `WouldBlock` when the socket buffer is full.

@@ -5,6 +5,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -44,8 +45,8 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
 /// through PR_SET_PDEATHSIG) when dropped.
 pub struct Server {
     child: Child,
-    stdout: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
+    stdout: Lines,
+    stderr: Lines,
     /// The address workers listen on, parsed from their "listening on http://…" lines.
     pub addr: SocketAddr,
 }
@@ -92,12 +93,24 @@ impl Server {
 
     /// Everything the cluster printed on stdout so far.
     pub fn stdout(&self) -> String {
-        self.stdout.lock().unwrap().clone()
+        join(&self.stdout)
     }
 
     /// Everything the cluster printed on stderr so far (the master's log).
     pub fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
+        join(&self.stderr)
+    }
+
+    /// Lines of stderr containing `needle`, with the time each was read.
+    pub fn stderr_lines(&self, needle: &str) -> Vec<(Instant, String)> {
+        self.stderr.lock().unwrap().iter().filter(|(_, l)| l.contains(needle)).cloned().collect()
+    }
+
+    /// Waits until stderr has `n` lines containing `needle`.
+    pub fn wait_stderr_count(&self, needle: &str, n: usize, timeout: Duration) {
+        wait_for(timeout, &format!("{n} lines with {needle:?} in stderr"), || {
+            (self.stderr_lines(needle).len() >= n).then_some(())
+        });
     }
 
     /// Waits until stderr contains `needle`.
@@ -151,18 +164,187 @@ impl Drop for Server {
     }
 }
 
-fn capture(mut pipe: impl Read + Send + 'static) -> Arc<Mutex<String>> {
-    let buf = Arc::new(Mutex::new(String::new()));
+/// Output lines with the time each was read.
+type Lines = Arc<Mutex<Vec<(Instant, String)>>>;
+
+fn capture(mut pipe: impl Read + Send + 'static) -> Lines {
+    let buf = Lines::default();
     let out = buf.clone();
     std::thread::spawn(move || {
         let mut reader = BufReader::new(&mut pipe);
         let mut line = String::new();
         while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
-            out.lock().unwrap().push_str(&line);
-            line.clear();
+            out.lock().unwrap().push((Instant::now(), std::mem::take(&mut line)));
         }
     });
     buf
+}
+
+fn join(lines: &Lines) -> String {
+    lines.lock().unwrap().iter().map(|(_, l)| l.as_str()).collect()
+}
+
+/// CPU time (user + system) a process has used so far.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the state.
+    let ticks: u64 = [11, 12].iter().filter_map(|n| stat_field(&stat, *n)?.parse::<u64>().ok()).sum();
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+/// What `wrk` reported.
+#[derive(Debug, Default)]
+pub struct WrkReport {
+    /// Completed requests.
+    pub requests: u64,
+    /// Socket errors: connect, read, write, timeout.
+    pub errors: [u64; 4],
+    /// Responses with a status other than 2xx or 3xx.
+    pub non2xx: u64,
+    /// wrk's own output, for assertion messages.
+    pub output: String,
+}
+
+/// Runs `wrk` against `http://addr/` with `args` (e.g. `-c32 -d8s`), one thread.
+pub fn wrk(addr: SocketAddr, args: &[&str]) -> WrkReport {
+    let out = Command::new("wrk")
+        .arg("-t1")
+        .args(args)
+        .arg(format!("http://{addr}/"))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run wrk ({e}); install it: apt-get install wrk"));
+    let output = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "wrk failed: {output}{}", String::from_utf8_lossy(&out.stderr));
+    let mut report = WrkReport { output: output.clone(), ..WrkReport::default() };
+    for line in output.lines().map(str::trim) {
+        let nums: Vec<u64> = line.split([' ', ',']).filter_map(|w| w.parse().ok()).collect();
+        if line.contains("requests in") {
+            report.requests = nums.first().copied().unwrap_or(0);
+        } else if line.starts_with("Socket errors:") {
+            report.errors.copy_from_slice(&nums[..4]);
+        } else if line.starts_with("Non-2xx") {
+            report.non2xx = nums.first().copied().unwrap_or(0);
+        }
+    }
+    report
+}
+
+/// Outcome of [`closed_loop`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LoadReport {
+    /// Requests answered with 200.
+    pub ok: u64,
+    /// Connections refused by the kernel: nobody had accepted them.
+    pub refused: u64,
+    /// Requests that got in (connected) and then failed or got a non-200 answer.
+    pub failed: u64,
+}
+
+/// `conns` clients, each sending `GET /` over keep-alive connections (reconnecting after
+/// `connection: close`) until `until` returns true; every request sent on a connected socket
+/// must be answered.
+/// Returns a live count of answered requests and the handle that yields the report.
+pub fn closed_loop(
+    addr: SocketAddr,
+    conns: usize,
+    until: impl Fn() -> bool + Send + Sync + 'static,
+) -> (Arc<AtomicU64>, std::thread::JoinHandle<LoadReport>) {
+    use std::io::Write;
+    let until = Arc::new(until);
+    let answered = Arc::new(AtomicU64::new(0));
+    let progress = answered.clone();
+    let threads: Vec<_> = (0..conns)
+        .map(|_| {
+            let until = until.clone();
+            let answered = answered.clone();
+            std::thread::spawn(move || {
+                let mut report = LoadReport::default();
+                'connect: while !until() {
+                    let stream = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                        Ok(s) => s,
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                            report.refused += 1;
+                            std::thread::sleep(Duration::from_millis(5));
+                            continue;
+                        }
+                        Err(_) => {
+                            report.failed += 1;
+                            continue;
+                        }
+                    };
+                    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+                    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                    let mut writer = stream;
+                    while !until() {
+                        let sent = writer.write_all(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n");
+                        match sent.map_err(|e| e.to_string()).and_then(|()| read_response(&mut reader)) {
+                            Ok((200, close)) => {
+                                report.ok += 1;
+                                answered.fetch_add(1, Ordering::Relaxed);
+                                if close {
+                                    continue 'connect;
+                                }
+                            }
+                            Ok(_) | Err(_) => {
+                                report.failed += 1;
+                                continue 'connect;
+                            }
+                        }
+                    }
+                }
+                report
+            })
+        })
+        .collect();
+    let handle = std::thread::spawn(move || {
+        threads.into_iter().map(|t| t.join().expect("load thread")).fold(LoadReport::default(), |a, b| LoadReport {
+            ok: a.ok + b.ok,
+            refused: a.refused + b.refused,
+            failed: a.failed + b.failed,
+        })
+    });
+    (progress, handle)
+}
+
+/// Reads one HTTP/1.1 response with a content-length body: (status, connection: close).
+fn read_response(reader: &mut impl BufRead) -> Result<(u16, bool), String> {
+    let mut line = String::new();
+    reader.read_line(&mut line).map_err(|e| e.to_string())?;
+    let status = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or("no status line")?;
+    let (mut len, mut close) = (0usize, false);
+    loop {
+        line.clear();
+        reader.read_line(&mut line).map_err(|e| e.to_string())?;
+        let header = line.trim_end().to_ascii_lowercase();
+        if header.is_empty() {
+            break;
+        }
+        if let Some(v) = header.strip_prefix("content-length:") {
+            len = v.trim().parse().map_err(|_| "bad content-length")?;
+        } else if header == "connection: close" {
+            close = true;
+        }
+    }
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body).map_err(|e| e.to_string())?;
+    Ok((status, close))
+}
+
+/// Inode of the server side of a client's TCP connection (from /proc/net/tcp and tcp6).
+pub fn server_side_inode(client: SocketAddr) -> Option<u64> {
+    let port = format!("{:04X}", client.port());
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.get(2).is_some_and(|remote| remote.ends_with(&format!(":{port}"))) && cols.get(3) == Some(&"01") {
+                return cols.get(9).and_then(|i| i.parse().ok());
+            }
+        }
+    }
+    None
 }
 
 /// Sends a signal to a process (ignoring "no such process").

@@ -17,3 +17,17 @@ fn messages_round_trip_between_master_and_workers() {
         ok.then_some(())
     });
 }
+
+#[test]
+fn master_code_scales_reloads_and_reads_status() {
+    let mut server = Server::spawn(env!("CARGO_BIN_EXE_control").into(), &[]);
+    wait_for(Duration::from_secs(20), "the control script to finish", || {
+        server.stdout().contains("reloaded: 3 workers, all new: true").then_some(())
+    });
+    let out = server.stdout();
+    assert!(out.contains("start: 2 workers, 2 ready"), "{out}");
+    assert!(out.contains("grown: 3 workers, 3 ready"), "{out}");
+    assert!(out.contains("reloaded: 3 workers, 3 ready"), "{out}");
+    server.signal(libc::SIGTERM);
+    assert_eq!(server.wait_exit(Duration::from_secs(5)).expect("exit").code(), Some(0));
+}

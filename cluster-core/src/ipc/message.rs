@@ -125,6 +125,10 @@ pub(crate) enum ToMaster {
     Exiting { reason: String },
     /// Application payload.
     User(Bytes),
+    /// Proof of life, sent periodically from inside the worker's runtime.
+    Heartbeat,
+    /// The application says it is ready to serve (with `wait_ready`, the only readiness signal).
+    Ready,
 }
 
 /// Result of a listen request: the key and bound address, or an errno.
@@ -160,6 +164,8 @@ mod tag {
     pub(super) const REFUSED: u8 = 0x06;
     pub(super) const EXITING: u8 = 0x07;
     pub(super) const USER_TO_MASTER: u8 = 0x08;
+    pub(super) const HEARTBEAT: u8 = 0x09;
+    pub(super) const READY: u8 = 0x0a;
 
     pub(super) const LISTEN_REPLY: u8 = 0x81;
     pub(super) const NEWCONN: u8 = 0x82;
@@ -179,6 +185,8 @@ impl ToMaster {
             Self::Refused { .. } => "refused",
             Self::Exiting { .. } => "exiting",
             Self::User(_) => "user",
+            Self::Heartbeat => "heartbeat",
+            Self::Ready => "ready",
         }
     }
 
@@ -219,6 +227,8 @@ impl ToMaster {
                 out.put_u8(tag::USER_TO_MASTER);
                 out.put_slice(data);
             }
+            Self::Heartbeat => out.put_u8(tag::HEARTBEAT),
+            Self::Ready => out.put_u8(tag::READY),
         }
     }
 
@@ -262,6 +272,14 @@ impl ToMaster {
             tag::USER_TO_MASTER => {
                 r.message = "user";
                 Self::User(r.rest())
+            }
+            tag::HEARTBEAT => {
+                r.message = "heartbeat";
+                Self::Heartbeat
+            }
+            tag::READY => {
+                r.message = "ready";
+                Self::Ready
             }
             other => return Err(ProtocolError::UnknownTag(other)),
         };
@@ -516,6 +534,8 @@ mod tests {
         );
         round_trip(ToMaster::Exiting { reason: "panicked at 'boom'".into() });
         round_trip(ToMaster::User(Bytes::from_static(b"\x02looks like listen")));
+        round_trip(ToMaster::Heartbeat);
+        round_trip(ToMaster::Ready);
     }
 
     #[test]

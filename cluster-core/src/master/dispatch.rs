@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use socket2::{Domain, Socket, Type};
+use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 
 use crate::ipc::Channel;
@@ -45,6 +46,8 @@ struct Target {
     inflight: HashMap<ConnId, Conn>,
     /// False once the worker is retiring: it gets no new connections.
     open: bool,
+    /// Connections this worker acknowledged so far.
+    handled: u64,
 }
 
 struct State {
@@ -82,7 +85,7 @@ impl Dispatch {
     }
 
     pub(crate) fn add_worker(&self, serial: Serial, channel: Arc<Channel>) {
-        let target = Target { serial, channel, keys: Vec::new(), inflight: HashMap::new(), open: true };
+        let target = Target { serial, channel, keys: Vec::new(), inflight: HashMap::new(), open: true, handled: 0 };
         self.state.lock().unwrap().targets.push(target);
     }
 
@@ -111,6 +114,17 @@ impl Dispatch {
         state.targets.iter().find(|t| t.serial == serial).map_or(0, |t| t.inflight.len())
     }
 
+    /// Connections the worker acknowledged so far.
+    pub(crate) fn handled(&self, serial: Serial) -> u64 {
+        let state = self.state.lock().unwrap();
+        state.targets.iter().find(|t| t.serial == serial).map_or(0, |t| t.handled)
+    }
+
+    /// Whether accepted connections are waiting for a worker with room.
+    pub(crate) fn backlog_empty(&self) -> bool {
+        self.state.lock().unwrap().backlog.values().all(VecDeque::is_empty)
+    }
+
     /// The worker's channel closed: every connection it had not acknowledged goes to others.
     pub(crate) fn remove_worker(&self, serial: Serial) {
         let mut state = self.state.lock().unwrap();
@@ -134,7 +148,9 @@ impl Dispatch {
     pub(crate) fn accepted(&self, serial: Serial, ids: &[ConnId]) {
         self.update(serial, |t| {
             for id in ids {
-                t.inflight.remove(id);
+                if t.inflight.remove(id).is_some() {
+                    t.handled += 1;
+                }
             }
         });
     }
@@ -253,11 +269,7 @@ pub(crate) fn bind_tcp(addr: SocketAddr, backlog: i32) -> io::Result<Socket> {
 }
 
 /// Accepts connections on one listening socket and dispatches them, while workers have room.
-pub(crate) async fn accept_loop(listener: Socket, key: ListenKey, dispatch: Arc<Dispatch>) {
-    let listener = match crate::sys::watch(listener) {
-        Ok(l) => l,
-        Err(e) => return log!("cannot watch listening socket: {e}"),
-    };
+pub(crate) async fn accept_loop(listener: Arc<AsyncFd<Socket>>, key: ListenKey, dispatch: Arc<Dispatch>) {
     loop {
         dispatch.wait_room(key).await;
         let Ok(mut ready) = listener.readable().await else { return };
@@ -280,6 +292,24 @@ pub(crate) async fn accept_loop(listener: Socket, key: ListenKey, dispatch: Arc<
                 }
                 Err(_would_block) => break,
             }
+        }
+    }
+}
+
+/// Takes every connection the kernel has already completed on `listener` (clients that are
+/// connected but not yet accepted) and queues them for workers, so that closing the socket
+/// right after resets nobody who was already let in.
+pub(crate) fn sweep(listener: &AsyncFd<Socket>, key: ListenKey, dispatch: &Dispatch) -> usize {
+    let mut n = 0;
+    loop {
+        match listener.get_ref().accept() {
+            Ok((socket, peer)) => {
+                let Some(peer) = peer.as_socket() else { continue };
+                dispatch.dispatch(Conn { key, socket, peer });
+                n += 1;
+            }
+            Err(e) if is_connection_error(&e) => {}
+            Err(_) => return n,
         }
     }
 }

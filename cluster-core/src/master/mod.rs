@@ -7,10 +7,13 @@ mod supervisor;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+
+use self::supervisor::Command;
 
 use crate::config::Config;
 use crate::ipc::Channel;
@@ -67,8 +70,61 @@ pub enum Event {
         /// Process id.
         pid: u32,
     },
+    /// The worker is ready: it listens on every address its predecessor did (or called
+    /// [`worker::ready`](crate::worker::ready)).
+    Ready {
+        /// Worker id.
+        id: u32,
+        /// Process id.
+        pid: u32,
+    },
+    /// Worker `id` died young again: it is restarted after `delay` (crash-loop backoff).
+    CrashLoop {
+        /// Worker id.
+        id: u32,
+        /// Restarts of this worker id so far.
+        restarts: u32,
+        /// Delay before the next start.
+        delay: Duration,
+    },
     /// The worker process is gone.
     Exit(ExitInfo),
+}
+
+/// Where a worker is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum WorkerState {
+    /// The process runs; it has not said hello yet.
+    Starting,
+    /// Connected to the master, running user code, not ready yet.
+    Online,
+    /// Serving: listening on its addresses (or it called `ready()`).
+    Ready,
+    /// Retiring: gets no new connections, finishes its own, then exits.
+    Stopping,
+    /// No process: waiting to restart after crashing young (see `restart_in`).
+    Backoff,
+}
+
+/// One line of [`Master::status`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct WorkerStatus {
+    /// Worker id.
+    pub id: u32,
+    /// Process id (`None` while in backoff).
+    pub pid: Option<u32>,
+    /// Its state.
+    pub state: WorkerState,
+    /// Time since the process started.
+    pub uptime: Duration,
+    /// Restarts of this worker id so far.
+    pub restarts: u32,
+    /// Connections this process accepted.
+    pub connections: u64,
+    /// Time until the next start, in backoff.
+    pub restart_in: Option<Duration>,
 }
 
 /// How a worker ended.
@@ -87,10 +143,12 @@ pub struct ExitInfo {
     pub after_disconnect: bool,
 }
 
-/// Handle for user code running in the master: worker events and messages to workers.
+/// Handle for user code running in the master: worker events, messages to workers, and
+/// control (reload, scaling, status).
 pub struct Master {
     registry: Registry,
     events: mpsc::UnboundedReceiver<Event>,
+    commands: mpsc::UnboundedSender<Command>,
 }
 
 impl Master {
@@ -119,6 +177,25 @@ impl Master {
         Ok(channel.send(&out).await?)
     }
 
+    /// Starts a rolling reload, as SIGHUP does: each worker is replaced by a new process of
+    /// the binary on disk, once that one is ready. A reload asked for during another runs
+    /// after it.
+    pub fn reload(&self) {
+        let _ = self.commands.send(Command::Reload);
+    }
+
+    /// Sets the number of workers (at least 1), as SIGTTIN / SIGTTOU do one at a time.
+    pub fn set_workers(&self, n: usize) {
+        let _ = self.commands.send(Command::SetWorkers(n));
+    }
+
+    /// A snapshot of every worker process (and of worker ids waiting to restart), by id.
+    pub async fn status(&self) -> Vec<WorkerStatus> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.commands.send(Command::Status(tx));
+        rx.await.unwrap_or_default()
+    }
+
     /// Sends a message to every online worker; returns how many it reached.
     pub async fn broadcast(&self, data: impl Into<Bytes>) -> Result<usize, SendError> {
         let data = data.into();
@@ -145,12 +222,13 @@ pub(crate) fn run(cfg: Config, hook: Option<MasterHook>) -> i32 {
     };
     runtime.block_on(async move {
         let registry = Registry::default();
+        let (commands_tx, commands) = mpsc::unbounded_channel();
         let events = hook.map(|hook| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(hook(Master { registry: registry.clone(), events: rx }));
+            tokio::spawn(hook(Master { registry: registry.clone(), events: rx, commands: commands_tx }));
             tx
         });
-        match supervisor::Supervisor::new(Arc::new(cfg), registry, events) {
+        match supervisor::Supervisor::new(Arc::new(cfg), registry, events, commands) {
             Ok(supervisor) => supervisor.run().await,
             Err(e) => {
                 log!("cannot start: {e}");

@@ -1,9 +1,15 @@
-//! The master's control path: starting workers, hearing from them, replacing them when they
-//! die, and stopping them all on SIGTERM / SIGINT. "What happens when a worker dies" is
-//! [`Supervisor::on_closed`] + [`Supervisor::on_exited`] + [`Supervisor::reap`].
+//! The master's control path: starting workers, hearing from them, replacing them (crashes,
+//! rolling reloads, limits, missed heartbeats), scaling, and stopping them all.
+//!
+//! Each worker id (1..=N) is a [`Slot`]: the process serving it (`current`), perhaps the process
+//! that will replace it (`incoming`), and its restart history. Every replacement follows one
+//! path: start the new process, wait until it is ready, then [`retire`](Supervisor::retire) the
+//! old one (no new connections at once; `disconnect` once the master holds none for it;
+//! SIGKILL at the kill timeout). "What happens when a worker dies" is [`Supervisor::reap`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ffi::OsString;
+use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -14,13 +20,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::mpsc;
+use socket2::Socket;
+use tokio::io::unix::AsyncFd;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::sleep_until;
 
 use super::dispatch::{self, Dispatch, Serial};
-use super::{Event, ExitInfo, Registry};
+use super::{Event, ExitInfo, Registry, WorkerState, WorkerStatus};
 use crate::config::Config;
 use crate::ipc::message::{ListenKey, PROTOCOL_VERSION, ProtocolError, ToMaster, encode};
 use crate::ipc::{Channel, Receiver, RecvError};
@@ -49,16 +57,37 @@ pub(super) enum Report {
     },
 }
 
+/// Requests from user code in the master (see [`Master`](super::Master)).
+pub(super) enum Command {
+    Reload,
+    SetWorkers(usize),
+    Status(oneshot::Sender<Vec<WorkerStatus>>),
+}
+
 /// One worker process.
 struct Worker {
     id: u32,
     pid: u32,
     started: Instant,
     channel: Arc<Channel>,
-    online: bool,
-    /// The master asked it to stop (its exit is expected).
-    disconnecting: bool,
-    /// Why it said it is exiting (panic message).
+    state: WorkerState,
+    /// It has been ready at some point (an exit before that is a failed start).
+    was_ready: bool,
+    /// Listeners it accepts on.
+    keys: Vec<ListenKey>,
+    /// Listeners it must accept on to be ready: those of the process it replaces.
+    expected: Vec<ListenKey>,
+    said_ready: bool,
+    /// Retiring: gets no new connections once `closed`, is told to disconnect once it holds
+    /// none in flight, and is killed at `kill_at`.
+    kill_at: Option<Instant>,
+    closed: bool,
+    disconnected: bool,
+    killed: bool,
+    last_seen: Instant,
+    /// Connections after which it is replaced (`max_connections` plus this worker's jitter).
+    max_connections: Option<u64>,
+    /// Why it is exiting, as it or the master saw it.
     reason: Option<String>,
     channel_closed: bool,
     status: Option<ExitStatus>,
@@ -67,25 +96,57 @@ struct Worker {
 /// One worker id (1..=N) and the restart history of the processes that held it.
 #[derive(Default)]
 struct Slot {
-    serial: Option<Serial>,
+    current: Option<Serial>,
+    incoming: Option<Incoming>,
     restarts: u32,
     backoff: Duration,
     start_at: Option<Instant>,
+    /// Listeners of the last process that served this slot.
+    expected: Vec<ListenKey>,
+    /// A failed limit replacement is retried no sooner than this.
+    retry_at: Option<Instant>,
+}
+
+/// A process started to take over a slot, not yet ready.
+struct Incoming {
+    serial: Serial,
+    deadline: Instant,
+    cause: Cause,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    Reload,
+    Limit,
+}
+
+/// A rolling reload in progress.
+struct Reload {
+    /// Slots still to replace, in order.
+    queue: VecDeque<u32>,
+    /// Slots whose replacement is starting.
+    active: Vec<u32>,
+    /// Another reload was asked for meanwhile: run one more when this one ends.
+    again: bool,
+    started: Instant,
 }
 
 /// A listening socket the master owns.
 struct Listener {
     addr: SocketAddr,
+    socket: Arc<AsyncFd<Socket>>,
     task: JoinHandle<()>,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Stop {
     Running,
-    /// Graceful stop: no more accepts; each worker is told to disconnect once the master holds
-    /// no connection for it; SIGKILL at the deadline.
+    /// No more accepts; every worker retires; SIGKILL at the deadline.
     Graceful {
         deadline: Instant,
     },
+    /// Every worker was SIGKILLed.
+    Fast,
 }
 
 pub(super) struct Supervisor {
@@ -96,6 +157,7 @@ pub(super) struct Supervisor {
     dispatch: Arc<Dispatch>,
     registry: Registry,
     events: Option<mpsc::UnboundedSender<Event>>,
+    commands: mpsc::UnboundedReceiver<Command>,
     reports_tx: mpsc::UnboundedSender<Report>,
     reports: mpsc::UnboundedReceiver<Report>,
     workers: BTreeMap<Serial, Worker>,
@@ -103,22 +165,29 @@ pub(super) struct Supervisor {
     next_serial: Serial,
     listeners: HashMap<ListenKey, Listener>,
     by_addr: HashMap<(SocketAddr, u32), ListenKey>,
+    next_key: ListenKey,
     stop: Stop,
+    reload: Option<Reload>,
+    last_tick: Instant,
+    next_rss_check: Instant,
+    jitter: RandomState,
 }
 
-/// Restart backoff for workers that die young.
-const BACKOFF_START: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// A worker that lived at least this long died "stable": it is replaced at once.
-const MIN_UPTIME: Duration = Duration::from_secs(1);
-/// How often a stopping master checks whether workers can be told to disconnect.
-const STOP_TICK: Duration = Duration::from_millis(20);
+/// Housekeeping period: heartbeats, deadlines, limits.
+const TICK: Duration = Duration::from_millis(100);
+/// Period while a retiring worker waits for its last connections to be acknowledged.
+const FAST_TICK: Duration = Duration::from_millis(20);
+/// A tick this late means the master itself was stopped or starved: heartbeats that could
+/// not be read meanwhile must not get workers killed.
+const SUSPENDED: Duration = Duration::from_secs(1);
+const RSS_CHECK: Duration = Duration::from_secs(1);
 
 impl Supervisor {
     pub(super) fn new(
         cfg: Arc<Config>,
         registry: Registry,
         events: Option<mpsc::UnboundedSender<Event>>,
+        commands: mpsc::UnboundedReceiver<Command>,
     ) -> io::Result<Self> {
         let exe = std::env::current_exe()?;
         let mut argv = std::env::args_os();
@@ -132,6 +201,7 @@ impl Supervisor {
             args: argv.collect(),
             registry,
             events,
+            commands,
             reports_tx,
             reports,
             workers: BTreeMap::new(),
@@ -139,14 +209,18 @@ impl Supervisor {
             next_serial: 1,
             listeners: HashMap::new(),
             by_addr: HashMap::new(),
+            next_key: 1,
             stop: Stop::Running,
+            reload: None,
+            last_tick: Instant::now(),
+            next_rss_check: Instant::now(),
+            jitter: RandomState::new(),
         })
     }
 
     /// Runs the cluster until it is stopped; returns the master's exit code.
     pub(super) async fn run(mut self) -> i32 {
-        let (Ok(mut sigterm), Ok(mut sigint)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-        else {
+        let Ok(mut signals) = Signals::new() else {
             log!("cannot install signal handlers");
             return 1;
         };
@@ -156,70 +230,71 @@ impl Supervisor {
         }
         log!("master (pid {}) started {} worker(s)", sys::getpid(), self.cfg.workers);
         loop {
-            if matches!(self.stop, Stop::Graceful { .. }) && self.workers.is_empty() {
+            if self.stop != Stop::Running && self.workers.is_empty() {
                 log!("all workers stopped; master exiting");
                 return 0;
             }
             let wake = self.next_wake();
             tokio::select! {
                 Some(report) = self.reports.recv() => self.on_report(report),
-                _ = sigterm.recv() => self.begin_stop("SIGTERM"),
-                _ = sigint.recv() => {
-                    if matches!(self.stop, Stop::Graceful { .. }) {
+                Some(command) = self.commands.recv() => self.on_command(command),
+                _ = signals.term.recv() => self.begin_stop("SIGTERM"),
+                _ = signals.int.recv() => {
+                    if self.stop != Stop::Running {
                         log!("second SIGINT: killing all workers");
                         self.kill_all();
                         return 130;
                     }
                     self.begin_stop("SIGINT");
                 }
+                _ = signals.quit.recv() => self.fast_stop(),
+                _ = signals.hup.recv() => self.begin_reload("SIGHUP"),
+                _ = signals.ttin.recv() => self.set_workers(self.slots.len() + 1, "SIGTTIN"),
+                _ = signals.ttou.recv() => self.set_workers(self.slots.len().saturating_sub(1), "SIGTTOU"),
                 _ = sleep_until(wake.into()) => self.on_tick(),
             }
         }
     }
 
     fn next_wake(&self) -> Instant {
-        let far = Instant::now() + Duration::from_secs(3600);
-        match self.stop {
-            Stop::Graceful { deadline } => deadline.min(Instant::now() + STOP_TICK),
-            Stop::Running => self.slots.values().filter_map(|s| s.start_at).min().unwrap_or(far),
-        }
+        let draining = self.workers.values().any(|w| w.kill_at.is_some() && !w.disconnected);
+        let tick = self.last_tick + if draining { FAST_TICK } else { TICK };
+        self.slots.values().filter_map(|s| s.start_at).fold(tick, Instant::min)
     }
 
     fn on_tick(&mut self) {
         let now = Instant::now();
-        match self.stop {
-            Stop::Running => {
-                let due: Vec<u32> = self
-                    .slots
-                    .iter()
-                    .filter(|(_, s)| s.start_at.is_some_and(|t| t <= now))
-                    .map(|(id, _)| *id)
-                    .collect();
-                for id in due {
-                    self.start(id);
-                }
+        let late = now.saturating_duration_since(self.last_tick);
+        self.last_tick = now;
+        if late > SUSPENDED {
+            log!("master was suspended for {:.1}s; heartbeat clocks restarted", late.as_secs_f64());
+            for w in self.workers.values_mut() {
+                w.last_seen = now;
             }
-            Stop::Graceful { deadline } if now >= deadline => {
-                log!("kill timeout reached: killing {} remaining worker(s)", self.workers.len());
-                self.kill_all();
-            }
-            Stop::Graceful { .. } => self.disconnect_idle(),
         }
+        if self.stop == Stop::Running {
+            let due: Vec<u32> =
+                self.slots.iter().filter(|(_, s)| s.start_at.is_some_and(|t| t <= now)).map(|(id, _)| *id).collect();
+            for id in due {
+                self.start(id);
+            }
+            self.check_ready_deadlines(now);
+            self.check_limits(now);
+        }
+        self.check_heartbeats(now);
+        self.retire_step(now);
     }
 
-    /// Starts a worker process for slot `id`. On failure, retries later with backoff.
+    // ----- starting workers -----
+
+    /// Starts the process serving slot `id` (first start or restart). On failure, retries
+    /// later with backoff.
     fn start(&mut self, id: u32) {
-        let serial = self.next_serial;
-        self.next_serial += 1;
-        match self.spawn(id, serial) {
-            Ok(worker) => {
-                log!("worker {id} started (pid {})", worker.pid);
-                self.emit(Event::Fork { id, pid: worker.pid });
-                let slot = self.slots.entry(id).or_default();
-                slot.serial = Some(serial);
-                slot.start_at = None;
-                self.workers.insert(serial, worker);
-            }
+        let Some(slot) = self.slots.get_mut(&id) else { return };
+        slot.start_at = None;
+        let expected = slot.expected.clone();
+        match self.spawn(id, expected) {
+            Ok(serial) => self.slot(id).current = Some(serial),
             Err(e) => {
                 log!("cannot start worker {id}: {e}");
                 self.schedule_restart(id, true);
@@ -227,8 +302,36 @@ impl Supervisor {
         }
     }
 
-    fn spawn(&mut self, id: u32, serial: Serial) -> io::Result<Worker> {
+    /// Starts a process to take over slot `id` once it is ready. False if it could not start.
+    fn start_incoming(&mut self, id: u32, cause: Cause) -> bool {
+        let Some(slot) = self.slots.get_mut(&id) else { return false };
+        if let Some(incoming) = &mut slot.incoming {
+            incoming.cause = cause;
+            return true;
+        }
+        slot.start_at = None;
+        let expected = match slot.current.and_then(|s| self.workers.get(&s)) {
+            Some(w) if !w.keys.is_empty() => w.keys.clone(),
+            _ => slot.expected.clone(),
+        };
+        match self.spawn(id, expected) {
+            Ok(serial) => {
+                let deadline = Instant::now() + self.cfg.ready_timeout;
+                self.slot(id).incoming = Some(Incoming { serial, deadline, cause });
+                true
+            }
+            Err(e) => {
+                log!("cannot start a new worker {id}: {e}");
+                false
+            }
+        }
+    }
+
+    fn spawn(&mut self, id: u32, expected: Vec<ListenKey>) -> io::Result<Serial> {
+        let serial = self.next_serial;
+        self.next_serial += 1;
         let (channel, child_end) = Channel::pair()?;
+        // Each start runs the binary on disk, so a reload picks up a new build.
         let mut child = match self.command(&self.exe, id, child_end.as_raw_fd()).spawn() {
             // The binary on disk vanished (a deploy in progress): fall back to the running one.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -246,17 +349,37 @@ impl Supervisor {
             let _ = tx.send(Report::Exited { serial, status });
         });
         tokio::spawn(read_loop(serial, channel.clone(), self.dispatch.clone(), self.reports_tx.clone()));
-        Ok(Worker {
-            id,
-            pid,
-            started: Instant::now(),
-            channel,
-            online: false,
-            disconnecting: false,
-            reason: None,
-            channel_closed: false,
-            status: None,
-        })
+        let max_connections = self.cfg.max_connections.map(|n| {
+            let jitter = self.cfg.max_connections_jitter;
+            n + if jitter == 0 { 0 } else { self.jitter.hash_one(serial) % (jitter + 1) }
+        });
+        let now = Instant::now();
+        self.workers.insert(
+            serial,
+            Worker {
+                id,
+                pid,
+                started: now,
+                channel,
+                state: WorkerState::Starting,
+                was_ready: false,
+                keys: Vec::new(),
+                expected,
+                said_ready: false,
+                kill_at: None,
+                closed: false,
+                disconnected: false,
+                killed: false,
+                last_seen: now,
+                max_connections,
+                reason: None,
+                channel_closed: false,
+                status: None,
+            },
+        );
+        log!("worker {id} started (pid {pid})");
+        self.emit(Event::Fork { id, pid });
+        Ok(serial)
     }
 
     fn command(&self, exe: &std::path::Path, id: u32, channel: std::os::fd::RawFd) -> tokio::process::Command {
@@ -269,6 +392,8 @@ impl Supervisor {
         cmd
     }
 
+    // ----- hearing from workers -----
+
     fn on_report(&mut self, report: Report) {
         match report {
             Report::Message { serial, msg } => self.on_message(serial, msg),
@@ -280,38 +405,111 @@ impl Supervisor {
 
     fn on_message(&mut self, serial: Serial, msg: ToMaster) {
         let Some(w) = self.workers.get_mut(&serial) else { return };
+        w.last_seen = Instant::now();
         let (id, pid) = (w.id, w.pid);
-        if let ToMaster::Listen { req, addr, index } = msg {
-            let result = self.listen(addr, index).map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL));
-            if let Err(errno) = result {
-                log!("worker {id} cannot listen on {addr}: {}", io::Error::from_raw_os_error(errno));
-            }
-            let mut out = BytesMut::new();
-            encode::listen_reply(&mut out, req, &result);
-            send_soon(&self.workers[&serial].channel, out);
-            return;
-        }
         match msg {
             ToMaster::Hello { .. } => {
-                w.online = true;
+                if w.state == WorkerState::Starting {
+                    w.state = WorkerState::Online;
+                }
                 self.registry.lock().unwrap().insert(id, w.channel.clone());
                 self.emit(Event::Online { id, pid });
+                self.check_ready(serial);
+            }
+            ToMaster::Listen { req, addr, index } => {
+                let result = self.listen(addr, index).map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL));
+                if let Err(errno) = result {
+                    log!("worker {id} cannot listen on {addr}: {}", io::Error::from_raw_os_error(errno));
+                }
+                let mut out = BytesMut::new();
+                encode::listen_reply(&mut out, req, &result);
+                send_soon(&self.workers[&serial].channel, out);
             }
             ToMaster::Listening { key } => {
+                if !w.keys.contains(&key) {
+                    w.keys.push(key);
+                }
+                self.sync_expected(serial);
                 if let Some(l) = self.listeners.get(&key) {
                     self.emit(Event::Listening { id, pid, addr: l.addr });
                 }
+                self.check_ready(serial);
+            }
+            ToMaster::Unlisten { key } => {
+                w.keys.retain(|k| *k != key);
+                self.sync_expected(serial);
+            }
+            ToMaster::Ready => {
+                w.said_ready = true;
+                self.check_ready(serial);
             }
             ToMaster::Exiting { reason } => {
                 log!("worker {id} (pid {pid}) is exiting: {reason}");
                 w.reason = Some(reason);
             }
             ToMaster::User(data) => self.emit(Event::Message { id, pid, data }),
-            // Handled above, or by the reader (data path) before they get here.
-            ToMaster::Listen { .. }
-            | ToMaster::Unlisten { .. }
-            | ToMaster::Accepted { .. }
-            | ToMaster::Refused { .. } => {}
+            // Liveness is noted above; acknowledgements go to the dispatcher, not here.
+            ToMaster::Heartbeat | ToMaster::Accepted { .. } | ToMaster::Refused { .. } => {}
+        }
+    }
+
+    /// The listeners of the process serving a slot are what its next process must listen on.
+    fn sync_expected(&mut self, serial: Serial) {
+        let w = &self.workers[&serial];
+        if let Some(slot) = self.slots.get_mut(&w.id)
+            && slot.current == Some(serial)
+            && w.was_ready
+        {
+            slot.expected = w.keys.clone();
+        }
+    }
+
+    /// Marks the worker ready once it listens on everything its predecessor did (or says so),
+    /// and completes the replacement it was started for.
+    fn check_ready(&mut self, serial: Serial) {
+        let wait_ready = self.cfg.wait_ready;
+        let Some(w) = self.workers.get_mut(&serial) else { return };
+        if w.state != WorkerState::Online {
+            return;
+        }
+        let listening =
+            if w.expected.is_empty() { !w.keys.is_empty() } else { w.expected.iter().all(|k| w.keys.contains(k)) };
+        if !(w.said_ready || (!wait_ready && listening)) {
+            return;
+        }
+        w.state = WorkerState::Ready;
+        w.was_ready = true;
+        let (id, pid, keys) = (w.id, w.pid, w.keys.clone());
+        self.emit(Event::Ready { id, pid });
+        let Some(slot) = self.slots.get_mut(&id) else { return };
+        if !keys.is_empty() {
+            slot.expected = keys;
+        }
+        if slot.incoming.as_ref().is_some_and(|i| i.serial == serial) {
+            self.promote(id);
+        }
+    }
+
+    /// The incoming process of slot `id` is ready: it becomes the slot's process and the old
+    /// one retires.
+    fn promote(&mut self, id: u32) {
+        let slot = self.slot(id);
+        let Some(incoming) = slot.incoming.take() else { return };
+        slot.retry_at = None;
+        let old = slot.current.replace(incoming.serial);
+        let new_pid = self.workers.get(&incoming.serial).map_or(0, |w| w.pid);
+        match old.and_then(|s| self.workers.get(&s)).map(|w| w.pid) {
+            Some(old_pid) => log!("worker {id} replaced: pid {old_pid} -> pid {new_pid}"),
+            None => log!("worker {id} is back (pid {new_pid})"),
+        }
+        if let Some(old) = old {
+            self.retire(old, true);
+        }
+        if incoming.cause == Cause::Reload {
+            if let Some(reload) = &mut self.reload {
+                reload.active.retain(|a| *a != id);
+            }
+            self.advance_reload();
         }
     }
 
@@ -321,15 +519,17 @@ impl Supervisor {
         if let Some(key) = self.by_addr.get(&lookup) {
             return Ok((*key, self.listeners[key].addr));
         }
-        if matches!(self.stop, Stop::Graceful { .. }) {
+        if self.stop != Stop::Running {
             return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
         }
         let socket = dispatch::bind_tcp(addr, self.cfg.backlog)?;
         let bound = socket.local_addr()?.as_socket().unwrap_or(addr);
-        let key = self.listeners.len() as ListenKey + 1;
-        let task = tokio::spawn(dispatch::accept_loop(socket, key, self.dispatch.clone()));
+        let socket = Arc::new(sys::watch(socket)?);
+        let key = self.next_key;
+        self.next_key += 1;
+        let task = tokio::spawn(dispatch::accept_loop(socket.clone(), key, self.dispatch.clone()));
         log!("listening on {bound}");
-        self.listeners.insert(key, Listener { addr: bound, task });
+        self.listeners.insert(key, Listener { addr: bound, socket, task });
         self.by_addr.insert(lookup, key);
         Ok((key, bound))
     }
@@ -340,7 +540,8 @@ impl Supervisor {
         self.dispatch.close(serial);
         let Some(w) = self.workers.get_mut(&serial) else { return };
         log!("worker {} (pid {}): {error}; killing it", w.id, w.pid);
-        let _ = sys::kill(w.pid, libc::SIGKILL);
+        w.reason = Some(format!("protocol error: {error}"));
+        kill(w);
     }
 
     /// The worker's channel is closed: it exited (or is being killed). Whatever it had not
@@ -365,7 +566,7 @@ impl Supervisor {
     }
 
     /// Once a worker has both exited and closed its channel (every acknowledgement it sent
-    /// has been read), forget it and replace it.
+    /// has been read), forget it and decide what its slot needs.
     fn reap(&mut self, serial: Serial) {
         let Some(w) = self.workers.get(&serial) else { return };
         let (true, Some(status)) = (w.channel_closed, w.status) else { return };
@@ -378,8 +579,8 @@ impl Supervisor {
         }
         let uptime = w.started.elapsed();
         let how = describe(status);
-        let expected = w.disconnecting || matches!(self.stop, Stop::Graceful { .. });
-        if expected {
+        let retired = w.kill_at.is_some();
+        if retired {
             log!("worker {} (pid {}) {how}", w.id, w.pid);
         } else {
             let reason = w.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default();
@@ -390,80 +591,410 @@ impl Supervisor {
             pid: w.pid,
             code: status.code(),
             signal: status.signal(),
-            after_disconnect: w.disconnecting,
+            after_disconnect: retired,
         }));
-        if let Some(slot) = self.slots.get_mut(&w.id)
-            && slot.serial == Some(serial)
-        {
-            slot.serial = None;
-            if matches!(self.stop, Stop::Running) {
-                self.schedule_restart(w.id, !w.online || uptime < MIN_UPTIME);
-            }
+        let running = self.stop == Stop::Running;
+        let Some(slot) = self.slots.get_mut(&w.id) else { return };
+        if slot.incoming.as_ref().is_some_and(|i| i.serial == serial) {
+            self.incoming_failed(w.id, &format!("pid {} {how} before it was ready", w.pid));
+            return;
+        }
+        if slot.current != Some(serial) {
+            return;
+        }
+        slot.current = None;
+        if running && slot.incoming.is_some() {
+            // Its replacement is on the way and takes over when ready.
+            slot.restarts += 1;
+        } else if running {
+            self.schedule_restart(w.id, !w.was_ready || uptime < self.cfg.min_uptime);
         }
     }
 
     /// Replaces worker `id`: at once after a stable run, with growing delays while it keeps
-    /// dying young.
+    /// dying young (never giving up).
     fn schedule_restart(&mut self, id: u32, unstable: bool) {
-        let slot = self.slots.entry(id).or_default();
+        let (first, max) = (self.cfg.restart_delay, self.cfg.restart_delay_max);
+        let Some(slot) = self.slots.get_mut(&id) else { return };
         slot.restarts += 1;
-        if unstable {
-            slot.backoff = if slot.backoff.is_zero() { BACKOFF_START } else { (slot.backoff * 2).min(BACKOFF_MAX) };
-            log!("worker {id} is crashing on start; restart {} in {:?}", slot.restarts, slot.backoff);
-            slot.start_at = Some(Instant::now() + slot.backoff);
-        } else {
+        if !unstable {
             slot.backoff = Duration::ZERO;
-            slot.start_at = Some(Instant::now());
+            self.start(id);
+            return;
+        }
+        slot.backoff = if slot.backoff.is_zero() { first } else { (slot.backoff * 2).min(max) };
+        slot.start_at = Some(Instant::now() + slot.backoff);
+        let (restarts, delay) = (slot.restarts, slot.backoff);
+        log!("worker {id} is crash-looping (restart {restarts}); next start in {delay:?}");
+        self.emit(Event::CrashLoop { id, restarts, delay });
+    }
+
+    // ----- replacing workers -----
+
+    /// The process started to take over slot `id` died or missed its deadline.
+    fn incoming_failed(&mut self, id: u32, why: &str) {
+        let (first, max) = (self.cfg.restart_delay, self.cfg.restart_delay_max);
+        let slot = self.slot(id);
+        let Some(incoming) = slot.incoming.take() else { return };
+        if let Some(w) = self.workers.get_mut(&incoming.serial) {
+            w.reason.get_or_insert_with(|| "not ready in time".into());
+            kill(w);
+        }
+        match incoming.cause {
+            Cause::Reload => self.abandon_reload(id, why),
+            Cause::Limit => {
+                let slot = self.slot(id);
+                slot.backoff = if slot.backoff.is_zero() { first } else { (slot.backoff * 2).min(max) };
+                slot.retry_at = Some(Instant::now() + slot.backoff);
+                log!("replacement of worker {id} failed: {why}; the old process keeps serving");
+            }
+        }
+        if self.stop == Stop::Running && self.slot(id).current.is_none() && self.slot(id).start_at.is_none() {
+            self.schedule_restart(id, true);
         }
     }
 
+    fn begin_reload(&mut self, why: &str) {
+        if self.stop != Stop::Running {
+            return;
+        }
+        if let Some(reload) = &mut self.reload {
+            reload.again = true;
+            log!("{why}: a reload is in progress; another one follows it");
+            return;
+        }
+        log!("{why}: reloading {} worker(s), {} at a time", self.slots.len(), self.cfg.reload_concurrency);
+        self.reload = Some(Reload {
+            queue: self.slots.keys().copied().collect(),
+            active: Vec::new(),
+            again: false,
+            started: Instant::now(),
+        });
+        self.advance_reload();
+    }
+
+    /// Starts the next replacements of the reload, or ends it.
+    fn advance_reload(&mut self) {
+        loop {
+            let Some(reload) = &mut self.reload else { return };
+            if reload.active.len() >= self.cfg.reload_concurrency {
+                return;
+            }
+            let Some(id) = reload.queue.pop_front() else {
+                if reload.active.is_empty() {
+                    let reload = self.reload.take().expect("reload");
+                    log!("reload complete in {} ms", reload.started.elapsed().as_millis());
+                    if reload.again {
+                        self.begin_reload("queued reload");
+                    }
+                }
+                return;
+            };
+            if !self.slots.contains_key(&id) {
+                continue;
+            }
+            reload.active.push(id);
+            if !self.start_incoming(id, Cause::Reload) {
+                self.abandon_reload(id, "its new process could not be started");
+                return;
+            }
+        }
+    }
+
+    /// Stops the reload; the old processes of slots not yet replaced keep serving.
+    fn abandon_reload(&mut self, id: u32, why: &str) {
+        let Some(reload) = self.reload.take() else { return };
+        log!(
+            "reload abandoned: new worker {id}: {why}; {} worker(s) not replaced keep serving",
+            reload.queue.len() + reload.active.len()
+        );
+        for other in reload.active {
+            if other != id {
+                self.incoming_failed(other, "reload abandoned");
+            }
+        }
+    }
+
+    /// A new process starting too long is a failed start.
+    fn check_ready_deadlines(&mut self, now: Instant) {
+        let late: Vec<u32> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.incoming.as_ref().is_some_and(|i| i.deadline <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            let why = format!("not ready within {:?}", self.cfg.ready_timeout);
+            self.incoming_failed(id, &why);
+        }
+    }
+
+    /// Memory and connection limits: a worker over one is replaced gracefully.
+    fn check_limits(&mut self, now: Instant) {
+        if self.reload.is_some() {
+            return;
+        }
+        let check_rss = self.cfg.max_rss.is_some() && now >= self.next_rss_check;
+        if check_rss {
+            self.next_rss_check = now + RSS_CHECK;
+        }
+        let mut over = Vec::new();
+        for (id, slot) in &self.slots {
+            let Some(w) = slot.current.and_then(|s| self.workers.get(&s)) else { continue };
+            if slot.incoming.is_some() || slot.retry_at.is_some_and(|t| t > now) || w.state != WorkerState::Ready {
+                continue;
+            }
+            if let Some(max) = w.max_connections {
+                let served = self.dispatch.handled(slot.current.unwrap_or_default());
+                if served >= max {
+                    over.push((*id, format!("served {served} connections (limit {max})")));
+                    continue;
+                }
+            }
+            if let (true, Some(max)) = (check_rss, self.cfg.max_rss)
+                && let Ok(rss) = sys::rss(w.pid)
+                && rss > max
+            {
+                over.push((*id, format!("uses {} MiB of memory (limit {} MiB)", rss >> 20, max >> 20)));
+            }
+        }
+        for (id, why) in over {
+            log!("worker {id} {why}; replacing it");
+            self.start_incoming(id, Cause::Limit);
+        }
+    }
+
+    /// A worker whose runtime went silent is killed (and then replaced like any crash).
+    fn check_heartbeats(&mut self, now: Instant) {
+        let Some(timeout) = self.cfg.heartbeat_timeout else { return };
+        for w in self.workers.values_mut() {
+            let silent = now.saturating_duration_since(w.last_seen);
+            if w.status.is_none() && !w.killed && silent > timeout {
+                log!("worker {} (pid {}) sent no heartbeat for {:.1}s; killing it", w.id, w.pid, silent.as_secs_f64());
+                w.reason = Some("missed heartbeats".into());
+                kill(w);
+            }
+        }
+    }
+
+    /// Retires a worker: with `close_now`, it gets no new connections from this moment.
+    fn retire(&mut self, serial: Serial, close_now: bool) {
+        let kill_at = match self.stop {
+            Stop::Graceful { deadline } => deadline,
+            _ => Instant::now() + self.cfg.kill_timeout,
+        };
+        let Some(w) = self.workers.get_mut(&serial) else { return };
+        if w.kill_at.is_none() {
+            w.state = WorkerState::Stopping;
+            w.kill_at = Some(kill_at);
+        }
+        if close_now && !w.closed {
+            w.closed = true;
+            self.dispatch.close(serial);
+        }
+        self.retire_step(Instant::now());
+    }
+
+    /// Moves retiring workers along: close (once no connection waits in the master's backlog
+    /// for them), disconnect (once every connection sent to them is acknowledged), kill (at
+    /// the deadline).
+    fn retire_step(&mut self, now: Instant) {
+        let mut backlog_empty = None;
+        for (serial, w) in self.workers.iter_mut() {
+            let Some(kill_at) = w.kill_at else { continue };
+            if w.status.is_some() || w.killed {
+                continue;
+            }
+            if now >= kill_at {
+                log!("worker {} (pid {}) still running at the kill timeout; killing it", w.id, w.pid);
+                kill(w);
+                continue;
+            }
+            if w.disconnected || w.channel_closed {
+                continue;
+            }
+            if !w.closed {
+                if !*backlog_empty.get_or_insert_with(|| self.dispatch.backlog_empty()) {
+                    continue;
+                }
+                w.closed = true;
+                self.dispatch.close(*serial);
+            }
+            if self.dispatch.inflight(*serial) > 0 {
+                continue;
+            }
+            w.disconnected = true;
+            let mut out = BytesMut::new();
+            encode::disconnect(&mut out);
+            send_soon(&w.channel, out);
+            if let Some(tx) = &self.events {
+                let _ = tx.send(Event::Disconnect { id: w.id, pid: w.pid });
+            }
+        }
+    }
+
+    // ----- scaling, stopping, status -----
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Reload => self.begin_reload("reload requested"),
+            Command::SetWorkers(n) => self.set_workers(n, "set_workers"),
+            Command::Status(reply) => drop(reply.send(self.status())),
+        }
+    }
+
+    /// Grows or shrinks the cluster to `n` workers (at least one). New slots start at once;
+    /// removed ones (highest ids first) retire gracefully.
+    fn set_workers(&mut self, n: usize, why: &str) {
+        if self.stop != Stop::Running {
+            return;
+        }
+        let n = n.max(1);
+        if n == self.slots.len() {
+            log!("{why}: already {n} worker(s)");
+            return;
+        }
+        log!("{why}: {} -> {n} worker(s)", self.slots.len());
+        while self.slots.len() < n {
+            let id = self.slots.keys().next_back().map_or(1, |id| id + 1);
+            self.slots.insert(id, Slot::default());
+            self.start(id);
+        }
+        while self.slots.len() > n {
+            let (id, slot) = self.slots.pop_last().expect("slots");
+            if let Some(reload) = &mut self.reload {
+                reload.queue.retain(|s| *s != id);
+                reload.active.retain(|s| *s != id);
+            }
+            for serial in slot.current.into_iter().chain(slot.incoming.map(|i| i.serial)) {
+                self.retire(serial, true);
+            }
+        }
+        self.advance_reload();
+    }
+
     fn begin_stop(&mut self, why: &str) {
-        if matches!(self.stop, Stop::Graceful { .. }) {
+        if self.stop != Stop::Running {
             return;
         }
         log!("{why}: stopping gracefully (kill timeout {:?})", self.cfg.kill_timeout);
         self.stop = Stop::Graceful { deadline: Instant::now() + self.cfg.kill_timeout };
+        if self.reload.take().is_some() {
+            log!("reload cancelled");
+        }
+        // Stop accepting, after taking in the clients the kernel already let in: closing a
+        // listening socket resets those.
+        self.by_addr.clear();
+        for (key, l) in self.listeners.drain() {
+            l.task.abort();
+            let n = dispatch::sweep(&l.socket, key, &self.dispatch);
+            // Leave the listening state now, not when the aborted accept task lets go of the
+            // socket: from here on the kernel refuses new clients instead of queueing them.
+            let _ = l.socket.get_ref().shutdown(std::net::Shutdown::Both);
+            if n > 0 {
+                log!("took {n} last connection(s) from {}", l.addr);
+            }
+        }
         for slot in self.slots.values_mut() {
             slot.start_at = None;
         }
-        // Stop accepting: new clients are refused by the kernel from here on.
+        let serials: Vec<Serial> = self.workers.keys().copied().collect();
+        for serial in serials {
+            self.retire(serial, false);
+        }
+    }
+
+    fn fast_stop(&mut self) {
+        if self.stop == Stop::Fast {
+            return;
+        }
+        log!("SIGQUIT: fast stop");
+        self.stop = Stop::Fast;
+        self.reload = None;
+        self.by_addr.clear();
         for (_, l) in self.listeners.drain() {
             l.task.abort();
         }
-        self.disconnect_idle();
-    }
-
-    /// Tells every worker the master holds no connection for to disconnect. A worker with
-    /// connections in flight first accepts them, then is told.
-    fn disconnect_idle(&mut self) {
-        for (serial, w) in self.workers.iter_mut() {
-            if w.disconnecting || w.channel_closed || self.dispatch.inflight(*serial) > 0 {
-                continue;
-            }
-            w.disconnecting = true;
-            self.dispatch.close(*serial);
-            let mut out = BytesMut::new();
-            encode::disconnect(&mut out);
-            send_soon(&w.channel, out);
-            let (id, pid) = (w.id, w.pid);
-            if let Some(tx) = &self.events {
-                let _ = tx.send(Event::Disconnect { id, pid });
-            }
-        }
+        self.kill_all();
     }
 
     fn kill_all(&mut self) {
-        for w in self.workers.values() {
-            if w.status.is_none() {
-                let _ = sys::kill(w.pid, libc::SIGKILL);
+        for w in self.workers.values_mut() {
+            kill(w);
+        }
+    }
+
+    fn status(&self) -> Vec<WorkerStatus> {
+        let now = Instant::now();
+        let mut out: Vec<WorkerStatus> = self
+            .workers
+            .iter()
+            .map(|(serial, w)| WorkerStatus {
+                id: w.id,
+                pid: Some(w.pid),
+                state: w.state,
+                uptime: w.started.elapsed(),
+                restarts: self.slots.get(&w.id).map_or(0, |s| s.restarts),
+                connections: self.dispatch.handled(*serial),
+                restart_in: None,
+            })
+            .collect();
+        for (id, slot) in &self.slots {
+            if let (None, None, Some(at)) = (slot.current, &slot.incoming, slot.start_at) {
+                out.push(WorkerStatus {
+                    id: *id,
+                    pid: None,
+                    state: WorkerState::Backoff,
+                    uptime: Duration::ZERO,
+                    restarts: slot.restarts,
+                    connections: 0,
+                    restart_in: Some(at.saturating_duration_since(now)),
+                });
             }
         }
+        out.sort_by_key(|s| (s.id, s.pid));
+        out
+    }
+
+    fn slot(&mut self, id: u32) -> &mut Slot {
+        self.slots.entry(id).or_default()
     }
 
     fn emit(&self, event: Event) {
         if let Some(tx) = &self.events {
             let _ = tx.send(event);
         }
+    }
+}
+
+/// SIGKILLs a worker that has not exited yet (never a pid that may have been reused).
+fn kill(w: &mut Worker) {
+    if w.status.is_none() && !w.killed {
+        w.killed = true;
+        let _ = sys::kill(w.pid, libc::SIGKILL);
+    }
+}
+
+/// The signals the master acts on (SPEC §5).
+struct Signals {
+    term: Signal,
+    int: Signal,
+    quit: Signal,
+    hup: Signal,
+    ttin: Signal,
+    ttou: Signal,
+}
+
+impl Signals {
+    fn new() -> io::Result<Self> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            quit: signal(SignalKind::quit())?,
+            hup: signal(SignalKind::hangup())?,
+            ttin: signal(SignalKind::from_raw(libc::SIGTTIN))?,
+            ttou: signal(SignalKind::from_raw(libc::SIGTTOU))?,
+        })
     }
 }
 

@@ -16,6 +16,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::config::Config;
 use crate::ipc::message::{self, ConnId, ListenKey, ListenResult, NewConn, PROTOCOL_VERSION, ToMaster, ToWorker};
 use crate::ipc::{Channel, Receiver};
 use crate::sys;
@@ -52,7 +53,7 @@ pub(crate) fn client() -> Option<&'static Arc<Client>> {
 }
 
 /// Connects to the master over the inherited channel and says hello. Needs a runtime.
-pub(crate) async fn start(id: u32, channel: OwnedFd, exit_on_panic: bool) -> io::Result<&'static Arc<Client>> {
+pub(crate) async fn start(id: u32, channel: OwnedFd, cfg: &Config) -> io::Result<&'static Arc<Client>> {
     let channel = Channel::from_fd(channel)?;
     let (messages_tx, messages_rx) = mpsc::unbounded_channel();
     let client = Arc::new(Client {
@@ -69,10 +70,54 @@ pub(crate) async fn start(id: u32, channel: OwnedFd, exit_on_panic: bool) -> io:
         messages: tokio::sync::Mutex::new(messages_rx),
     });
     let client = CLIENT.get_or_init(|| client);
-    install_panic_hook(exit_on_panic);
+    install_panic_hook(cfg.exit_on_panic);
     client.send(&ToMaster::Hello { version: PROTOCOL_VERSION, pid: sys::getpid() }).await?;
-    tokio::spawn(read_loop(client.clone()));
+    spawn_own(read_loop(client.clone()));
+    if let Some(every) = cfg.heartbeat_interval() {
+        spawn_own(heartbeat(client.clone(), every));
+    }
     Ok(client)
+}
+
+/// Tasks of the framework alive in this worker's runtime (the rest belong to the application).
+static OWN_TASKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many tasks of the runtime are the framework's own.
+pub(crate) fn own_tasks() -> usize {
+    OWN_TASKS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn spawn_own(task: impl std::future::Future<Output = ()> + Send + 'static) {
+    struct Alive;
+    impl Drop for Alive {
+        fn drop(&mut self) {
+            OWN_TASKS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    OWN_TASKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let alive = Alive;
+    tokio::spawn(async move {
+        let _alive = alive;
+        task.await
+    });
+}
+
+/// Tells the master this worker's runtime still runs: a task of that runtime sends it, so a
+/// blocked runtime (a busy loop, a blocking call) goes silent and gets replaced.
+async fn heartbeat(client: Arc<Client>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // Best effort: a full channel means the master is busy, not that we are dead.
+        let mut out = BytesMut::new();
+        ToMaster::Heartbeat.encode(&mut out);
+        if let Err(e) = client.channel.try_send_with_fds(&out, &[])
+            && e.kind() != io::ErrorKind::WouldBlock
+        {
+            return;
+        }
+    }
 }
 
 impl Client {
@@ -253,6 +298,16 @@ fn install_panic_hook(exit_on_panic: bool) {
 /// This worker's id (1..=N, reused by its replacements), or `None` outside a worker.
 pub fn id() -> Option<u32> {
     client().map(|c| c.id)
+}
+
+/// Tells the master this worker is ready to serve. Needed only with
+/// [`Builder::wait_ready`](crate::Builder::wait_ready) (PM2's `wait_ready`), or by a worker
+/// that listens on nothing; otherwise a worker is ready once it listens. Does nothing
+/// outside a worker.
+pub async fn ready() {
+    if let Some(client) = client() {
+        let _ = client.send(&ToMaster::Ready).await;
+    }
 }
 
 /// Whether this process is a worker of a cluster.

@@ -16,7 +16,6 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
 
 #[cluster::main]
 async fn main() -> std::io::Result<()> {
@@ -27,7 +26,8 @@ async fn main() -> std::io::Result<()> {
     let id = cluster::worker::id().unwrap_or(0);
     println!("worker {id} (pid {}) listening on http://{}", std::process::id(), listener.local_addr()?);
 
-    let graceful = GracefulShutdown::new();
+    // Each connection task holds a clone of `alive`; `all_done` ends when the last one is gone.
+    let (alive, mut all_done) = tokio::sync::mpsc::channel::<()>(1);
     loop {
         tokio::select! {
             conn = listener.accept() => {
@@ -39,19 +39,39 @@ async fn main() -> std::io::Result<()> {
                         continue;
                     }
                 };
-                let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service_fn(handle));
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
+                tokio::spawn(serve(stream, alive.clone()));
             }
             _ = cluster::worker::shutdown() => break,
         }
     }
-    // Stop accepting, tell keep-alive clients `connection: close`, let requests finish.
+    // Stop accepting (connections the master sent and we did not take go to other workers),
+    // then let every open connection finish.
     drop(listener);
-    graceful.shutdown().await;
+    drop(alive);
+    all_done.recv().await;
     Ok(())
+}
+
+/// How long a keep-alive connection may stay idle once the worker is stopping. A client busy
+/// on it gets `connection: close` on its next response; one that sends nothing is closed.
+const IDLE_GRACE: Duration = Duration::from_secs(1);
+
+/// Serves one connection. While the worker stops, responses carry `connection: close`
+/// (see [`handle`]), so a keep-alive client learns it from a complete response instead of a
+/// reset; hyper's graceful shutdown closes what stays idle.
+async fn serve(stream: tokio::net::TcpStream, _alive: tokio::sync::mpsc::Sender<()>) {
+    let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service_fn(handle));
+    tokio::pin!(conn);
+    let stopping = async {
+        cluster::worker::shutdown().await;
+        tokio::time::sleep(IDLE_GRACE).await;
+    };
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = stopping => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
 }
 
 fn crash_on_start_if_asked() {
@@ -79,7 +99,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 
 async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let debug = std::env::var("HELLO_DEBUG").is_ok_and(|v| v == "1");
-    let response = match req.uri().path() {
+    let mut response = match req.uri().path() {
         "/" => text(StatusCode::OK, "hello world\n"),
         "/worker" => {
             let body = format!("{{\"id\":{},\"pid\":{}}}", cluster::worker::id().unwrap_or(0), std::process::id());
@@ -100,5 +120,8 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
         },
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     };
+    if cluster::worker::is_shutting_down() {
+        response.headers_mut().insert("connection", "close".parse().expect("header"));
+    }
     Ok(response)
 }
