@@ -94,6 +94,9 @@ pub enum ProtocolError {
         /// The limit.
         max: usize,
     },
+    /// A listen request for an unknown kind of socket.
+    #[error("bad endpoint kind {0}")]
+    EndpointKind(u8),
     /// The peer speaks another version of the protocol.
     #[error("protocol version mismatch: peer speaks v{peer}, this build speaks v{PROTOCOL_VERSION}")]
     Version {
@@ -105,6 +108,35 @@ pub enum ProtocolError {
     NotHello(&'static str),
 }
 
+/// What a worker asks the master to listen on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Endpoint {
+    Tcp(SocketAddr),
+    Udp(SocketAddr),
+    /// A Unix stream socket at `path`, with file permissions `mode` if given.
+    Unix {
+        path: std::path::PathBuf,
+        mode: Option<u32>,
+    },
+}
+
+impl Endpoint {
+    /// Port-0 binds of a worker are told apart by their order (see `Listen::index`).
+    pub(crate) fn is_port_zero(&self) -> bool {
+        matches!(self, Endpoint::Tcp(a) | Endpoint::Udp(a) if a.port() == 0)
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Tcp(a) => write!(f, "tcp {a}"),
+            Endpoint::Udp(a) => write!(f, "udp {a}"),
+            Endpoint::Unix { path, .. } => write!(f, "unix {}", path.display()),
+        }
+    }
+}
+
 /// Messages from a worker to the master.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum ToMaster {
@@ -112,7 +144,7 @@ pub(crate) enum ToMaster {
     Hello { version: u16, pid: u32 },
     /// Asks the master for a listening socket (Node's `queryServer`). `index` tells apart
     /// several port-0 binds of one worker.
-    Listen { req: u32, addr: SocketAddr, index: u32 },
+    Listen { req: u32, endpoint: Endpoint, index: u32 },
     /// The worker now accepts connections for `key`.
     Listening { key: ListenKey },
     /// The worker closed its listener for `key`.
@@ -131,8 +163,18 @@ pub(crate) enum ToMaster {
     Ready,
 }
 
-/// Result of a listen request: the key and bound address, or an errno.
-pub(crate) type ListenResult = Result<(ListenKey, SocketAddr), i32>;
+/// Result of a listen request: the key and bound address (none for Unix sockets) and, for a
+/// UDP socket, the socket itself; or an errno.
+pub(crate) type ListenResult = Result<Bound, i32>;
+
+/// A socket the master bound for a worker.
+#[derive(Debug)]
+pub(crate) struct Bound {
+    pub(crate) key: ListenKey,
+    pub(crate) addr: Option<SocketAddr>,
+    /// The shared socket itself, for sockets the workers use directly (UDP).
+    pub(crate) fd: Option<OwnedFd>,
+}
 
 /// Messages from the master to a worker.
 #[derive(Debug)]
@@ -151,7 +193,8 @@ pub(crate) enum ToWorker {
 #[derive(Debug)]
 pub(crate) struct NewConn {
     pub(crate) id: ConnId,
-    pub(crate) peer: SocketAddr,
+    /// `None` for a Unix socket peer.
+    pub(crate) peer: Option<SocketAddr>,
     pub(crate) fd: OwnedFd,
 }
 
@@ -198,10 +241,10 @@ impl ToMaster {
                 out.put_u16(*version);
                 out.put_u32(*pid);
             }
-            Self::Listen { req, addr, index } => {
+            Self::Listen { req, endpoint, index } => {
                 out.put_u8(tag::LISTEN);
                 out.put_u32(*req);
-                put_addr(out, addr);
+                put_endpoint(out, endpoint);
                 out.put_u32(*index);
             }
             Self::Listening { key } => {
@@ -246,7 +289,7 @@ impl ToMaster {
             }
             tag::LISTEN => {
                 r.message = "listen";
-                Self::Listen { req: r.u32()?, addr: r.addr()?, index: r.u32()? }
+                Self::Listen { req: r.u32()?, endpoint: r.endpoint()?, index: r.u32()? }
             }
             tag::LISTENING => {
                 r.message = "listening";
@@ -312,10 +355,22 @@ impl ToWorker {
                 r.message = "listen reply";
                 let req = r.u32()?;
                 let result = match r.u8()? {
-                    0 => Ok((r.u32()?, r.addr()?)),
-                    _ => Err(r.i32()?),
+                    0 => {
+                        let key = r.u32()?;
+                        let addr = r.opt_addr()?;
+                        let with_fd = r.u8()? != 0;
+                        r.finish()?;
+                        expect_fds("listen reply", fds.len(), usize::from(with_fd))?;
+                        Ok(Bound { key, addr, fd: fds.into_iter().next() })
+                    }
+                    _ => {
+                        let errno = r.i32()?;
+                        r.finish()?;
+                        expect_fds("listen reply", fds.len(), 0)?;
+                        Err(errno)
+                    }
                 };
-                Self::ListenReply { req, result }
+                return Ok(Self::ListenReply { req, result });
             }
             tag::NEWCONN => {
                 r.message = "newconn";
@@ -324,7 +379,7 @@ impl ToWorker {
                 expect_fds("newconn", fds.len(), count)?;
                 let mut conns = Vec::with_capacity(count);
                 for fd in fds {
-                    conns.push(NewConn { id: r.u64()?, peer: r.addr()?, fd });
+                    conns.push(NewConn { id: r.u64()?, peer: r.opt_addr()?, fd });
                 }
                 r.finish()?;
                 return Ok(Self::NewConn { key, conns });
@@ -350,14 +405,21 @@ impl ToWorker {
 pub(crate) mod encode {
     use super::*;
 
-    pub(crate) fn listen_reply(out: &mut BytesMut, req: u32, result: &ListenResult) {
+    /// A listen reply; attach the socket's fd when `with_fd`.
+    pub(crate) fn listen_reply(
+        out: &mut BytesMut,
+        req: u32,
+        result: &Result<(ListenKey, Option<SocketAddr>), i32>,
+        with_fd: bool,
+    ) {
         out.put_u8(tag::LISTEN_REPLY);
         out.put_u32(req);
         match result {
             Ok((key, addr)) => {
                 out.put_u8(0);
                 out.put_u32(*key);
-                put_addr(out, addr);
+                put_opt_addr(out, addr.as_ref());
+                out.put_u8(u8::from(with_fd));
             }
             Err(errno) => {
                 out.put_u8(1);
@@ -375,9 +437,9 @@ pub(crate) mod encode {
         out.put_u16(count as u16);
     }
 
-    pub(crate) fn newconn_entry(out: &mut BytesMut, id: ConnId, peer: &SocketAddr) {
+    pub(crate) fn newconn_entry(out: &mut BytesMut, id: ConnId, peer: Option<&SocketAddr>) {
         out.put_u64(id);
-        put_addr(out, peer);
+        put_opt_addr(out, peer);
     }
 
     pub(crate) fn disconnect(out: &mut BytesMut) {
@@ -408,6 +470,35 @@ fn put_ids(out: &mut BytesMut, t: u8, ids: &[ConnId]) {
     out.put_u16(ids.len() as u16);
     for id in ids {
         out.put_u64(*id);
+    }
+}
+
+/// Family byte 0 stands for "no address" (a Unix socket peer).
+fn put_opt_addr(out: &mut BytesMut, addr: Option<&SocketAddr>) {
+    match addr {
+        Some(addr) => put_addr(out, addr),
+        None => out.put_u8(0),
+    }
+}
+
+fn put_endpoint(out: &mut BytesMut, endpoint: &Endpoint) {
+    use std::os::unix::ffi::OsStrExt;
+    match endpoint {
+        Endpoint::Tcp(addr) => {
+            out.put_u8(1);
+            put_addr(out, addr);
+        }
+        Endpoint::Udp(addr) => {
+            out.put_u8(2);
+            put_addr(out, addr);
+        }
+        Endpoint::Unix { path, mode } => {
+            out.put_u8(3);
+            out.put_u32(mode.unwrap_or(u32::MAX));
+            let bytes = path.as_os_str().as_bytes();
+            out.put_u16(bytes.len().min(usize::from(u16::MAX)) as u16);
+            out.put_slice(&bytes[..bytes.len().min(usize::from(u16::MAX))]);
+        }
     }
 }
 
@@ -493,6 +584,28 @@ impl Reader {
             other => Err(ProtocolError::AddressFamily(other)),
         }
     }
+    fn opt_addr(&mut self) -> Result<Option<SocketAddr>, ProtocolError> {
+        if self.buf.first() == Some(&0) {
+            self.buf.advance(1);
+            return Ok(None);
+        }
+        self.addr().map(Some)
+    }
+    fn endpoint(&mut self) -> Result<Endpoint, ProtocolError> {
+        use std::os::unix::ffi::OsStrExt;
+        match self.u8()? {
+            1 => Ok(Endpoint::Tcp(self.addr()?)),
+            2 => Ok(Endpoint::Udp(self.addr()?)),
+            3 => {
+                let mode = Some(self.u32()?).filter(|m| *m != u32::MAX);
+                let len = usize::from(self.u16()?);
+                self.need(len)?;
+                let path = self.buf.split_to(len);
+                Ok(Endpoint::Unix { path: std::ffi::OsStr::from_bytes(&path).into(), mode })
+            }
+            other => Err(ProtocolError::EndpointKind(other)),
+        }
+    }
     fn rest(&mut self) -> Bytes {
         self.buf.split_off(0)
     }
@@ -521,8 +634,12 @@ mod tests {
     #[test]
     fn to_master_round_trips() {
         round_trip(ToMaster::Hello { version: PROTOCOL_VERSION, pid: 42 });
-        round_trip(ToMaster::Listen { req: 7, addr: "127.0.0.1:8080".parse().unwrap(), index: 0 });
-        round_trip(ToMaster::Listen { req: 8, addr: "[::1]:0".parse().unwrap(), index: 3 });
+        round_trip(ToMaster::Listen { req: 7, endpoint: Endpoint::Tcp("127.0.0.1:8080".parse().unwrap()), index: 0 });
+        round_trip(ToMaster::Listen { req: 8, endpoint: Endpoint::Udp("[::1]:0".parse().unwrap()), index: 3 });
+        let unix = Endpoint::Unix { path: "/tmp/a.sock".into(), mode: Some(0o660) };
+        round_trip(ToMaster::Listen { req: 9, endpoint: unix, index: 0 });
+        let unix = Endpoint::Unix { path: "rel.sock".into(), mode: None };
+        round_trip(ToMaster::Listen { req: 9, endpoint: unix, index: 0 });
         round_trip(ToMaster::Listening { key: 3 });
         round_trip(ToMaster::Unlisten { key: 3 });
         round_trip(ToMaster::Accepted { ids: vec![1, 2, u64::MAX] });
@@ -543,15 +660,15 @@ mod tests {
         let peers: [SocketAddr; 2] = ["10.0.0.1:5000".parse().unwrap(), "[::1]:6000".parse().unwrap()];
         let mut out = BytesMut::new();
         encode::newconn_header(&mut out, 9, 2);
-        encode::newconn_entry(&mut out, 100, &peers[0]);
-        encode::newconn_entry(&mut out, 101, &peers[1]);
+        encode::newconn_entry(&mut out, 100, Some(&peers[0]));
+        encode::newconn_entry(&mut out, 101, Some(&peers[1]));
         let bytes = out.freeze();
         match ToWorker::decode(bytes.clone(), vec![fd(), fd()]).unwrap() {
             ToWorker::NewConn { key, conns } => {
                 assert_eq!(key, 9);
                 assert_eq!(
                     conns.iter().map(|c| (c.id, c.peer)).collect::<Vec<_>>(),
-                    vec![(100, peers[0]), (101, peers[1])]
+                    vec![(100, Some(peers[0])), (101, Some(peers[1]))]
                 );
             }
             other => panic!("decoded {other:?}"),
@@ -562,14 +679,26 @@ mod tests {
 
     #[test]
     fn listen_reply_round_trips() {
-        for result in [Ok((4, "0.0.0.0:1234".parse().unwrap())), Err(libc::EADDRINUSE)] {
+        let ok: Result<(ListenKey, Option<SocketAddr>), i32> = Ok((4, Some("0.0.0.0:1234".parse().unwrap())));
+        for (result, fds) in
+            [(ok, 0), (Ok((5, None)), 0), (Ok((6, Some("[::1]:53".parse().unwrap()))), 1), (Err(98), 0)]
+        {
             let mut out = BytesMut::new();
-            encode::listen_reply(&mut out, 5, &result);
-            match ToWorker::decode(out.freeze(), Vec::new()).unwrap() {
-                ToWorker::ListenReply { req: 5, result: got } => assert_eq!(got, result),
+            encode::listen_reply(&mut out, 5, &result, fds == 1);
+            let attached: Vec<OwnedFd> = (0..fds).map(|_| fd()).collect();
+            match ToWorker::decode(out.freeze(), attached).unwrap() {
+                ToWorker::ListenReply { req: 5, result: got } => {
+                    let got = got.map(|b| (b.key, b.addr, b.fd.is_some()));
+                    assert_eq!(got, result.map(|(k, a)| (k, a, fds == 1)));
+                }
                 other => panic!("decoded {other:?}"),
             }
         }
+        // A reply that announces a socket must carry it.
+        let mut out = BytesMut::new();
+        encode::listen_reply(&mut out, 1, &Ok((1, None)), true);
+        let err = ToWorker::decode(out.freeze(), Vec::new()).unwrap_err();
+        assert_eq!(err, ProtocolError::FdCount { message: "listen reply", got: 0, expected: 1 });
     }
 
     #[test]
@@ -581,7 +710,8 @@ mod tests {
         assert_eq!(dec(b"\x83"), ProtocolError::UnknownTag(0x83));
         assert_eq!(dec(b"\x01\x00"), ProtocolError::Short { message: "hello", needed: 1 });
         assert_eq!(dec(b"\x03\x00\x00\x00\x01\xff"), ProtocolError::Trailing { message: "listening", extra: 1 });
-        assert_eq!(dec(b"\x02\x00\x00\x00\x01\x05"), ProtocolError::AddressFamily(5));
+        assert_eq!(dec(b"\x02\x00\x00\x00\x01\x05"), ProtocolError::EndpointKind(5));
+        assert_eq!(dec(b"\x02\x00\x00\x00\x01\x01\x05"), ProtocolError::AddressFamily(5));
         assert_eq!(dec(b"\x05\xff\xff"), ProtocolError::TooMany { message: "accepted", count: 0xffff, max: MAX_FDS });
         let err = ToMaster::decode(Bytes::from_static(b"\x03\x00\x00\x00\x01"), vec![fd()]).unwrap_err();
         assert_eq!(err, ProtocolError::FdCount { message: "listening", got: 1, expected: 0 });

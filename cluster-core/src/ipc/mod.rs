@@ -61,6 +61,16 @@ impl Channel {
         self.sock.send(data).await.map(drop)
     }
 
+    /// Sends one datagram with a few file descriptors attached, waiting for buffer space.
+    pub(crate) async fn send_with_fds(&self, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        let mut space = [0u8; 128];
+        let mut ancillary = tokio_seqpacket::ancillary::AncillaryMessageWriter::new(&mut space);
+        if !fds.is_empty() {
+            ancillary.add_fds(fds.iter().copied()).map_err(io::Error::other)?;
+        }
+        self.sock.send_with_ancillary(data, &mut ancillary).await.map(drop)
+    }
+
     /// Polls sending one datagram (for `poll`-style callers such as `Stream` impls).
     pub(crate) fn poll_send(&self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<()>> {
         self.sock.poll_send(cx, data).map_ok(drop)

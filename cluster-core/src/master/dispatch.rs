@@ -33,7 +33,8 @@ pub(crate) type Serial = u64;
 struct Conn {
     key: ListenKey,
     socket: Socket,
-    peer: SocketAddr,
+    /// `None` for a Unix socket peer.
+    peer: Option<SocketAddr>,
 }
 
 /// Where connections can go: one entry per worker process whose channel is open.
@@ -221,7 +222,7 @@ impl State {
             let id = self.next_id;
             self.scratch.clear();
             encode::newconn_header(&mut self.scratch, conn.key, 1);
-            encode::newconn_entry(&mut self.scratch, id, &conn.peer);
+            encode::newconn_entry(&mut self.scratch, id, conn.peer.as_ref());
             match t.channel.try_send_with_fds(&self.scratch, &[conn.socket.as_fd()]) {
                 Ok(()) => {
                     self.next_id += 1;
@@ -257,6 +258,15 @@ impl State {
     }
 }
 
+/// Binds a UDP socket the workers share: SO_REUSEADDR, non-blocking, close-on-exec.
+pub(crate) fn bind_udp(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
 /// Binds a listening socket the way the master shares it: SO_REUSEADDR, non-blocking,
 /// close-on-exec.
 pub(crate) fn bind_tcp(addr: SocketAddr, backlog: i32) -> io::Result<Socket> {
@@ -277,8 +287,7 @@ pub(crate) async fn accept_loop(listener: Arc<AsyncFd<Socket>>, key: ListenKey, 
         loop {
             match ready.try_io(|l| l.get_ref().accept()) {
                 Ok(Ok((socket, peer))) => {
-                    let Some(peer) = peer.as_socket() else { continue };
-                    dispatch.dispatch(Conn { key, socket, peer });
+                    dispatch.dispatch(Conn { key, socket, peer: peer.as_socket() });
                     if !dispatch.state.lock().unwrap().has_room(key, dispatch.window) {
                         break;
                     }
@@ -304,8 +313,7 @@ pub(crate) fn sweep(listener: &AsyncFd<Socket>, key: ListenKey, dispatch: &Dispa
     loop {
         match listener.get_ref().accept() {
             Ok((socket, peer)) => {
-                let Some(peer) = peer.as_socket() else { continue };
-                dispatch.dispatch(Conn { key, socket, peer });
+                dispatch.dispatch(Conn { key, socket, peer: peer.as_socket() });
                 n += 1;
             }
             Err(e) if is_connection_error(&e) => {}

@@ -12,7 +12,7 @@ use std::ffi::OsString;
 use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
@@ -30,7 +30,7 @@ use tokio::time::sleep_until;
 use super::dispatch::{self, Dispatch, Serial};
 use super::{Event, ExitInfo, Registry, WorkerState, WorkerStatus};
 use crate::config::Config;
-use crate::ipc::message::{ListenKey, PROTOCOL_VERSION, ProtocolError, ToMaster, encode};
+use crate::ipc::message::{Endpoint, ListenKey, PROTOCOL_VERSION, ProtocolError, ToMaster, encode};
 use crate::ipc::{Channel, Receiver, RecvError};
 use crate::log::log;
 use crate::role::{CHANNEL_FD, ENV_CHANNEL_FD, ENV_UNIQUE_ID};
@@ -131,11 +131,36 @@ struct Reload {
     started: Instant,
 }
 
-/// A listening socket the master owns.
+/// A socket the master owns.
 struct Listener {
-    addr: SocketAddr,
-    socket: Arc<AsyncFd<Socket>>,
-    task: JoinHandle<()>,
+    /// Bound address (none for Unix sockets).
+    addr: Option<SocketAddr>,
+    kind: Kind,
+    /// A Unix socket's file, removed when the master stops listening.
+    unix_path: Option<PathBuf>,
+}
+
+enum Kind {
+    /// The master accepts and dispatches connections.
+    Stream { socket: Arc<AsyncFd<Socket>>, task: JoinHandle<()> },
+    /// Every worker gets the socket itself (UDP).
+    Datagram(Socket),
+}
+
+impl Listener {
+    /// A duplicate of the socket, for sockets workers use directly.
+    fn shared_fd(&self) -> Option<OwnedFd> {
+        match &self.kind {
+            Kind::Datagram(socket) => socket.try_clone().ok().map(OwnedFd::from),
+            Kind::Stream { .. } => None,
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.close_listeners(false);
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -164,7 +189,7 @@ pub(super) struct Supervisor {
     slots: BTreeMap<u32, Slot>,
     next_serial: Serial,
     listeners: HashMap<ListenKey, Listener>,
-    by_addr: HashMap<(SocketAddr, u32), ListenKey>,
+    by_addr: HashMap<(Endpoint, u32), ListenKey>,
     next_key: ListenKey,
     stop: Stop,
     reload: Option<Reload>,
@@ -416,22 +441,25 @@ impl Supervisor {
                 self.emit(Event::Online { id, pid });
                 self.check_ready(serial);
             }
-            ToMaster::Listen { req, addr, index } => {
-                let result = self.listen(addr, index).map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL));
-                if let Err(errno) = result {
-                    log!("worker {id} cannot listen on {addr}: {}", io::Error::from_raw_os_error(errno));
+            ToMaster::Listen { req, endpoint, index } => {
+                let shown = endpoint.to_string();
+                let result = self.listen(endpoint, index);
+                if let Err(e) = &result {
+                    log!("worker {id} cannot listen on {shown}: {e}");
                 }
+                let fd = result.as_ref().ok().and_then(|(key, _)| self.listeners[key].shared_fd());
+                let result = result.map_err(|e| errno(&e));
                 let mut out = BytesMut::new();
-                encode::listen_reply(&mut out, req, &result);
-                send_soon(&self.workers[&serial].channel, out);
+                encode::listen_reply(&mut out, req, &result, fd.is_some());
+                send_soon(&self.workers[&serial].channel, out, fd);
             }
             ToMaster::Listening { key } => {
                 if !w.keys.contains(&key) {
                     w.keys.push(key);
                 }
                 self.sync_expected(serial);
-                if let Some(l) = self.listeners.get(&key) {
-                    self.emit(Event::Listening { id, pid, addr: l.addr });
+                if let Some(addr) = self.listeners.get(&key).and_then(|l| l.addr) {
+                    self.emit(Event::Listening { id, pid, addr });
                 }
                 self.check_ready(serial);
             }
@@ -513,25 +541,74 @@ impl Supervisor {
         }
     }
 
-    /// Returns the key of the master's socket for `addr`, binding it on first use.
-    fn listen(&mut self, addr: SocketAddr, index: u32) -> io::Result<(ListenKey, SocketAddr)> {
-        let lookup = (addr, if addr.port() == 0 { index } else { 0 });
+    /// Returns the key and address of the master's socket for `endpoint`, binding it on
+    /// first use.
+    fn listen(&mut self, endpoint: Endpoint, index: u32) -> io::Result<(ListenKey, Option<SocketAddr>)> {
+        let index = if endpoint.is_port_zero() { index } else { 0 };
+        let lookup = (endpoint, index);
         if let Some(key) = self.by_addr.get(&lookup) {
             return Ok((*key, self.listeners[key].addr));
         }
         if self.stop != Stop::Running {
             return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
         }
-        let socket = dispatch::bind_tcp(addr, self.cfg.backlog)?;
-        let bound = socket.local_addr()?.as_socket().unwrap_or(addr);
-        let socket = Arc::new(sys::watch(socket)?);
         let key = self.next_key;
+        let (listener, shown) = match &lookup.0 {
+            Endpoint::Tcp(addr) => {
+                let socket = dispatch::bind_tcp(*addr, self.cfg.backlog)?;
+                let bound = socket.local_addr()?.as_socket();
+                (self.stream_listener(socket, key, bound, None)?, format!("{}", bound.unwrap_or(*addr)))
+            }
+            Endpoint::Unix { path, mode } => {
+                let socket = crate::net::bind_unix(path, *mode, self.cfg.backlog)?;
+                (self.stream_listener(socket, key, None, Some(path.clone()))?, format!("unix:{}", path.display()))
+            }
+            Endpoint::Udp(addr) => {
+                let socket = dispatch::bind_udp(*addr)?;
+                let bound = socket.local_addr()?.as_socket();
+                let listener = Listener { addr: bound, kind: Kind::Datagram(socket), unix_path: None };
+                (listener, format!("udp {}", bound.unwrap_or(*addr)))
+            }
+        };
         self.next_key += 1;
-        let task = tokio::spawn(dispatch::accept_loop(socket.clone(), key, self.dispatch.clone()));
-        log!("listening on {bound}");
-        self.listeners.insert(key, Listener { addr: bound, socket, task });
+        log!("listening on {shown}");
+        let addr = listener.addr;
+        self.listeners.insert(key, listener);
         self.by_addr.insert(lookup, key);
-        Ok((key, bound))
+        Ok((key, addr))
+    }
+
+    fn stream_listener(
+        &self,
+        socket: Socket,
+        key: ListenKey,
+        addr: Option<SocketAddr>,
+        unix_path: Option<PathBuf>,
+    ) -> io::Result<Listener> {
+        let socket = Arc::new(sys::watch(socket)?);
+        let task = tokio::spawn(dispatch::accept_loop(socket.clone(), key, self.dispatch.clone()));
+        Ok(Listener { addr, kind: Kind::Stream { socket, task }, unix_path })
+    }
+
+    /// Stops listening everywhere. With `sweep`, first takes the connections the kernel already
+    /// completed (closing a listening socket resets those).
+    fn close_listeners(&mut self, sweep: bool) {
+        self.by_addr.clear();
+        for (key, l) in self.listeners.drain() {
+            if let Kind::Stream { socket, task } = &l.kind {
+                task.abort();
+                let n = if sweep { dispatch::sweep(socket, key, &self.dispatch) } else { 0 };
+                // Leave the listening state now, not when the aborted accept task lets go of
+                // the socket: from here on the kernel refuses new clients instead of queueing.
+                let _ = socket.get_ref().shutdown(std::net::Shutdown::Both);
+                if n > 0 {
+                    log!("took {n} last connection(s) from listener {key}");
+                }
+            }
+            if let Some(path) = &l.unix_path {
+                let _ = std::fs::remove_file(path);
+            }
+        }
     }
 
     /// The worker sent something malformed: it gets no more connections and is killed; the
@@ -826,7 +903,7 @@ impl Supervisor {
             w.disconnected = true;
             let mut out = BytesMut::new();
             encode::disconnect(&mut out);
-            send_soon(&w.channel, out);
+            send_soon(&w.channel, out, None);
             if let Some(tx) = &self.events {
                 let _ = tx.send(Event::Disconnect { id: w.id, pid: w.pid });
             }
@@ -882,19 +959,7 @@ impl Supervisor {
         if self.reload.take().is_some() {
             log!("reload cancelled");
         }
-        // Stop accepting, after taking in the clients the kernel already let in: closing a
-        // listening socket resets those.
-        self.by_addr.clear();
-        for (key, l) in self.listeners.drain() {
-            l.task.abort();
-            let n = dispatch::sweep(&l.socket, key, &self.dispatch);
-            // Leave the listening state now, not when the aborted accept task lets go of the
-            // socket: from here on the kernel refuses new clients instead of queueing them.
-            let _ = l.socket.get_ref().shutdown(std::net::Shutdown::Both);
-            if n > 0 {
-                log!("took {n} last connection(s) from {}", l.addr);
-            }
-        }
+        self.close_listeners(true);
         for slot in self.slots.values_mut() {
             slot.start_at = None;
         }
@@ -911,10 +976,7 @@ impl Supervisor {
         log!("SIGQUIT: fast stop");
         self.stop = Stop::Fast;
         self.reload = None;
-        self.by_addr.clear();
-        for (_, l) in self.listeners.drain() {
-            l.task.abort();
-        }
+        self.close_listeners(false);
         self.kill_all();
     }
 
@@ -1000,13 +1062,29 @@ impl Signals {
 
 /// Sends a control message now, or from a task if the socket is momentarily full, so the
 /// supervisor never waits on one worker.
-fn send_soon(channel: &Arc<Channel>, out: BytesMut) {
-    if let Err(e) = channel.try_send_with_fds(&out, &[])
+fn send_soon(channel: &Arc<Channel>, out: BytesMut, fd: Option<OwnedFd>) {
+    let fds: Vec<_> = fd.iter().map(AsFd::as_fd).collect();
+    if let Err(e) = channel.try_send_with_fds(&out, &fds)
         && e.kind() == io::ErrorKind::WouldBlock
     {
         let channel = channel.clone();
-        tokio::spawn(async move { channel.send(&out).await });
+        tokio::spawn(async move {
+            let fds: Vec<_> = fd.iter().map(AsFd::as_fd).collect();
+            channel.send_with_fds(&out, &fds).await
+        });
     }
+}
+
+/// The errno a worker gets for a failed bind (our own errors carry a kind, not an errno).
+fn errno(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(match e.kind() {
+        io::ErrorKind::AddrInUse => libc::EADDRINUSE,
+        io::ErrorKind::AlreadyExists => libc::EEXIST,
+        io::ErrorKind::PermissionDenied => libc::EACCES,
+        io::ErrorKind::NotFound => libc::ENOENT,
+        io::ErrorKind::AddrNotAvailable => libc::EADDRNOTAVAIL,
+        _ => libc::EINVAL,
+    })
 }
 
 fn describe(status: ExitStatus) -> String {

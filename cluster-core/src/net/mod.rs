@@ -4,8 +4,14 @@
 //! each accepted connection. Outside a cluster (`CLUSTER_WORKERS=0`, tests, the master's own
 //! code) the same call binds directly. Either way user code gets plain tokio types.
 
+mod proxy;
 mod tcp;
+mod udp;
+mod unix;
 
+pub use proxy::is_closed;
+pub use tcp::TcpListener;
 pub(crate) use tcp::is_connection_error;
-
-pub use tcp::{TcpListener, is_closed};
+pub use udp::UdpSocket;
+pub use unix::UnixListener;
+pub(crate) use unix::bind_unix;

@@ -1,14 +1,14 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use futures::Stream;
 use tokio::net::{TcpStream, ToSocketAddrs, lookup_host};
 
-use crate::ipc::message::{ListenKey, NewConn, accepted_one};
-use crate::worker::{self, Client, ConnQueue};
+use super::proxy::{Proxy, is_closed};
+use crate::ipc::message::Endpoint;
+use crate::worker;
 
 /// A TCP listener that works the same in a worker, in a single process and in the master.
 ///
@@ -30,38 +30,7 @@ pub struct TcpListener {
 #[derive(Debug)]
 enum Inner {
     Direct(tokio::net::TcpListener),
-    Cluster(Proxy),
-}
-
-struct Proxy {
-    client: Arc<Client>,
-    key: ListenKey,
-    local: SocketAddr,
-    queue: Option<ConnQueue>,
-    /// A connection taken off the queue whose acknowledgement is not yet sent (keeps `accept`
-    /// cancel-safe).
-    pending: Option<NewConn>,
-}
-
-impl std::fmt::Debug for Proxy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Proxy").field("key", &self.key).field("local", &self.local).finish_non_exhaustive()
-    }
-}
-
-/// The error `accept` returns once the worker is shutting down.
-fn closed() -> io::Error {
-    io::Error::other(ListenerClosed)
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("cluster listener closed: this worker is shutting down")]
-struct ListenerClosed;
-
-/// Whether an error from [`TcpListener::accept`] means the listener was closed because the
-/// worker is shutting down (as opposed to a failed accept).
-pub fn is_closed(err: &io::Error) -> bool {
-    err.get_ref().is_some_and(|e| e.is::<ListenerClosed>())
+    Cluster { proxy: Proxy, local: SocketAddr },
 }
 
 impl TcpListener {
@@ -73,10 +42,10 @@ impl TcpListener {
         };
         let mut last = None;
         for addr in lookup_host(addr).await? {
-            match client.listen(addr).await {
+            match client.listen(Endpoint::Tcp(addr)).await {
                 Ok((key, local, queue)) => {
-                    let proxy = Proxy { client: client.clone(), key, local, queue: Some(queue), pending: None };
-                    return Ok(TcpListener { inner: Inner::Cluster(proxy) });
+                    let proxy = Proxy::new(client.clone(), key, queue);
+                    return Ok(TcpListener { inner: Inner::Cluster { proxy, local: local.unwrap_or(addr) } });
                 }
                 Err(e) => last = Some(e),
             }
@@ -88,7 +57,7 @@ impl TcpListener {
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         match &self.inner {
             Inner::Direct(l) => l.local_addr(),
-            Inner::Cluster(p) => Ok(p.local),
+            Inner::Cluster { local, .. } => Ok(*local),
         }
     }
 
@@ -101,36 +70,13 @@ impl TcpListener {
     pub fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<(TcpStream, SocketAddr)>> {
         match &mut self.inner {
             Inner::Direct(l) => l.poll_accept(cx),
-            Inner::Cluster(p) => p.poll_accept(cx),
-        }
-    }
-}
-
-impl Proxy {
-    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<(TcpStream, SocketAddr)>> {
-        if self.pending.is_none() {
-            let Some(queue) = self.queue.as_mut() else { return Poll::Ready(Err(closed())) };
-            match ready!(queue.poll_recv(cx)) {
-                Some(conn) => self.pending = Some(conn),
-                None => return Poll::Ready(Err(closed())),
+            Inner::Cluster { proxy, local } => {
+                let conn = ready!(proxy.poll_next(cx))?;
+                let stream = std::net::TcpStream::from(conn.fd);
+                stream.set_nonblocking(true)?;
+                let peer = conn.peer.unwrap_or(*local);
+                Poll::Ready(Ok((TcpStream::from_std(stream)?, peer)))
             }
-        }
-        let id = self.pending.as_ref().map_or(0, |c| c.id);
-        // Acknowledge before user code can read from the socket: once the master has this,
-        // it will never give the connection to another worker. If the master is gone, the
-        // send fails and we serve the connection anyway: we hold the only copy left.
-        let _ = ready!(self.client.channel.poll_send(cx, &accepted_one(id)));
-        let conn = self.pending.take().expect("pending connection");
-        let stream = std::net::TcpStream::from(conn.fd);
-        stream.set_nonblocking(true)?;
-        Poll::Ready(Ok((TcpStream::from_std(stream)?, conn.peer)))
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        if let Some(queue) = self.queue.take() {
-            self.client.unlisten(self.key, queue, self.pending.take());
         }
     }
 }

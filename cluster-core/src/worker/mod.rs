@@ -17,7 +17,9 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::Config;
-use crate::ipc::message::{self, ConnId, ListenKey, ListenResult, NewConn, PROTOCOL_VERSION, ToMaster, ToWorker};
+use crate::ipc::message::{
+    self, Bound, ConnId, Endpoint, ListenKey, ListenResult, NewConn, PROTOCOL_VERSION, ToMaster, ToWorker,
+};
 use crate::ipc::{Channel, Receiver};
 use crate::sys;
 
@@ -41,7 +43,7 @@ struct State {
     replies: HashMap<u32, oneshot::Sender<ListenResult>>,
     listeners: HashMap<ListenKey, mpsc::UnboundedSender<NewConn>>,
     /// Port-0 binds per address so far: the n-th port-0 bind of every worker shares a port.
-    port0: HashMap<SocketAddr, u32>,
+    port0: HashMap<Endpoint, u32>,
     messages: mpsc::UnboundedSender<Bytes>,
 }
 
@@ -141,42 +143,51 @@ impl Client {
         }
     }
 
-    /// Asks the master for a listening socket on `addr`; returns its key, the bound address
-    /// and the queue the master's connections arrive on.
-    pub(crate) async fn listen(self: &Arc<Self>, addr: SocketAddr) -> io::Result<(ListenKey, SocketAddr, ConnQueue)> {
+    /// Asks the master to bind `endpoint` (or find its socket already bound).
+    pub(crate) async fn bind(self: &Arc<Self>, endpoint: Endpoint) -> io::Result<Bound> {
         let (tx, rx) = oneshot::channel();
-        let (req, index) = {
+        let req = {
             let mut state = self.state.lock().unwrap();
             let req = state.next_req;
             state.next_req = state.next_req.wrapping_add(1);
             state.replies.insert(req, tx);
-            let index = if addr.port() == 0 {
-                let n = state.port0.entry(addr).or_default();
-                *n += 1;
-                *n - 1
-            } else {
-                0
-            };
-            (req, index)
+            req
         };
-        self.send(&ToMaster::Listen { req, addr, index }).await?;
-        let (key, bound) = rx
-            .await
+        let index = if endpoint.is_port_zero() {
+            let mut state = self.state.lock().unwrap();
+            let n = state.port0.entry(endpoint.clone()).or_default();
+            *n += 1;
+            *n - 1
+        } else {
+            0
+        };
+        self.send(&ToMaster::Listen { req, endpoint, index }).await?;
+        rx.await
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "cluster master went away during bind"))?
-            .map_err(io::Error::from_raw_os_error)?;
+            .map_err(io::Error::from_raw_os_error)
+    }
+
+    /// Binds a stream endpoint and starts taking its connections: returns the key, the bound
+    /// address (none for Unix sockets) and the queue the master's connections arrive on.
+    pub(crate) async fn listen(
+        self: &Arc<Self>,
+        endpoint: Endpoint,
+    ) -> io::Result<(ListenKey, Option<SocketAddr>, ConnQueue)> {
+        let shown = endpoint.to_string();
+        let Bound { key, addr, .. } = self.bind(endpoint).await?;
         let (tx, queue) = mpsc::unbounded_channel();
         {
             let mut state = self.state.lock().unwrap();
             if state.listeners.contains_key(&key) {
                 return Err(io::Error::new(
                     io::ErrorKind::AddrInUse,
-                    format!("this worker already listens on {bound}"),
+                    format!("this worker already listens on {shown}"),
                 ));
             }
             state.listeners.insert(key, tx);
         }
         self.send(&ToMaster::Listening { key }).await?;
-        Ok((key, bound, queue))
+        Ok((key, addr, queue))
     }
 
     /// A listener was dropped: tell the master, and hand back what it had not accepted.

@@ -1,0 +1,116 @@
+//! Socket kinds beyond TCP over IPv4: UDP, Unix domain stream sockets, IPv6.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use integration_tests::{Server, parse_worker, wait_for};
+
+#[test]
+fn udp_echo_is_served_by_every_worker() {
+    let server = Server::spawn(integration_tests::example_bin("udp-echo"), &[("CLUSTER_WORKERS", "2")]);
+    let addr: std::net::SocketAddr = wait_for(Duration::from_secs(20), "both workers to bind", || {
+        let out = server.stdout();
+        let addrs: Vec<&str> = out.lines().filter_map(|l| l.split("listening on udp://").nth(1)).collect();
+        (addrs.len() == 2).then(|| addrs[0].trim().parse().expect("address"))
+    });
+    assert!(server.stdout().lines().filter(|l| l.contains(&format!("udp://{addr}"))).count() == 2, "one shared port");
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("client socket");
+    client.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut answered_by = HashSet::new();
+    let mut buf = [0u8; 256];
+    for i in 0..200 {
+        let payload = format!("ping {i}");
+        client.send_to(payload.as_bytes(), addr).expect("send");
+        let (n, from) = client.recv_from(&mut buf).expect("every datagram is answered");
+        assert_eq!(from, addr);
+        let reply = std::str::from_utf8(&buf[..n]).expect("utf-8");
+        let (id, echoed) = reply.split_once(':').expect("id:payload");
+        assert_eq!(echoed, payload);
+        answered_by.insert(id.to_owned());
+    }
+    assert_eq!(answered_by.len(), 2, "both workers answer some datagrams: {answered_by:?}");
+}
+
+fn socket_path(name: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("cluster-{name}-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+fn ask(path: &PathBuf) -> String {
+    let mut stream = std::os::unix::net::UnixStream::connect(path).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).expect("reply");
+    reply
+}
+
+#[test]
+fn unix_listener_serves_replaces_stale_files_and_cleans_up() {
+    let path = socket_path("unix");
+    // A stale socket file: bound by a listener that is gone.
+    drop(std::os::unix::net::UnixListener::bind(&path).expect("stale socket"));
+    assert!(path.exists());
+    let env = [("SOCKET_PATH", path.to_str().unwrap()), ("SOCKET_MODE", "660")];
+    let mut server = Server::spawn(env!("CARGO_BIN_EXE_unix-hello").into(), &env);
+    wait_for(Duration::from_secs(20), "both workers to listen", || {
+        (server.stdout().matches("listening on unix:").count() == 2).then_some(())
+    });
+    let mode = std::fs::metadata(&path).expect("socket file").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    let mut ids = HashSet::new();
+    for _ in 0..20 {
+        let reply = ask(&path);
+        ids.insert(reply.split(':').next().expect("id").to_owned());
+    }
+    assert_eq!(ids.len(), 2, "both workers serve: {ids:?}");
+
+    // A second cluster must not steal the socket of a live one.
+    let other = Server::spawn(env!("CARGO_BIN_EXE_unix-hello").into(), &env);
+    wait_for(Duration::from_secs(20), "the second cluster to fail", || {
+        let refused = other.stdout().contains("bind error: Address already in use");
+        (refused && other.stderr().contains("a live process is listening on")).then_some(())
+    });
+    assert!(ask(&path).contains(':'), "the first cluster still serves");
+    drop(other);
+
+    server.signal(libc::SIGTERM);
+    assert_eq!(server.wait_exit(Duration::from_secs(5)).expect("exit").code(), Some(0));
+    assert!(!path.exists(), "the socket file is removed on exit");
+}
+
+#[test]
+fn unix_path_too_long_is_a_clear_error() {
+    let long = std::env::temp_dir().join("x".repeat(200));
+    let server = Server::spawn(env!("CARGO_BIN_EXE_unix-hello").into(), &[("SOCKET_PATH", long.to_str().unwrap())]);
+    wait_for(Duration::from_secs(20), "the bind error", || {
+        server.stdout().contains("bytes; at most 107 fit in sun_path").then_some(())
+    });
+}
+
+#[test]
+fn hello_serves_on_ipv6_loopback() {
+    let server = Server::start("hello", &[("CLUSTER_WORKERS", "2"), ("HOST", "::1")], 2);
+    assert!(server.addr.is_ipv6(), "{}", server.addr);
+    let mut ids = HashSet::new();
+    for _ in 0..20 {
+        let response = server.get("/worker");
+        assert_eq!(response.status, 200);
+        ids.insert(parse_worker(&response.body).0);
+    }
+    assert_eq!(ids.len(), 2);
+}
+
+#[test]
+fn hello_on_the_ipv6_wildcard_is_dual_stack() {
+    let server = Server::start("hello", &[("CLUSTER_WORKERS", "2"), ("HOST", "::")], 2);
+    let port = server.addr.port();
+    for host in ["127.0.0.1", "[::1]"] {
+        let addr = format!("{host}:{port}").parse().expect("address");
+        let response = integration_tests::get(addr, "/").expect("request");
+        assert_eq!(response.status, 200, "via {host}");
+    }
+}
