@@ -1,21 +1,38 @@
-//! User messages between master and workers.
+//! User messages between master and workers, and control from code in the master.
 
 use std::time::Duration;
 
 use integration_tests::{Server, wait_for};
 
 #[test]
-fn messages_round_trip_between_master_and_workers() {
+fn messages_round_trip_in_order_whole_and_unconfused() {
     let server = Server::spawn(env!("CARGO_BIN_EXE_messages").into(), &[]);
-    wait_for(Duration::from_secs(20), "both workers to get both messages", || {
+    let expected = [
+        "worker 1 got from master: welcome 1",
+        "worker 2 got from master: welcome 2",
+        "worker 1 got from master: echo hello from 1",
+        "worker 2 got from master: echo hello from 2",
+        "worker 1 oversized send refused",
+        "worker 2 oversized send refused",
+        "broadcast reached 2",
+        "worker 1 got from master: everyone is online",
+        "worker 2 got from master: everyone is online",
+        "master got 10000 messages in order",
+        "master got 1048576 bytes intact: true",
+        "worker 2 got 1048576 bytes from master intact: true",
+        "worker 2 got from worker 1: hi from 1",
+        "send to worker 99: error: no such peer: worker 99 is not running",
+        "crafted payload from worker 1 delivered as a user message",
+        "crafted payload from worker 2 delivered as a user message",
+        "worker 1 got the crafted payload from master as a user message",
+        "worker 2 got the crafted payload from master as a user message",
+    ];
+    wait_for(Duration::from_secs(30), "every message", || {
         let out = server.stdout();
-        let ok = [1, 2].iter().all(|id| {
-            out.contains(&format!("worker {id} got: welcome {id}"))
-                && out.contains(&format!("worker {id} got: echo hello from {id}"))
-                && out.contains(&format!("worker {id} oversized send refused"))
-        });
-        ok.then_some(())
+        expected.iter().all(|line| out.contains(line)).then_some(())
     });
+    assert!(!server.stderr().contains("protocol error"), "{}", server.stderr());
+    assert_eq!(server.workers().len(), 2, "nobody was killed or replaced:\n{}", server.stderr());
 }
 
 #[test]

@@ -20,8 +20,9 @@ pub(crate) const PROTOCOL_VERSION: u16 = 1;
 /// Largest datagram either side sends or accepts.
 pub(crate) const MAX_MESSAGE: usize = 64 * 1024;
 
-/// Largest user payload that fits one message (the tag takes one byte).
-pub const MAX_USER_MESSAGE: usize = MAX_MESSAGE - 1;
+/// Largest user message. Larger than one datagram, a message is sent in fragments and
+/// reassembled; over this, sending fails with `SendError::TooLarge`.
+pub const MAX_USER_MESSAGE: usize = 16 * 1024 * 1024;
 
 /// Most connections (and so file descriptors) carried by one `NewConn` message.
 pub(crate) const MAX_FDS: usize = 64;
@@ -94,6 +95,9 @@ pub enum ProtocolError {
         /// The limit.
         max: usize,
     },
+    /// Fragments of a user message that do not add up.
+    #[error("bad user message fragment: {0}")]
+    Fragment(&'static str),
     /// A listen request for an unknown kind of socket.
     #[error("bad endpoint kind {0}")]
     EndpointKind(u8),
@@ -155,8 +159,12 @@ pub(crate) enum ToMaster {
     Refused { ids: Vec<ConnId> },
     /// The worker is about to exit (sent from the panic hook).
     Exiting { reason: String },
-    /// Application payload.
-    User(Bytes),
+    /// Application payload, for the master (`to` = 0) or for worker `to` (relayed).
+    User { to: u32, data: Bytes },
+    /// First fragment of a user message of `total` bytes.
+    UserStart { to: u32, total: u32, data: Bytes },
+    /// Next fragment of the user message being sent.
+    UserMore(Bytes),
     /// Proof of life, sent periodically from inside the worker's runtime.
     Heartbeat,
     /// The application says it is ready to serve (with `wait_ready`, the only readiness signal).
@@ -185,8 +193,12 @@ pub(crate) enum ToWorker {
     NewConn { key: ListenKey, conns: Vec<NewConn> },
     /// Stop accepting, finish open connections, exit.
     Disconnect,
-    /// Application payload.
-    User(Bytes),
+    /// Application payload from the master (`from` = 0) or relayed from worker `from`.
+    User { from: u32, data: Bytes },
+    /// First fragment of a user message of `total` bytes.
+    UserStart { from: u32, total: u32, data: Bytes },
+    /// Next fragment of the user message being received.
+    UserMore(Bytes),
 }
 
 /// One connection of a [`ToWorker::NewConn`] message.
@@ -209,11 +221,15 @@ mod tag {
     pub(super) const USER_TO_MASTER: u8 = 0x08;
     pub(super) const HEARTBEAT: u8 = 0x09;
     pub(super) const READY: u8 = 0x0a;
+    pub(super) const USER_START_TO_MASTER: u8 = 0x0b;
+    pub(super) const USER_MORE_TO_MASTER: u8 = 0x0c;
 
     pub(super) const LISTEN_REPLY: u8 = 0x81;
     pub(super) const NEWCONN: u8 = 0x82;
     pub(super) const DISCONNECT: u8 = 0x83;
     pub(super) const USER_TO_WORKER: u8 = 0x84;
+    pub(super) const USER_START_TO_WORKER: u8 = 0x85;
+    pub(super) const USER_MORE_TO_WORKER: u8 = 0x86;
 }
 
 impl ToMaster {
@@ -227,7 +243,9 @@ impl ToMaster {
             Self::Accepted { .. } => "accepted",
             Self::Refused { .. } => "refused",
             Self::Exiting { .. } => "exiting",
-            Self::User(_) => "user",
+            Self::User { .. } => "user",
+            Self::UserStart { .. } => "user start",
+            Self::UserMore(_) => "user more",
             Self::Heartbeat => "heartbeat",
             Self::Ready => "ready",
         }
@@ -260,14 +278,16 @@ impl ToMaster {
             Self::Exiting { reason } => {
                 out.put_u8(tag::EXITING);
                 // Cut long panic messages at a character boundary so they fit one datagram.
-                let mut end = reason.len().min(MAX_USER_MESSAGE - 16);
+                let mut end = reason.len().min(MAX_MESSAGE - 16);
                 while !reason.is_char_boundary(end) {
                     end -= 1;
                 }
                 out.put_slice(&reason.as_bytes()[..end]);
             }
-            Self::User(data) => {
-                out.put_u8(tag::USER_TO_MASTER);
+            Self::User { to, data } => user(out, USER_TO_MASTER, *to, None, data),
+            Self::UserStart { to, total, data } => user(out, USER_TO_MASTER, *to, Some(*total), data),
+            Self::UserMore(data) => {
+                out.put_u8(tag::USER_MORE_TO_MASTER);
                 out.put_slice(data);
             }
             Self::Heartbeat => out.put_u8(tag::HEARTBEAT),
@@ -314,7 +334,15 @@ impl ToMaster {
             }
             tag::USER_TO_MASTER => {
                 r.message = "user";
-                Self::User(r.rest())
+                Self::User { to: r.u32()?, data: r.rest() }
+            }
+            tag::USER_START_TO_MASTER => {
+                r.message = "user start";
+                Self::UserStart { to: r.u32()?, total: r.u32()?, data: r.rest() }
+            }
+            tag::USER_MORE_TO_MASTER => {
+                r.message = "user more";
+                Self::UserMore(r.rest())
             }
             tag::HEARTBEAT => {
                 r.message = "heartbeat";
@@ -339,7 +367,9 @@ impl ToWorker {
             Self::ListenReply { .. } => "listen reply",
             Self::NewConn { .. } => "newconn",
             Self::Disconnect => "disconnect",
-            Self::User(_) => "user",
+            Self::User { .. } => "user",
+            Self::UserStart { .. } => "user start",
+            Self::UserMore(_) => "user more",
         }
     }
 
@@ -390,7 +420,15 @@ impl ToWorker {
             }
             tag::USER_TO_WORKER => {
                 r.message = "user";
-                Self::User(r.rest())
+                Self::User { from: r.u32()?, data: r.rest() }
+            }
+            tag::USER_START_TO_WORKER => {
+                r.message = "user start";
+                Self::UserStart { from: r.u32()?, total: r.u32()?, data: r.rest() }
+            }
+            tag::USER_MORE_TO_WORKER => {
+                r.message = "user more";
+                Self::UserMore(r.rest())
             }
             other => return Err(ProtocolError::UnknownTag(other)),
         };
@@ -446,8 +484,14 @@ pub(crate) mod encode {
         out.put_u8(tag::DISCONNECT);
     }
 
-    pub(crate) fn user(out: &mut BytesMut, data: &[u8]) {
-        out.put_u8(tag::USER_TO_WORKER);
+    /// A whole user message, or the first fragment of one of `total` bytes.
+    pub(crate) fn user(out: &mut BytesMut, dir: UserTags, peer: u32, total: Option<u32>, data: &[u8]) {
+        super::user(out, dir, peer, total, data)
+    }
+
+    /// A continuation fragment.
+    pub(crate) fn user_more(out: &mut BytesMut, dir: UserTags, data: &[u8]) {
+        out.put_u8(dir.more);
         out.put_slice(data);
     }
 }
@@ -459,6 +503,76 @@ pub(crate) fn accepted_one(id: ConnId) -> [u8; 11] {
     out[1..3].copy_from_slice(&1u16.to_be_bytes());
     out[3..].copy_from_slice(&id.to_be_bytes());
     out
+}
+
+/// The tags of user messages in one direction.
+#[derive(Clone, Copy)]
+pub(crate) struct UserTags {
+    single: u8,
+    start: u8,
+    more: u8,
+}
+
+pub(crate) const USER_TO_MASTER: UserTags =
+    UserTags { single: tag::USER_TO_MASTER, start: tag::USER_START_TO_MASTER, more: tag::USER_MORE_TO_MASTER };
+pub(crate) const USER_TO_WORKER: UserTags =
+    UserTags { single: tag::USER_TO_WORKER, start: tag::USER_START_TO_WORKER, more: tag::USER_MORE_TO_WORKER };
+
+/// Bytes a user message's header takes in the first datagram (tag, peer, total).
+pub(crate) const USER_HEADER: usize = 9;
+
+fn user(out: &mut BytesMut, dir: UserTags, peer: u32, total: Option<u32>, data: &[u8]) {
+    out.put_u8(if total.is_some() { dir.start } else { dir.single });
+    out.put_u32(peer);
+    if let Some(total) = total {
+        out.put_u32(total);
+    }
+    out.put_slice(data);
+}
+
+/// Rebuilds fragmented user messages on the receiving side of one channel.
+#[derive(Default)]
+pub(crate) struct Reassembly {
+    partial: Option<(u32, usize, BytesMut)>,
+}
+
+impl Reassembly {
+    /// A first fragment; returns (peer, message) when it is already whole.
+    pub(crate) fn start(&mut self, peer: u32, total: u32, data: Bytes) -> Result<Option<(u32, Bytes)>, ProtocolError> {
+        if self.partial.is_some() {
+            return Err(ProtocolError::Fragment("a new message started before the previous one ended"));
+        }
+        let total = total as usize;
+        if total > MAX_USER_MESSAGE {
+            return Err(ProtocolError::Fragment("announced message larger than the limit"));
+        }
+        let mut buf = BytesMut::with_capacity(total);
+        buf.extend_from_slice(&data);
+        self.partial = Some((peer, total, buf));
+        self.check()
+    }
+
+    /// A continuation fragment; returns (peer, message) once it is whole.
+    pub(crate) fn more(&mut self, data: Bytes) -> Result<Option<(u32, Bytes)>, ProtocolError> {
+        let Some((_, _, buf)) = &mut self.partial else {
+            return Err(ProtocolError::Fragment("continuation without a start"));
+        };
+        buf.extend_from_slice(&data);
+        self.check()
+    }
+
+    fn check(&mut self) -> Result<Option<(u32, Bytes)>, ProtocolError> {
+        let Some((_, total, buf)) = &self.partial else { return Ok(None) };
+        if buf.len() > *total {
+            self.partial = None;
+            return Err(ProtocolError::Fragment("fragments longer than the announced size"));
+        }
+        if buf.len() < *total {
+            return Ok(None);
+        }
+        let (peer, _, buf) = self.partial.take().expect("partial");
+        Ok(Some((peer, buf.freeze())))
+    }
 }
 
 fn expect_fds(message: &'static str, got: usize, expected: usize) -> Result<(), ProtocolError> {
@@ -650,7 +764,10 @@ mod tests {
             Ok(ToMaster::Accepted { ids: vec![77] })
         );
         round_trip(ToMaster::Exiting { reason: "panicked at 'boom'".into() });
-        round_trip(ToMaster::User(Bytes::from_static(b"\x02looks like listen")));
+        round_trip(ToMaster::User { to: 0, data: Bytes::from_static(b"\x02looks like listen") });
+        round_trip(ToMaster::User { to: 3, data: Bytes::new() });
+        round_trip(ToMaster::UserStart { to: 2, total: 100_000, data: Bytes::from_static(b"abc") });
+        round_trip(ToMaster::UserMore(Bytes::from_static(b"def")));
         round_trip(ToMaster::Heartbeat);
         round_trip(ToMaster::Ready);
     }
@@ -699,6 +816,20 @@ mod tests {
         encode::listen_reply(&mut out, 1, &Ok((1, None)), true);
         let err = ToWorker::decode(out.freeze(), Vec::new()).unwrap_err();
         assert_eq!(err, ProtocolError::FdCount { message: "listen reply", got: 0, expected: 1 });
+    }
+
+    #[test]
+    fn fragments_reassemble_and_bad_sequences_are_errors() {
+        let mut r = Reassembly::default();
+        assert_eq!(r.start(2, 6, Bytes::from_static(b"abc")), Ok(None));
+        assert_eq!(r.more(Bytes::from_static(b"def")), Ok(Some((2, Bytes::from_static(b"abcdef")))));
+        assert!(r.more(Bytes::from_static(b"x")).is_err(), "continuation without a start");
+        assert_eq!(r.start(1, 2, Bytes::from_static(b"a")), Ok(None));
+        assert!(r.start(1, 2, Bytes::from_static(b"a")).is_err(), "interleaved start");
+        let mut r = Reassembly::default();
+        assert_eq!(r.start(1, 2, Bytes::from_static(b"a")), Ok(None));
+        assert!(r.more(Bytes::from_static(b"bc")).is_err(), "overlong");
+        assert!(Reassembly::default().start(1, u32::MAX, Bytes::new()).is_err(), "over the limit");
     }
 
     #[test]

@@ -11,12 +11,12 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio_seqpacket::UnixSeqpacket;
 use tokio_seqpacket::ancillary::OwnedAncillaryMessage;
 
 pub use message::ProtocolError;
-use message::{MAX_FDS, MAX_MESSAGE};
+use message::{MAX_FDS, MAX_MESSAGE, USER_HEADER, UserTags, encode};
 
 /// Bytes of ancillary buffer: room for one SCM_RIGHTS block of [`MAX_FDS`] descriptors.
 const ANCILLARY_SPACE: usize = 64 + MAX_FDS * std::mem::size_of::<libc::c_int>();
@@ -36,6 +36,8 @@ pub enum RecvError {
 #[derive(Debug)]
 pub(crate) struct Channel {
     sock: UnixSeqpacket,
+    /// Held while a user message is sent, so the fragments of two messages never interleave.
+    user: tokio::sync::Mutex<()>,
 }
 
 impl Channel {
@@ -43,12 +45,12 @@ impl Channel {
     /// inherited by the child (close-on-exec is cleared only in the child).
     pub(crate) fn pair() -> io::Result<(Channel, OwnedFd)> {
         let (master, worker) = UnixSeqpacket::pair()?;
-        Ok((Channel { sock: master }, OwnedFd::from(worker)))
+        Ok((Channel { sock: master, user: Default::default() }, OwnedFd::from(worker)))
     }
 
     /// Wraps an inherited channel fd (worker side). Needs a tokio runtime.
     pub(crate) fn from_fd(fd: OwnedFd) -> io::Result<Channel> {
-        Ok(Channel { sock: UnixSeqpacket::try_from(fd)? })
+        Ok(Channel { sock: UnixSeqpacket::try_from(fd)?, user: Default::default() })
     }
 
     /// The socket, for sends that cannot await (the panic hook).
@@ -59,6 +61,26 @@ impl Channel {
     /// Sends one datagram, waiting for buffer space if needed.
     pub(crate) async fn send(&self, data: &[u8]) -> io::Result<()> {
         self.sock.send(data).await.map(drop)
+    }
+
+    /// Sends a user message (at most [`MAX_USER_MESSAGE`](message::MAX_USER_MESSAGE) bytes;
+    /// the caller checks) for/from `peer`: one datagram if it fits, else fragments.
+    pub(crate) async fn send_user(&self, dir: UserTags, peer: u32, data: &[u8]) -> io::Result<()> {
+        let _turn = self.user.lock().await;
+        let mut out = BytesMut::with_capacity(data.len().min(MAX_MESSAGE));
+        if data.len() + USER_HEADER <= MAX_MESSAGE {
+            encode::user(&mut out, dir, peer, None, data);
+            return self.send(&out).await;
+        }
+        let (first, rest) = data.split_at(MAX_MESSAGE - USER_HEADER);
+        encode::user(&mut out, dir, peer, Some(data.len() as u32), first);
+        self.send(&out).await?;
+        for chunk in rest.chunks(MAX_MESSAGE - 1) {
+            out.clear();
+            encode::user_more(&mut out, dir, chunk);
+            self.send(&out).await?;
+        }
+        Ok(())
     }
 
     /// Sends one datagram with a few file descriptors attached, waiting for buffer space.
@@ -142,7 +164,7 @@ mod tests {
     #[tokio::test]
     async fn passes_fds_and_reports_truncation() {
         let (a, b) = UnixSeqpacket::pair().unwrap();
-        let (a, b) = (Channel { sock: a }, Channel { sock: b });
+        let (a, b) = (Channel { sock: a, user: Default::default() }, Channel { sock: b, user: Default::default() });
         let file = std::fs::File::open("/dev/null").unwrap();
         a.try_send_with_fds(b"\x01", &[file.as_fd(), file.as_fd()]).unwrap();
         let mut rx = Receiver::new();

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
 
@@ -17,7 +17,7 @@ use self::supervisor::Command;
 
 use crate::config::Config;
 use crate::ipc::Channel;
-use crate::ipc::message::{MAX_USER_MESSAGE, encode};
+use crate::ipc::message::{MAX_USER_MESSAGE, USER_TO_WORKER};
 use crate::log::log;
 pub use crate::worker::SendError;
 
@@ -172,9 +172,7 @@ impl Master {
         }
         let channel = self.registry.lock().unwrap().get(&id).cloned();
         let channel = channel.ok_or_else(|| SendError::NoPeer(format!("worker {id} is not running")))?;
-        let mut out = BytesMut::with_capacity(data.len() + 1);
-        encode::user(&mut out, &data);
-        Ok(channel.send(&out).await?)
+        Ok(channel.send_user(USER_TO_WORKER, 0, &data).await?)
     }
 
     /// Starts a rolling reload, as SIGHUP does: each worker is replaced by a new process of

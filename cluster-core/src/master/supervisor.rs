@@ -19,7 +19,7 @@ use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use socket2::Socket;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -30,7 +30,9 @@ use tokio::time::sleep_until;
 use super::dispatch::{self, Dispatch, Serial};
 use super::{Event, ExitInfo, Registry, WorkerState, WorkerStatus};
 use crate::config::Config;
-use crate::ipc::message::{Endpoint, ListenKey, PROTOCOL_VERSION, ProtocolError, ToMaster, encode};
+use crate::ipc::message::{
+    Endpoint, ListenKey, PROTOCOL_VERSION, ProtocolError, Reassembly, ToMaster, USER_TO_WORKER, encode,
+};
 use crate::ipc::{Channel, Receiver, RecvError};
 use crate::log::log;
 use crate::role::{CHANNEL_FD, ENV_CHANNEL_FD, ENV_UNIQUE_ID};
@@ -373,7 +375,8 @@ impl Supervisor {
             let status = child.wait().await;
             let _ = tx.send(Report::Exited { serial, status });
         });
-        tokio::spawn(read_loop(serial, channel.clone(), self.dispatch.clone(), self.reports_tx.clone()));
+        let relay = relay(id, self.registry.clone());
+        tokio::spawn(read_loop(serial, channel.clone(), self.dispatch.clone(), self.reports_tx.clone(), relay));
         let max_connections = self.cfg.max_connections.map(|n| {
             let jitter = self.cfg.max_connections_jitter;
             n + if jitter == 0 { 0 } else { self.jitter.hash_one(serial) % (jitter + 1) }
@@ -475,9 +478,14 @@ impl Supervisor {
                 log!("worker {id} (pid {pid}) is exiting: {reason}");
                 w.reason = Some(reason);
             }
-            ToMaster::User(data) => self.emit(Event::Message { id, pid, data }),
-            // Liveness is noted above; acknowledgements go to the dispatcher, not here.
-            ToMaster::Heartbeat | ToMaster::Accepted { .. } | ToMaster::Refused { .. } => {}
+            ToMaster::User { data, .. } => self.emit(Event::Message { id, pid, data }),
+            // Liveness is noted above; acknowledgements go to the dispatcher, fragments and
+            // messages for other workers are handled by the reader: none gets here.
+            ToMaster::Heartbeat
+            | ToMaster::Accepted { .. }
+            | ToMaster::Refused { .. }
+            | ToMaster::UserStart { .. }
+            | ToMaster::UserMore(_) => {}
         }
     }
 
@@ -1095,17 +1103,39 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
+/// Relays the user messages worker `from` sends to other workers, in order, without
+/// holding up the reading of its channel (acknowledgements).
+fn relay(from: u32, registry: Registry) -> mpsc::UnboundedSender<(u32, Bytes)> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(u32, Bytes)>();
+    tokio::spawn(async move {
+        while let Some((to, data)) = rx.recv().await {
+            let target = registry.lock().unwrap().get(&to).cloned();
+            let sent = match target {
+                Some(channel) => channel.send_user(USER_TO_WORKER, from, &data).await,
+                None => Err(io::Error::new(io::ErrorKind::NotFound, "not running")),
+            };
+            if let Err(e) = sent {
+                log!("message from worker {from} to worker {to} dropped: {e}");
+            }
+        }
+    });
+    tx
+}
+
 /// Reads one worker's channel. Acknowledgements and listener changes go straight to the
-/// dispatch table (data path); everything else goes to the supervisor. After a malformed
-/// message it keeps reading (datagram boundaries survive garbage) so that acknowledgements
-/// already sent are not lost, while the supervisor kills the worker.
+/// dispatch table (data path), user messages are reassembled (and relayed when they are for
+/// another worker); everything else goes to the supervisor. After a malformed message it
+/// keeps reading (datagram boundaries survive garbage) so that acknowledgements already sent
+/// are not lost, while the supervisor kills the worker.
 async fn read_loop(
     serial: Serial,
     channel: Arc<Channel>,
     dispatch: Arc<Dispatch>,
     reports: mpsc::UnboundedSender<Report>,
+    relay: mpsc::UnboundedSender<(u32, Bytes)>,
 ) {
     let mut rx = Receiver::new();
+    let mut fragments = Reassembly::default();
     let mut hello = false;
     let mut poisoned = false;
     loop {
@@ -1134,13 +1164,18 @@ async fn read_loop(
                 Err(ProtocolError::Version { peer: version })
             }
             Ok(msg) if !hello && !matches!(msg, ToMaster::Hello { .. }) => Err(ProtocolError::NotHello(msg.name())),
-            other => other,
+            Ok(ToMaster::UserStart { to, total, data }) => fragments.start(to, total, data).map(whole),
+            Ok(ToMaster::UserMore(data)) => fragments.more(data).map(whole),
+            Ok(msg) => Ok(Some(msg)),
+            Err(e) => Err(e),
         };
         match msg {
-            Ok(ToMaster::Accepted { ids }) => dispatch.accepted(serial, &ids),
-            Ok(ToMaster::Refused { ids }) => dispatch.refused(serial, &ids),
+            Ok(None) => {}
+            Ok(Some(ToMaster::Accepted { ids })) => dispatch.accepted(serial, &ids),
+            Ok(Some(ToMaster::Refused { ids })) => dispatch.refused(serial, &ids),
             Ok(_) if poisoned => {}
-            Ok(msg) => {
+            Ok(Some(ToMaster::User { to, data })) if to != 0 => drop(relay.send((to, data))),
+            Ok(Some(msg)) => {
                 hello = true;
                 match &msg {
                     ToMaster::Listening { key } => dispatch.listening(serial, *key),
@@ -1157,4 +1192,9 @@ async fn read_loop(
         }
     }
     let _ = reports.send(Report::Closed { serial });
+}
+
+/// A reassembled user message, as if it had come in one datagram.
+fn whole(message: Option<(u32, Bytes)>) -> Option<ToMaster> {
+    message.map(|(to, data)| ToMaster::User { to, data })
 }

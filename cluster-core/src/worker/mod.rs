@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::Config;
 use crate::ipc::message::{
-    self, Bound, ConnId, Endpoint, ListenKey, ListenResult, NewConn, PROTOCOL_VERSION, ToMaster, ToWorker,
+    self, Bound, ConnId, Endpoint, ListenKey, ListenResult, NewConn, PROTOCOL_VERSION, Reassembly, ToMaster, ToWorker,
 };
 use crate::ipc::{Channel, Receiver};
 use crate::sys;
@@ -35,7 +35,7 @@ pub(crate) struct Client {
     pub(crate) channel: Channel,
     state: Mutex<State>,
     shutdown: watch::Sender<bool>,
-    messages: tokio::sync::Mutex<mpsc::UnboundedReceiver<Bytes>>,
+    messages: tokio::sync::Mutex<mpsc::UnboundedReceiver<Message>>,
 }
 
 struct State {
@@ -44,7 +44,7 @@ struct State {
     listeners: HashMap<ListenKey, mpsc::UnboundedSender<NewConn>>,
     /// Port-0 binds per address so far: the n-th port-0 bind of every worker shares a port.
     port0: HashMap<Endpoint, u32>,
-    messages: mpsc::UnboundedSender<Bytes>,
+    messages: mpsc::UnboundedSender<Message>,
 }
 
 static CLIENT: OnceLock<Arc<Client>> = OnceLock::new();
@@ -230,9 +230,12 @@ impl Client {
                 }
             }
             ToWorker::Disconnect => self.begin_shutdown(),
-            ToWorker::User(data) => {
-                let _ = self.state.lock().unwrap().messages.send(data);
+            ToWorker::User { from, data } => {
+                let from = (from != 0).then_some(from);
+                let _ = self.state.lock().unwrap().messages.send(Message { from, data });
             }
+            // Reassembled by the reader before they get here.
+            ToWorker::UserStart { .. } | ToWorker::UserMore(_) => {}
         }
     }
 
@@ -250,6 +253,7 @@ impl Client {
 async fn read_loop(client: Arc<Client>) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut rx = Receiver::new();
+    let mut fragments = Reassembly::default();
     let (mut term, mut int) = (signal(SignalKind::terminate()).ok(), signal(SignalKind::interrupt()).ok());
     loop {
         let received = tokio::select! {
@@ -258,8 +262,13 @@ async fn read_loop(client: Arc<Client>) {
             Some(()) = recv_signal(&mut int) => { client.begin_shutdown(); continue }
         };
         match received {
-            Ok(Some((data, fds))) => match ToWorker::decode(data, fds) {
-                Ok(msg) => client.handle(msg),
+            Ok(Some((data, fds))) => match ToWorker::decode(data, fds).and_then(|msg| match msg {
+                ToWorker::UserStart { from, total, data } => fragments.start(from, total, data).map(whole),
+                ToWorker::UserMore(data) => fragments.more(data).map(whole),
+                msg => Ok(Some(msg)),
+            }) {
+                Ok(Some(msg)) => client.handle(msg),
+                Ok(None) => {}
                 Err(e) => {
                     // The master is trusted; garbage from it means a broken build. Do not guess.
                     eprintln!("cluster: worker {}: bad message from master: {e}; exiting", client.id);
@@ -280,6 +289,11 @@ async fn read_loop(client: Arc<Client>) {
             }
         }
     }
+}
+
+/// A reassembled user message, as if it had come in one datagram.
+fn whole(message: Option<(u32, Bytes)>) -> Option<ToWorker> {
+    message.map(|(from, data)| ToWorker::User { from, data })
 }
 
 async fn recv_signal(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
@@ -372,18 +386,41 @@ pub enum SendError {
     Io(#[from] io::Error),
 }
 
-/// Sends a message to the master (Node's `process.send`).
+/// A message for this worker.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Message {
+    /// Who sent it: `None` for the master, `Some(id)` for worker `id` (relayed by the master).
+    pub from: Option<u32>,
+    /// The payload, whole (large messages travel in fragments and are reassembled).
+    pub data: Bytes,
+}
+
+/// Sends a message to the master (Node's `process.send`). Messages up to
+/// [`MAX_USER_MESSAGE`](crate::MAX_USER_MESSAGE) bytes; those from one process arrive in order.
 pub async fn send(data: impl Into<Bytes>) -> Result<(), SendError> {
-    let data = data.into();
+    send_user(0, data.into()).await
+}
+
+/// Sends a message to worker `id`, relayed by the master. A message for a worker that is not
+/// running is dropped by the master (and logged there).
+pub async fn send_to(id: u32, data: impl Into<Bytes>) -> Result<(), SendError> {
+    if id == 0 {
+        return Err(SendError::NoPeer("worker ids start at 1".into()));
+    }
+    send_user(id, data.into()).await
+}
+
+async fn send_user(to: u32, data: Bytes) -> Result<(), SendError> {
     let client = client().ok_or_else(|| SendError::NoPeer("this process is not a cluster worker".into()))?;
     if data.len() > message::MAX_USER_MESSAGE {
         return Err(SendError::TooLarge(data.len()));
     }
-    Ok(client.send(&ToMaster::User(data)).await?)
+    Ok(client.channel.send_user(message::USER_TO_MASTER, to, &data).await?)
 }
 
-/// Receives the next message from the master (Node's `process.on('message')`); `None` outside
-/// a worker or once the master is gone.
-pub async fn recv() -> Option<Bytes> {
+/// Receives the next message from the master or another worker (Node's
+/// `process.on('message')`); `None` outside a worker or once the master is gone.
+pub async fn recv() -> Option<Message> {
     client()?.messages.lock().await.recv().await
 }
