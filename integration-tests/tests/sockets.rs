@@ -32,6 +32,13 @@ fn udp_echo_is_served_by_every_worker() {
         answered_by.insert(id.to_owned());
     }
     assert_eq!(answered_by.len(), 2, "both workers answer some datagrams: {answered_by:?}");
+
+    // A reload sees the new workers ready once they hold the shared socket.
+    server.signal(libc::SIGHUP);
+    server.wait_stderr("reload complete", Duration::from_secs(10));
+    client.send_to(b"after reload", addr).expect("send");
+    let (n, _) = client.recv_from(&mut buf).expect("answered after the reload");
+    assert!(buf[..n].ends_with(b":after reload"));
 }
 
 fn socket_path(name: &str) -> PathBuf {

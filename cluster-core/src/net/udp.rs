@@ -28,7 +28,10 @@ impl UdpSocket {
                     let fd = bound.fd.ok_or_else(|| io::Error::other("the master sent no socket for a UDP bind"))?;
                     let socket = std::net::UdpSocket::from(fd);
                     socket.set_nonblocking(true)?;
-                    return tokio::net::UdpSocket::from_std(socket);
+                    let socket = tokio::net::UdpSocket::from_std(socket)?;
+                    // Counts toward readiness (a reload waits for the new worker's sockets).
+                    client.send_listening(bound.key).await?;
+                    return Ok(socket);
                 }
                 Err(e) => last = Some(e),
             }

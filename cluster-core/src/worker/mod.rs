@@ -186,8 +186,13 @@ impl Client {
             }
             state.listeners.insert(key, tx);
         }
-        self.send(&ToMaster::Listening { key }).await?;
+        self.send_listening(key).await?;
         Ok((key, addr, queue))
+    }
+
+    /// Tells the master this worker now uses socket `key` (it is part of being ready).
+    pub(crate) async fn send_listening(&self, key: ListenKey) -> io::Result<()> {
+        self.send(&ToMaster::Listening { key }).await
     }
 
     /// A listener was dropped: tell the master, and hand back what it had not accepted.
