@@ -1,5 +1,12 @@
 //! Code shared by the example programs.
 
+/// `HOST:PORT` from the environment (defaults 127.0.0.1 and 8080): where every example listens.
+pub fn listen_addr() -> String {
+    let host = std::env::var("HOST").unwrap_or_else(|_| "127.0.0.1".into());
+    let port = std::env::var("PORT").unwrap_or_else(|_| "8080".into());
+    format!("{host}:{port}")
+}
+
 /// The benchmark responder, shared by `bench-server` (clustered) and `plain-reuseport` (no
 /// framework) so both run the identical handler.
 pub mod bench {

@@ -825,12 +825,12 @@ impl Supervisor {
         }
         let mut over = Vec::new();
         for (id, slot) in &self.slots {
-            let Some(w) = slot.current.and_then(|s| self.workers.get(&s)) else { continue };
+            let Some((serial, w)) = slot.current.and_then(|s| Some((s, self.workers.get(&s)?))) else { continue };
             if slot.incoming.is_some() || slot.retry_at.is_some_and(|t| t > now) || w.state != WorkerState::Ready {
                 continue;
             }
             if let Some(max) = w.max_connections {
-                let served = self.dispatch.handled(slot.current.unwrap_or_default());
+                let served = self.dispatch.handled(serial);
                 if served >= max {
                     over.push((*id, format!("served {served} connections (limit {max})")));
                     continue;

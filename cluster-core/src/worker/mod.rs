@@ -146,20 +146,19 @@ impl Client {
     /// Asks the master to bind `endpoint` (or find its socket already bound).
     pub(crate) async fn bind(self: &Arc<Self>, endpoint: Endpoint) -> io::Result<Bound> {
         let (tx, rx) = oneshot::channel();
-        let req = {
+        let (req, index) = {
             let mut state = self.state.lock().unwrap();
             let req = state.next_req;
             state.next_req = state.next_req.wrapping_add(1);
             state.replies.insert(req, tx);
-            req
-        };
-        let index = if endpoint.is_port_zero() {
-            let mut state = self.state.lock().unwrap();
-            let n = state.port0.entry(endpoint.clone()).or_default();
-            *n += 1;
-            *n - 1
-        } else {
-            0
+            let index = if endpoint.is_port_zero() {
+                let n = state.port0.entry(endpoint.clone()).or_default();
+                *n += 1;
+                *n - 1
+            } else {
+                0
+            };
+            (req, index)
         };
         self.send(&ToMaster::Listen { req, endpoint, index }).await?;
         rx.await

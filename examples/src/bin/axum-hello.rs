@@ -6,9 +6,7 @@ use axum::routing::get;
 
 #[cluster::main]
 async fn main() -> std::io::Result<()> {
-    let host = std::env::var("HOST").unwrap_or_else(|_| "127.0.0.1".into());
-    let port = std::env::var("PORT").unwrap_or_else(|_| "8080".into());
-    let listener = cluster::net::TcpListener::bind(format!("{host}:{port}")).await?;
+    let listener = cluster::net::TcpListener::bind(examples::listen_addr()).await?;
     let id = cluster::worker::id().unwrap_or(0);
     println!("worker {id} listening on http://{}", listener.local_addr()?);
     let app = Router::new()

@@ -7,9 +7,7 @@ use examples::bench::serve;
 
 #[cluster::main]
 async fn main() -> std::io::Result<()> {
-    let host = std::env::var("HOST").unwrap_or_else(|_| "127.0.0.1".into());
-    let port = std::env::var("PORT").unwrap_or_else(|_| "8080".into());
-    let mut listener = cluster::net::TcpListener::bind(format!("{host}:{port}")).await?;
+    let mut listener = cluster::net::TcpListener::bind(examples::listen_addr()).await?;
     println!("worker {} listening on http://{}", cluster::worker::id().unwrap_or(0), listener.local_addr()?);
     loop {
         tokio::select! {

@@ -20,9 +20,7 @@ use hyper_util::rt::TokioIo;
 #[cluster::main]
 async fn main() -> std::io::Result<()> {
     crash_on_start_if_asked();
-    let host = std::env::var("HOST").unwrap_or_else(|_| "127.0.0.1".into());
-    let port = std::env::var("PORT").unwrap_or_else(|_| "8080".into());
-    let mut listener = cluster::net::TcpListener::bind(format!("{host}:{port}")).await?;
+    let mut listener = cluster::net::TcpListener::bind(examples::listen_addr()).await?;
     let id = cluster::worker::id().unwrap_or(0);
     println!("worker {id} (pid {}) listening on http://{}", std::process::id(), listener.local_addr()?);
 

@@ -6,9 +6,7 @@
 use std::net::SocketAddr;
 
 fn main() -> std::io::Result<()> {
-    let host = std::env::var("HOST").unwrap_or_else(|_| "127.0.0.1".into());
-    let port = std::env::var("PORT").unwrap_or_else(|_| "8080".into());
-    let addr: SocketAddr = format!("{host}:{port}").parse().map_err(std::io::Error::other)?;
+    let addr: SocketAddr = examples::listen_addr().parse().map_err(std::io::Error::other)?;
     if std::env::var_os("PLAIN_CHILD").is_none() {
         let n: usize = std::env::var("WORKERS").ok().and_then(|n| n.parse().ok()).unwrap_or(2);
         let exe = std::env::current_exe()?;

@@ -3,9 +3,7 @@
 
 #[cluster::main]
 async fn main() -> std::io::Result<()> {
-    let host = std::env::var("HOST").unwrap_or_else(|_| "127.0.0.1".into());
-    let port = std::env::var("PORT").unwrap_or_else(|_| "8080".into());
-    let socket = cluster::net::UdpSocket::bind(format!("{host}:{port}")).await?;
+    let socket = cluster::net::UdpSocket::bind(examples::listen_addr()).await?;
     let id = cluster::worker::id().unwrap_or(0);
     println!("worker {id} (pid {}) listening on udp://{}", std::process::id(), socket.local_addr()?);
     let mut buf = vec![0u8; 65536];
