@@ -32,6 +32,8 @@ pub(crate) struct Config {
     pub(crate) max_connections: Option<u64>,
     pub(crate) max_connections_jitter: u64,
     pub(crate) reload_concurrency: usize,
+    /// An agent process runs beside the workers.
+    pub(crate) agent: bool,
 }
 
 impl Config {
@@ -108,6 +110,7 @@ impl Default for Config {
             max_connections: None,
             max_connections_jitter: 0,
             reload_concurrency: 1,
+            agent: false,
         }
     }
 }
@@ -119,7 +122,7 @@ pub struct Cluster;
 impl Cluster {
     /// A builder with the defaults.
     pub fn builder() -> Builder {
-        Builder { cfg: Config::default(), master: None }
+        Builder { cfg: Config::default(), master: None, agent: None }
     }
 }
 
@@ -127,7 +130,11 @@ impl Cluster {
 pub struct Builder {
     cfg: Config,
     master: Option<MasterHook>,
+    agent: Option<AgentMain>,
 }
+
+/// The agent's code.
+type AgentMain = Box<dyn FnOnce() -> std::pin::Pin<Box<dyn Future<Output = ()>>>>;
 
 impl Default for Builder {
     fn default() -> Self {
@@ -137,7 +144,11 @@ impl Default for Builder {
 
 impl std::fmt::Debug for Builder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Builder").field("cfg", &self.cfg).field("master", &self.master.is_some()).finish()
+        f.debug_struct("Builder")
+            .field("cfg", &self.cfg)
+            .field("master", &self.master.is_some())
+            .field("agent", &self.agent.is_some())
+            .finish()
     }
 }
 
@@ -254,13 +265,37 @@ impl Builder {
         self
     }
 
+    /// Runs an **agent** beside the workers (Egg.js's agent): one extra process of this binary
+    /// that runs `agent` instead of the application. It gets no connections; it is for
+    /// singleton work (schedules, one long-lived connection to an outside service) and talks
+    /// to the workers with messages ([`worker::send_to`](crate::worker::send_to),
+    /// [`worker::broadcast`](crate::worker::broadcast), [`worker::recv`](crate::worker::recv),
+    /// which work in the agent too; workers reach it with
+    /// [`worker::send_to_agent`](crate::worker::send_to_agent)). The master supervises it
+    /// like a worker: heartbeats, restart with backoff when it crashes, and a graceful stop
+    /// ([`worker::shutdown`](crate::worker::shutdown) resolves). A reload stops it, then
+    /// starts the new build: there is never more than one agent at a time.
+    ///
+    /// The agent runs on a single-threaded runtime; when `agent` returns, its process exits
+    /// (and is restarted unless the cluster is stopping). With `CLUSTER_WORKERS=0` (no master)
+    /// there is no agent.
+    pub fn agent<F, Fut>(mut self, agent: F) -> Self
+    where
+        F: FnOnce() -> Fut + 'static,
+        Fut: Future<Output = ()> + 'static,
+    {
+        self.agent = Some(Box::new(move || Box::pin(agent())));
+        self.cfg.agent = true;
+        self
+    }
+
     /// Runs the cluster. `body` is the application: it runs in every worker (and, with
     /// `CLUSTER_WORKERS=0`, in this process). In the master it is never polled: the master
     /// supervises until it is stopped, then exits the process.
     ///
     /// Call it from a plain `fn main`, before any other thread starts.
     pub fn run<F: Future>(mut self, body: F) -> F::Output {
-        let start = match self.cfg.apply_env().and_then(|()| role::detect(self.cfg.workers)) {
+        let start = match self.cfg.apply_env().and_then(|()| role::detect(self.cfg.workers, self.agent.is_some())) {
             Ok(start) => start,
             Err(e) => {
                 eprintln!("cluster: {e}");
@@ -272,6 +307,21 @@ impl Builder {
                 let _ = ROLE.set(Role::Master);
                 let cfg = Config { workers, ..self.cfg };
                 std::process::exit(master::run(cfg, self.master));
+            }
+            Start::Agent { channel } => {
+                let _ = ROLE.set(Role::Agent);
+                let agent = self.agent.expect("role::detect checks that there is an agent");
+                runtime(None).block_on(async move {
+                    if let Err(e) = worker::start(crate::ipc::message::AGENT, channel, &self.cfg).await {
+                        eprintln!("cluster: agent: cannot reach the master: {e}");
+                        std::process::exit(2);
+                    }
+                    agent().await;
+                    if worker::is_shutting_down() {
+                        drain_tasks(self.cfg.kill_timeout).await;
+                    }
+                });
+                std::process::exit(0);
             }
             Start::Standalone => {
                 let _ = ROLE.set(Role::Standalone);

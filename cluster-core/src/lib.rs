@@ -25,14 +25,16 @@
 //! }
 //! ```
 //!
-//! Layout: [`net`] (role-transparent listeners), [`worker`] (the worker's API), [`master`]
-//! (events and messages for code in the master), [`Cluster`] (the builder behind the macro).
+//! Layout: [`net`] (role-transparent listeners), [`worker`] (the worker's and the agent's API),
+//! [`master`] (events and control for code in the master), [`messaging`] (messages between
+//! processes), [`Cluster`] (the builder behind the macro).
 #![warn(missing_docs)]
 
 mod config;
 mod ipc;
 mod log;
 pub mod master;
+pub mod messaging;
 pub mod net;
 mod role;
 mod sys;
@@ -43,6 +45,7 @@ pub use config::{Builder, Cluster, role};
 pub use ipc::message::MAX_USER_MESSAGE;
 pub use ipc::{ProtocolError, RecvError};
 pub use master::Master;
+pub use messaging::Peer;
 pub use net::is_closed;
 pub use role::{ENV_CHANNEL_FD, ENV_UNIQUE_ID, ENV_WORKERS, Role, StartError};
 pub use sys::ChannelFdError;

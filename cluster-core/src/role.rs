@@ -8,8 +8,10 @@ use std::os::fd::{OwnedFd, RawFd};
 
 use crate::sys::{self, ChannelFdError};
 
-/// Set by the master in each worker: the worker id (1..=N).
+/// Set by the master in each worker: the worker id (1..=N), or `agent` in the agent process.
 pub const ENV_UNIQUE_ID: &str = "CLUSTER_UNIQUE_ID";
+/// The value of [`ENV_UNIQUE_ID`] in the agent process.
+pub(crate) const AGENT_UNIQUE_ID: &str = "agent";
 /// Set by the master in each worker: the fd number of the IPC channel.
 pub const ENV_CHANNEL_FD: &str = "CLUSTER_CHANNEL_FD";
 /// Number of workers; overrides the code's setting. `0` runs one process with no master.
@@ -50,6 +52,9 @@ pub enum Role {
         /// The worker id.
         id: u32,
     },
+    /// Runs the agent: singleton work, no connections (see
+    /// [`Builder::agent`](crate::Builder::agent)).
+    Agent,
     /// No cluster: the application runs in this one process (`CLUSTER_WORKERS=0`).
     Standalone,
 }
@@ -58,15 +63,19 @@ pub enum Role {
 pub(crate) enum Start {
     Master { workers: usize },
     Worker { id: u32, channel: OwnedFd },
+    Agent { channel: OwnedFd },
     Standalone,
 }
 
 /// The environment does not describe a valid process of a cluster.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// `CLUSTER_UNIQUE_ID` is not a positive integer.
-    #[error("{ENV_UNIQUE_ID}={0:?} is not a worker id (a positive integer)")]
+    /// `CLUSTER_UNIQUE_ID` is neither a positive integer nor `agent`.
+    #[error("{ENV_UNIQUE_ID}={0:?} is not a worker id (a positive integer) or `agent`")]
     BadId(String),
+    /// Started as the agent, but this program has no agent.
+    #[error("{ENV_UNIQUE_ID}=agent, but this program defines no agent (Builder::agent / `agent = path`)")]
+    NoAgent,
     /// A worker without `CLUSTER_CHANNEL_FD`.
     #[error(
         "{ENV_UNIQUE_ID} is set but {ENV_CHANNEL_FD} is missing: workers are started by the cluster master, not by hand"
@@ -92,17 +101,24 @@ pub enum StartError {
 }
 
 /// Reads the environment once, at start-up, while the process is single-threaded.
-pub(crate) fn detect(default_workers: usize) -> Result<Start, StartError> {
+pub(crate) fn detect(default_workers: usize, has_agent: bool) -> Result<Start, StartError> {
     if let Some(id) = std::env::var_os(ENV_UNIQUE_ID) {
         let id = id.to_string_lossy().into_owned();
-        let parsed = id.parse::<u32>().ok().filter(|id| *id > 0).ok_or(StartError::BadId(id))?;
+        let parsed = match id.as_str() {
+            AGENT_UNIQUE_ID if !has_agent => return Err(StartError::NoAgent),
+            AGENT_UNIQUE_ID => None,
+            _ => Some(id.parse::<u32>().ok().filter(|id| (1..u32::MAX - 1).contains(id)).ok_or(StartError::BadId(id))?),
+        };
         let fd = std::env::var_os(ENV_CHANNEL_FD).ok_or(StartError::MissingChannel)?;
         let fd = fd.to_string_lossy().into_owned();
         let raw = fd.parse::<RawFd>().ok().filter(|fd| *fd >= 0).ok_or(StartError::BadChannelNumber(fd))?;
         let channel = sys::adopt_channel_fd(raw)?;
         sys::remove_env(ENV_UNIQUE_ID);
         sys::remove_env(ENV_CHANNEL_FD);
-        return Ok(Start::Worker { id: parsed, channel });
+        return Ok(match parsed {
+            Some(id) => Start::Worker { id, channel },
+            None => Start::Agent { channel },
+        });
     }
     let workers = match std::env::var_os(ENV_WORKERS) {
         Some(n) => {

@@ -11,7 +11,7 @@ use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
 use syn::{Expr, ExprLit, ItemFn, Lit, MetaNameValue, Token};
 
-const KEYS: &str = "`workers`, `worker_threads`, `kill_timeout_ms`, `exit_on_panic`, `master`, `crate`";
+const KEYS: &str = "`workers`, `worker_threads`, `kill_timeout_ms`, `exit_on_panic`, `master`, `agent`, `crate`";
 
 /// Runs `async fn main` as a cluster: the body runs in every worker; the master supervises.
 ///
@@ -32,6 +32,8 @@ const KEYS: &str = "`workers`, `worker_threads`, `kill_timeout_ms`, `exit_on_pan
 /// - `exit_on_panic = bool`: whether a panic ends the worker (default `true`).
 /// - `master = path`: an `async fn(cluster::Master)` to run in the master, for worker events
 ///   and messages.
+/// - `agent = path`: an `async fn()` to run in the agent process, a supervised singleton
+///   beside the workers that gets no connections (see `cluster::Builder::agent`).
 /// - `crate = "path"`: where the `cluster` crate is, if renamed.
 #[proc_macro_attribute]
 pub fn main(args: TokenStream, item: TokenStream) -> TokenStream {
@@ -64,6 +66,7 @@ struct Config {
     kill_timeout_ms: Option<Expr>,
     exit_on_panic: Option<Expr>,
     master: Option<syn::Path>,
+    agent: Option<syn::Path>,
     krate: Option<syn::Path>,
 }
 
@@ -86,6 +89,7 @@ impl Config {
                 }
                 "exit_on_panic" => set(&mut config.exit_on_panic, boolean(&arg.value)?, span, &name)?,
                 "master" => set(&mut config.master, path(&arg.value, "master")?, span, &name)?,
+                "agent" => set(&mut config.agent, path(&arg.value, "agent")?, span, &name)?,
                 "crate" => set(&mut config.krate, crate_path(&arg.value)?, span, &name)?,
                 _ => {
                     return Err(syn::Error::new(span, format!("unknown argument `{name}`; expected one of {KEYS}")));
@@ -181,6 +185,9 @@ fn expand(func: ItemFn, config: Config) -> TokenStream {
     }
     if let Some(master) = config.master {
         builder = quote_spanned!(master.span()=> #builder.master(#master));
+    }
+    if let Some(agent) = config.agent {
+        builder = quote_spanned!(agent.span()=> #builder.agent(#agent));
     }
     let body_span = block.span();
     let body = quote_spanned!(body_span=> #builder.run(async move #block));

@@ -411,6 +411,8 @@ pub struct Response {
     pub status: u16,
     /// Body as text.
     pub body: String,
+    /// The `x-worker` header: which worker answered, for examples that say.
+    pub worker: Option<u32>,
 }
 
 /// `GET path` over a new connection with a real HTTP/1.1 client (hyper), `connection: close`.
@@ -439,8 +441,9 @@ async fn request(addr: SocketAddr, path: &str) -> Result<Response, String> {
         .map_err(|e| e.to_string())?;
     let res = sender.send_request(req).await.map_err(|e| format!("request: {e}"))?;
     let status = res.status().as_u16();
+    let worker = res.headers().get("x-worker").and_then(|v| v.to_str().ok()?.parse().ok());
     let body = res.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
-    Ok(Response { status, body: String::from_utf8_lossy(&body).into_owned() })
+    Ok(Response { status, body: String::from_utf8_lossy(&body).into_owned(), worker })
 }
 
 fn runtime() -> &'static tokio::runtime::Runtime {

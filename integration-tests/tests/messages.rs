@@ -26,6 +26,14 @@ fn messages_round_trip_in_order_whole_and_unconfused() {
         "crafted payload from worker 2 delivered as a user message",
         "worker 1 got the crafted payload from master as a user message",
         "worker 2 got the crafted payload from master as a user message",
+        "worker 1 send to worker 99: error: no such peer: worker 99 is not running",
+        "worker 2 send to worker 99: error: no such peer: worker 99 is not running",
+        "master asked worker 1, answer: 1",
+        "worker 2 asked the master, answer: Ok(\"pong\")",
+        "worker 1 asked worker 2, answer: Ok(\"42\")",
+        "worker 2 unanswered request: no reply within 200ms",
+        "master got a typed message from worker 1: Load { worker: 1, queue: [1, 2, 3], note: Some(\"ok\") }",
+        "master got a typed message from worker 2: Load { worker: 2, queue: [1, 2, 3], note: Some(\"ok\") }",
     ];
     wait_for(Duration::from_secs(30), "every message", || {
         let out = server.stdout();

@@ -15,7 +15,7 @@ use std::os::fd::OwnedFd;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// Version of this protocol; sent by a worker in its first message.
-pub(crate) const PROTOCOL_VERSION: u16 = 1;
+pub(crate) const PROTOCOL_VERSION: u16 = 2;
 
 /// Largest datagram either side sends or accepts.
 pub(crate) const MAX_MESSAGE: usize = 64 * 1024;
@@ -159,10 +159,12 @@ pub(crate) enum ToMaster {
     Refused { ids: Vec<ConnId> },
     /// The worker is about to exit (sent from the panic hook).
     Exiting { reason: String },
-    /// Application payload, for the master (`to` = 0) or for worker `to` (relayed).
-    User { to: u32, data: Bytes },
+    /// Application payload for the master (`to` = 0), or for another process (relayed):
+    /// worker `to`, the agent ([`AGENT`]) or every worker ([`ALL_WORKERS`]). `call` is 0, a
+    /// request id, or a request id with [`REPLY`] set (see [`Call`]).
+    User { to: u32, call: u32, data: Bytes },
     /// First fragment of a user message of `total` bytes.
-    UserStart { to: u32, total: u32, data: Bytes },
+    UserStart { to: u32, call: u32, total: u32, data: Bytes },
     /// Next fragment of the user message being sent.
     UserMore(Bytes),
     /// Proof of life, sent periodically from inside the worker's runtime.
@@ -193,13 +195,24 @@ pub(crate) enum ToWorker {
     NewConn { key: ListenKey, conns: Vec<NewConn> },
     /// Stop accepting, finish open connections, exit.
     Disconnect,
-    /// Application payload from the master (`from` = 0) or relayed from worker `from`.
-    User { from: u32, data: Bytes },
+    /// Application payload from the master (`from` = 0) or relayed from another process
+    /// (worker `from`, or the agent). `call` as in [`ToMaster::User`].
+    User { from: u32, call: u32, data: Bytes },
     /// First fragment of a user message of `total` bytes.
-    UserStart { from: u32, total: u32, data: Bytes },
+    UserStart { from: u32, call: u32, total: u32, data: Bytes },
     /// Next fragment of the user message being received.
     UserMore(Bytes),
+    /// The fate of the oldest message this process sent to another process and that the
+    /// master has not reported on yet: handed to the recipient, or not (it is not running).
+    Relayed { delivered: bool },
 }
+
+/// Wire address of the agent process in user messages.
+pub(crate) const AGENT: u32 = u32::MAX;
+/// Wire address meaning "every worker but the sender".
+pub(crate) const ALL_WORKERS: u32 = u32::MAX - 1;
+/// Bit of `call` that marks a reply (the rest is the request id).
+pub(crate) const REPLY: u32 = 1 << 31;
 
 /// One connection of a [`ToWorker::NewConn`] message.
 #[derive(Debug)]
@@ -230,6 +243,7 @@ mod tag {
     pub(super) const USER_TO_WORKER: u8 = 0x84;
     pub(super) const USER_START_TO_WORKER: u8 = 0x85;
     pub(super) const USER_MORE_TO_WORKER: u8 = 0x86;
+    pub(super) const RELAYED: u8 = 0x87;
 }
 
 impl ToMaster {
@@ -284,8 +298,8 @@ impl ToMaster {
                 }
                 out.put_slice(&reason.as_bytes()[..end]);
             }
-            Self::User { to, data } => user(out, USER_TO_MASTER, *to, None, data),
-            Self::UserStart { to, total, data } => user(out, USER_TO_MASTER, *to, Some(*total), data),
+            Self::User { to, call, data } => user(out, USER_TO_MASTER, *to, *call, None, data),
+            Self::UserStart { to, call, total, data } => user(out, USER_TO_MASTER, *to, *call, Some(*total), data),
             Self::UserMore(data) => {
                 out.put_u8(tag::USER_MORE_TO_MASTER);
                 out.put_slice(data);
@@ -334,11 +348,11 @@ impl ToMaster {
             }
             tag::USER_TO_MASTER => {
                 r.message = "user";
-                Self::User { to: r.u32()?, data: r.rest() }
+                Self::User { to: r.u32()?, call: r.u32()?, data: r.rest() }
             }
             tag::USER_START_TO_MASTER => {
                 r.message = "user start";
-                Self::UserStart { to: r.u32()?, total: r.u32()?, data: r.rest() }
+                Self::UserStart { to: r.u32()?, call: r.u32()?, total: r.u32()?, data: r.rest() }
             }
             tag::USER_MORE_TO_MASTER => {
                 r.message = "user more";
@@ -370,6 +384,7 @@ impl ToWorker {
             Self::User { .. } => "user",
             Self::UserStart { .. } => "user start",
             Self::UserMore(_) => "user more",
+            Self::Relayed { .. } => "relayed",
         }
     }
 
@@ -420,15 +435,19 @@ impl ToWorker {
             }
             tag::USER_TO_WORKER => {
                 r.message = "user";
-                Self::User { from: r.u32()?, data: r.rest() }
+                Self::User { from: r.u32()?, call: r.u32()?, data: r.rest() }
             }
             tag::USER_START_TO_WORKER => {
                 r.message = "user start";
-                Self::UserStart { from: r.u32()?, total: r.u32()?, data: r.rest() }
+                Self::UserStart { from: r.u32()?, call: r.u32()?, total: r.u32()?, data: r.rest() }
             }
             tag::USER_MORE_TO_WORKER => {
                 r.message = "user more";
                 Self::UserMore(r.rest())
+            }
+            tag::RELAYED => {
+                r.message = "relayed";
+                Self::Relayed { delivered: r.u8()? != 0 }
             }
             other => return Err(ProtocolError::UnknownTag(other)),
         };
@@ -485,8 +504,13 @@ pub(crate) mod encode {
     }
 
     /// A whole user message, or the first fragment of one of `total` bytes.
-    pub(crate) fn user(out: &mut BytesMut, dir: UserTags, peer: u32, total: Option<u32>, data: &[u8]) {
-        super::user(out, dir, peer, total, data)
+    pub(crate) fn user(out: &mut BytesMut, dir: UserTags, peer: u32, call: u32, total: Option<u32>, data: &[u8]) {
+        super::user(out, dir, peer, call, total, data)
+    }
+
+    pub(crate) fn relayed(out: &mut BytesMut, delivered: bool) {
+        out.put_u8(tag::RELAYED);
+        out.put_u8(delivered.into());
     }
 
     /// A continuation fragment.
@@ -518,12 +542,13 @@ pub(crate) const USER_TO_MASTER: UserTags =
 pub(crate) const USER_TO_WORKER: UserTags =
     UserTags { single: tag::USER_TO_WORKER, start: tag::USER_START_TO_WORKER, more: tag::USER_MORE_TO_WORKER };
 
-/// Bytes a user message's header takes in the first datagram (tag, peer, total).
-pub(crate) const USER_HEADER: usize = 9;
+/// Bytes a user message's header takes in the first datagram (tag, peer, call, total).
+pub(crate) const USER_HEADER: usize = 13;
 
-fn user(out: &mut BytesMut, dir: UserTags, peer: u32, total: Option<u32>, data: &[u8]) {
+fn user(out: &mut BytesMut, dir: UserTags, peer: u32, call: u32, total: Option<u32>, data: &[u8]) {
     out.put_u8(if total.is_some() { dir.start } else { dir.single });
     out.put_u32(peer);
+    out.put_u32(call);
     if let Some(total) = total {
         out.put_u32(total);
     }
@@ -533,27 +558,35 @@ fn user(out: &mut BytesMut, dir: UserTags, peer: u32, total: Option<u32>, data: 
 /// Rebuilds fragmented user messages on the receiving side of one channel.
 #[derive(Default)]
 pub(crate) struct Reassembly {
-    partial: Option<(u32, usize, BytesMut)>,
+    partial: Option<(Whole, usize, BytesMut)>,
 }
 
+/// A reassembled user message: (peer, call, payload).
+pub(crate) type Whole = (u32, u32, Bytes);
+
 impl Reassembly {
-    /// A first fragment; returns (peer, message) when it is already whole.
-    pub(crate) fn start(&mut self, peer: u32, total: u32, data: Bytes) -> Result<Option<(u32, Bytes)>, ProtocolError> {
-        if self.partial.is_some() {
-            return Err(ProtocolError::Fragment("a new message started before the previous one ended"));
-        }
+    /// A first fragment; returns the message when it is already whole.
+    pub(crate) fn start(
+        &mut self,
+        peer: u32,
+        call: u32,
+        total: u32,
+        data: Bytes,
+    ) -> Result<Option<Whole>, ProtocolError> {
+        // A start while a message is incomplete means its sender was cancelled between two
+        // fragments (sends of one channel never interleave): that message was never sent.
         let total = total as usize;
         if total > MAX_USER_MESSAGE {
             return Err(ProtocolError::Fragment("announced message larger than the limit"));
         }
         let mut buf = BytesMut::with_capacity(total);
         buf.extend_from_slice(&data);
-        self.partial = Some((peer, total, buf));
+        self.partial = Some(((peer, call, Bytes::new()), total, buf));
         self.check()
     }
 
-    /// A continuation fragment; returns (peer, message) once it is whole.
-    pub(crate) fn more(&mut self, data: Bytes) -> Result<Option<(u32, Bytes)>, ProtocolError> {
+    /// A continuation fragment; returns the message once it is whole.
+    pub(crate) fn more(&mut self, data: Bytes) -> Result<Option<Whole>, ProtocolError> {
         let Some((_, _, buf)) = &mut self.partial else {
             return Err(ProtocolError::Fragment("continuation without a start"));
         };
@@ -561,7 +594,7 @@ impl Reassembly {
         self.check()
     }
 
-    fn check(&mut self) -> Result<Option<(u32, Bytes)>, ProtocolError> {
+    fn check(&mut self) -> Result<Option<Whole>, ProtocolError> {
         let Some((_, total, buf)) = &self.partial else { return Ok(None) };
         if buf.len() > *total {
             self.partial = None;
@@ -570,8 +603,8 @@ impl Reassembly {
         if buf.len() < *total {
             return Ok(None);
         }
-        let (peer, _, buf) = self.partial.take().expect("partial");
-        Ok(Some((peer, buf.freeze())))
+        let ((peer, call, _), _, buf) = self.partial.take().expect("partial");
+        Ok(Some((peer, call, buf.freeze())))
     }
 }
 
@@ -764,9 +797,10 @@ mod tests {
             Ok(ToMaster::Accepted { ids: vec![77] })
         );
         round_trip(ToMaster::Exiting { reason: "panicked at 'boom'".into() });
-        round_trip(ToMaster::User { to: 0, data: Bytes::from_static(b"\x02looks like listen") });
-        round_trip(ToMaster::User { to: 3, data: Bytes::new() });
-        round_trip(ToMaster::UserStart { to: 2, total: 100_000, data: Bytes::from_static(b"abc") });
+        round_trip(ToMaster::User { to: 0, call: 0, data: Bytes::from_static(b"\x02looks like listen") });
+        round_trip(ToMaster::User { to: 3, call: 7 | REPLY, data: Bytes::new() });
+        round_trip(ToMaster::User { to: AGENT, call: 9, data: Bytes::from_static(b"x") });
+        round_trip(ToMaster::UserStart { to: 2, call: 1, total: 100_000, data: Bytes::from_static(b"abc") });
         round_trip(ToMaster::UserMore(Bytes::from_static(b"def")));
         round_trip(ToMaster::Heartbeat);
         round_trip(ToMaster::Ready);
@@ -821,15 +855,17 @@ mod tests {
     #[test]
     fn fragments_reassemble_and_bad_sequences_are_errors() {
         let mut r = Reassembly::default();
-        assert_eq!(r.start(2, 6, Bytes::from_static(b"abc")), Ok(None));
-        assert_eq!(r.more(Bytes::from_static(b"def")), Ok(Some((2, Bytes::from_static(b"abcdef")))));
+        assert_eq!(r.start(2, 5, 6, Bytes::from_static(b"abc")), Ok(None));
+        assert_eq!(r.more(Bytes::from_static(b"def")), Ok(Some((2, 5, Bytes::from_static(b"abcdef")))));
         assert!(r.more(Bytes::from_static(b"x")).is_err(), "continuation without a start");
-        assert_eq!(r.start(1, 2, Bytes::from_static(b"a")), Ok(None));
-        assert!(r.start(1, 2, Bytes::from_static(b"a")).is_err(), "interleaved start");
+        assert_eq!(r.start(1, 0, 2, Bytes::from_static(b"a")), Ok(None));
+        // An abandoned message (cancelled sender) is dropped whole, never glued to the next.
+        assert_eq!(r.start(3, 0, 2, Bytes::from_static(b"x")), Ok(None));
+        assert_eq!(r.more(Bytes::from_static(b"y")), Ok(Some((3, 0, Bytes::from_static(b"xy")))));
         let mut r = Reassembly::default();
-        assert_eq!(r.start(1, 2, Bytes::from_static(b"a")), Ok(None));
+        assert_eq!(r.start(1, 0, 2, Bytes::from_static(b"a")), Ok(None));
         assert!(r.more(Bytes::from_static(b"bc")).is_err(), "overlong");
-        assert!(Reassembly::default().start(1, u32::MAX, Bytes::new()).is_err(), "over the limit");
+        assert!(Reassembly::default().start(1, 0, u32::MAX, Bytes::new()).is_err(), "over the limit");
     }
 
     #[test]

@@ -64,16 +64,26 @@ impl Channel {
     }
 
     /// Sends a user message (at most [`MAX_USER_MESSAGE`](message::MAX_USER_MESSAGE) bytes;
-    /// the caller checks) for/from `peer`: one datagram if it fits, else fragments.
-    pub(crate) async fn send_user(&self, dir: UserTags, peer: u32, data: &[u8]) -> io::Result<()> {
+    /// the caller checks) for/from `peer`: one datagram if it fits, else fragments. `queued`
+    /// runs once this message's turn has come, before its first datagram, so callers can
+    /// record their messages in sending order.
+    pub(crate) async fn send_user(
+        &self,
+        dir: UserTags,
+        peer: u32,
+        call: u32,
+        data: &[u8],
+        queued: impl FnOnce(),
+    ) -> io::Result<()> {
         let _turn = self.user.lock().await;
+        queued();
         let mut out = BytesMut::with_capacity(data.len().min(MAX_MESSAGE));
         if data.len() + USER_HEADER <= MAX_MESSAGE {
-            encode::user(&mut out, dir, peer, None, data);
+            encode::user(&mut out, dir, peer, call, None, data);
             return self.send(&out).await;
         }
         let (first, rest) = data.split_at(MAX_MESSAGE - USER_HEADER);
-        encode::user(&mut out, dir, peer, Some(data.len() as u32), first);
+        encode::user(&mut out, dir, peer, call, Some(data.len() as u32), first);
         self.send(&out).await?;
         for chunk in rest.chunks(MAX_MESSAGE - 1) {
             out.clear();

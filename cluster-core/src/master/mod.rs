@@ -17,11 +17,15 @@ use self::supervisor::Command;
 
 use crate::config::Config;
 use crate::ipc::Channel;
-use crate::ipc::message::{MAX_USER_MESSAGE, USER_TO_WORKER};
+use crate::ipc::message::{AGENT, USER_TO_WORKER};
 use crate::log::log;
-pub use crate::worker::SendError;
+use crate::messaging::{self, Calls};
+pub use crate::messaging::{Peer, Request, RequestError, SendError};
 
-/// Channels of the workers that are online, by worker id.
+/// The id that [`Event`]s and [`WorkerStatus`] give the agent process (workers are 1..=N).
+pub const AGENT_ID: u32 = AGENT;
+
+/// Channels of the workers (and the agent, under [`AGENT_ID`]) that are online, by id.
 type Registry = Arc<Mutex<HashMap<u32, Arc<Channel>>>>;
 
 /// User code to run in the master beside the supervisor.
@@ -54,7 +58,7 @@ pub enum Event {
         /// The bound address.
         addr: SocketAddr,
     },
-    /// The worker sent a message.
+    /// The worker (or the agent: `id` is [`AGENT_ID`]) sent a message.
     Message {
         /// Worker id.
         id: u32,
@@ -62,6 +66,8 @@ pub enum Event {
         pid: u32,
         /// The payload.
         data: Bytes,
+        /// Set when the sender waits for an answer: reply with [`Request::reply`].
+        request: Option<Request>,
     },
     /// The master asked the worker to stop.
     Disconnect {
@@ -147,6 +153,7 @@ pub struct ExitInfo {
 /// control (reload, scaling, status).
 pub struct Master {
     registry: Registry,
+    calls: Arc<Calls>,
     events: mpsc::UnboundedReceiver<Event>,
     commands: mpsc::UnboundedSender<Command>,
 }
@@ -159,20 +166,36 @@ impl Master {
 
     /// Ids of the workers that are online now.
     pub fn workers(&self) -> Vec<u32> {
-        let mut ids: Vec<u32> = self.registry.lock().unwrap().keys().copied().collect();
+        let mut ids: Vec<u32> = self.registry.lock().unwrap().keys().copied().filter(|id| *id != AGENT).collect();
         ids.sort_unstable();
         ids
     }
 
-    /// Sends a message to the current process of worker `id`.
-    pub async fn send(&self, id: u32, data: impl Into<Bytes>) -> Result<(), SendError> {
-        let data = data.into();
-        if data.len() > MAX_USER_MESSAGE {
-            return Err(SendError::TooLarge(data.len()));
+    /// Sends a message to the current process of worker `to` (`send(2, …)`) or to the agent
+    /// (`send(Peer::Agent, …)`). Fails with [`SendError::NoPeer`] if it is not running.
+    pub async fn send(&self, to: impl Into<Peer>, data: impl Into<Bytes>) -> Result<(), SendError> {
+        self.send_call(to.into(), 0, data.into()).await
+    }
+
+    /// Sends a request to a worker or the agent and waits at most `timeout` for its answer.
+    pub async fn request(
+        &self,
+        to: impl Into<Peer>,
+        data: impl Into<Bytes>,
+        timeout: Duration,
+    ) -> Result<Bytes, RequestError> {
+        let (to, data) = (to.into(), data.into());
+        self.calls.call(timeout, |call| self.send_call(to, call, data)).await
+    }
+
+    async fn send_call(&self, to: Peer, call: u32, data: Bytes) -> Result<(), SendError> {
+        messaging::check_size(&data)?;
+        if to == Peer::Master {
+            return Err(SendError::NoPeer("the master does not send to itself".into()));
         }
-        let channel = self.registry.lock().unwrap().get(&id).cloned();
-        let channel = channel.ok_or_else(|| SendError::NoPeer(format!("worker {id} is not running")))?;
-        Ok(channel.send_user(USER_TO_WORKER, 0, &data).await?)
+        let channel = self.registry.lock().unwrap().get(&to.check()?.wire()).cloned();
+        let channel = channel.ok_or_else(|| SendError::NoPeer(format!("{to} is not running")))?;
+        Ok(channel.send_user(USER_TO_WORKER, 0, call, &data, || {}).await?)
     }
 
     /// Starts a rolling reload, as SIGHUP does: each worker is replaced by a new process of
@@ -194,9 +217,10 @@ impl Master {
         rx.await.unwrap_or_default()
     }
 
-    /// Sends a message to every online worker; returns how many it reached.
+    /// Sends a message to every online worker (not the agent); returns how many it reached.
     pub async fn broadcast(&self, data: impl Into<Bytes>) -> Result<usize, SendError> {
         let data = data.into();
+        messaging::check_size(&data)?;
         let mut reached = 0;
         for id in self.workers() {
             if self.send(id, data.clone()).await.is_ok() {
@@ -220,13 +244,15 @@ pub(crate) fn run(cfg: Config, hook: Option<MasterHook>) -> i32 {
     };
     runtime.block_on(async move {
         let registry = Registry::default();
+        let calls = Arc::new(Calls::default());
         let (commands_tx, commands) = mpsc::unbounded_channel();
         let events = hook.map(|hook| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(hook(Master { registry: registry.clone(), events: rx, commands: commands_tx }));
+            let master = Master { registry: registry.clone(), calls: calls.clone(), events: rx, commands: commands_tx };
+            tokio::spawn(hook(master));
             tx
         });
-        match supervisor::Supervisor::new(Arc::new(cfg), registry, events, commands) {
+        match supervisor::Supervisor::new(Arc::new(cfg), registry, calls, events, commands) {
             Ok(supervisor) => supervisor.run().await,
             Err(e) => {
                 log!("cannot start: {e}");

@@ -19,7 +19,7 @@ use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use socket2::Socket;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -31,11 +31,13 @@ use super::dispatch::{self, Dispatch, Serial};
 use super::{Event, ExitInfo, Registry, WorkerState, WorkerStatus};
 use crate::config::Config;
 use crate::ipc::message::{
-    Endpoint, ListenKey, PROTOCOL_VERSION, ProtocolError, Reassembly, ToMaster, USER_TO_WORKER, encode,
+    AGENT, ALL_WORKERS, Endpoint, ListenKey, PROTOCOL_VERSION, ProtocolError, Reassembly, ToMaster, USER_TO_WORKER,
+    Whole, encode,
 };
 use crate::ipc::{Channel, Receiver, RecvError};
 use crate::log::log;
-use crate::role::{CHANNEL_FD, ENV_CHANNEL_FD, ENV_UNIQUE_ID};
+use crate::messaging::{self, Calls, Peer, Request};
+use crate::role::{AGENT_UNIQUE_ID, CHANNEL_FD, ENV_CHANNEL_FD, ENV_UNIQUE_ID};
 use crate::sys;
 
 /// What the per-worker tasks report to the supervisor.
@@ -183,6 +185,8 @@ pub(super) struct Supervisor {
     args: Vec<OsString>,
     dispatch: Arc<Dispatch>,
     registry: Registry,
+    /// Requests made by user code in the master, waiting for replies.
+    calls: Arc<Calls>,
     events: Option<mpsc::UnboundedSender<Event>>,
     commands: mpsc::UnboundedReceiver<Command>,
     reports_tx: mpsc::UnboundedSender<Report>,
@@ -213,6 +217,7 @@ impl Supervisor {
     pub(super) fn new(
         cfg: Arc<Config>,
         registry: Registry,
+        calls: Arc<Calls>,
         events: Option<mpsc::UnboundedSender<Event>>,
         commands: mpsc::UnboundedReceiver<Command>,
     ) -> io::Result<Self> {
@@ -227,6 +232,7 @@ impl Supervisor {
             argv0,
             args: argv.collect(),
             registry,
+            calls,
             events,
             commands,
             reports_tx,
@@ -251,11 +257,13 @@ impl Supervisor {
             log!("cannot install signal handlers");
             return 1;
         };
-        for id in 1..=self.cfg.workers as u32 {
+        let ids = (1..=self.cfg.workers.min(MAX_WORKERS) as u32).chain(self.cfg.agent.then_some(AGENT));
+        for id in ids {
             self.slots.insert(id, Slot::default());
             self.start(id);
         }
-        log!("master (pid {}) started {} worker(s)", sys::getpid(), self.cfg.workers);
+        let agent = if self.cfg.agent { " and the agent" } else { "" };
+        log!("master (pid {}) started {} worker(s){agent}", sys::getpid(), self.cfg.workers);
         loop {
             if self.stop != Stop::Running && self.workers.is_empty() {
                 log!("all workers stopped; master exiting");
@@ -276,8 +284,8 @@ impl Supervisor {
                 }
                 _ = signals.quit.recv() => self.fast_stop(),
                 _ = signals.hup.recv() => self.begin_reload("SIGHUP"),
-                _ = signals.ttin.recv() => self.set_workers(self.slots.len() + 1, "SIGTTIN"),
-                _ = signals.ttou.recv() => self.set_workers(self.slots.len().saturating_sub(1), "SIGTTOU"),
+                _ = signals.ttin.recv() => self.set_workers(self.worker_count() + 1, "SIGTTIN"),
+                _ = signals.ttou.recv() => self.set_workers(self.worker_count().saturating_sub(1), "SIGTTOU"),
                 _ = sleep_until(wake.into()) => self.on_tick(),
             }
         }
@@ -323,7 +331,7 @@ impl Supervisor {
         match self.spawn(id, expected) {
             Ok(serial) => self.slot(id).current = Some(serial),
             Err(e) => {
-                log!("cannot start worker {id}: {e}");
+                log!("cannot start {}: {e}", peer(id));
                 self.schedule_restart(id, true);
             }
         }
@@ -348,7 +356,7 @@ impl Supervisor {
                 true
             }
             Err(e) => {
-                log!("cannot start a new worker {id}: {e}");
+                log!("cannot start a new {}: {e}", peer(id));
                 false
             }
         }
@@ -375,8 +383,9 @@ impl Supervisor {
             let status = child.wait().await;
             let _ = tx.send(Report::Exited { serial, status });
         });
-        let relay = relay(id, self.registry.clone());
-        tokio::spawn(read_loop(serial, channel.clone(), self.dispatch.clone(), self.reports_tx.clone(), relay));
+        let relay = relay(id, channel.clone(), self.registry.clone());
+        let calls = self.calls.clone();
+        tokio::spawn(read_loop(serial, channel.clone(), self.dispatch.clone(), self.reports_tx.clone(), relay, calls));
         let max_connections = self.cfg.max_connections.map(|n| {
             let jitter = self.cfg.max_connections_jitter;
             n + if jitter == 0 { 0 } else { self.jitter.hash_one(serial) % (jitter + 1) }
@@ -405,17 +414,15 @@ impl Supervisor {
                 status: None,
             },
         );
-        log!("worker {id} started (pid {pid})");
+        log!("{} started (pid {pid})", peer(id));
         self.emit(Event::Fork { id, pid });
         Ok(serial)
     }
 
     fn command(&self, exe: &std::path::Path, id: u32, channel: std::os::fd::RawFd) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(exe);
-        cmd.arg0(&self.argv0)
-            .args(&self.args)
-            .env(ENV_UNIQUE_ID, id.to_string())
-            .env(ENV_CHANNEL_FD, CHANNEL_FD.to_string());
+        let unique = if id == AGENT { AGENT_UNIQUE_ID.to_string() } else { id.to_string() };
+        cmd.arg0(&self.argv0).args(&self.args).env(ENV_UNIQUE_ID, unique).env(ENV_CHANNEL_FD, CHANNEL_FD.to_string());
         sys::prepare_worker_command(cmd.as_std_mut(), channel, CHANNEL_FD);
         cmd
     }
@@ -448,7 +455,7 @@ impl Supervisor {
                 let shown = endpoint.to_string();
                 let result = self.listen(endpoint, index);
                 if let Err(e) = &result {
-                    log!("worker {id} cannot listen on {shown}: {e}");
+                    log!("{} cannot listen on {shown}: {e}", peer(id));
                 }
                 let fd = result.as_ref().ok().and_then(|(key, _)| self.listeners[key].shared_fd());
                 let result = result.map_err(|e| errno(&e));
@@ -475,10 +482,13 @@ impl Supervisor {
                 self.check_ready(serial);
             }
             ToMaster::Exiting { reason } => {
-                log!("worker {id} (pid {pid}) is exiting: {reason}");
+                log!("{} (pid {pid}) is exiting: {reason}", peer(id));
                 w.reason = Some(reason);
             }
-            ToMaster::User { data, .. } => self.emit(Event::Message { id, pid, data }),
+            ToMaster::User { call, data, .. } => {
+                let request = (call != 0).then(|| Request::from_master(call, w.channel.clone()));
+                self.emit(Event::Message { id, pid, data, request });
+            }
             // Liveness is noted above; acknowledgements go to the dispatcher, fragments and
             // messages for other workers are handled by the reader: none gets here.
             ToMaster::Heartbeat
@@ -508,8 +518,14 @@ impl Supervisor {
         if w.state != WorkerState::Online {
             return;
         }
-        let listening =
-            if w.expected.is_empty() { !w.keys.is_empty() } else { w.expected.iter().all(|k| w.keys.contains(k)) };
+        // The agent takes no connections: it is ready once it runs.
+        let listening = if w.id == AGENT {
+            true
+        } else if w.expected.is_empty() {
+            !w.keys.is_empty()
+        } else {
+            w.expected.iter().all(|k| w.keys.contains(k))
+        };
         if !(w.said_ready || (!wait_ready && listening)) {
             return;
         }
@@ -535,8 +551,8 @@ impl Supervisor {
         let old = slot.current.replace(incoming.serial);
         let new_pid = self.workers.get(&incoming.serial).map_or(0, |w| w.pid);
         match old.and_then(|s| self.workers.get(&s)).map(|w| w.pid) {
-            Some(old_pid) => log!("worker {id} replaced: pid {old_pid} -> pid {new_pid}"),
-            None => log!("worker {id} is back (pid {new_pid})"),
+            Some(old_pid) => log!("{} replaced: pid {old_pid} -> pid {new_pid}", peer(id)),
+            None => log!("{} is back (pid {new_pid})", peer(id)),
         }
         if let Some(old) = old {
             self.retire(old, true);
@@ -624,7 +640,7 @@ impl Supervisor {
     fn on_bad(&mut self, serial: Serial, error: RecvError) {
         self.dispatch.close(serial);
         let Some(w) = self.workers.get_mut(&serial) else { return };
-        log!("worker {} (pid {}): {error}; killing it", w.id, w.pid);
+        log!("{} (pid {}): {error}; killing it", peer(w.id), w.pid);
         w.reason = Some(format!("protocol error: {error}"));
         kill(w);
     }
@@ -643,7 +659,7 @@ impl Supervisor {
         match status {
             Ok(status) => w.status = Some(status),
             Err(e) => {
-                log!("worker {} (pid {}): cannot wait for it: {e}", w.id, w.pid);
+                log!("{} (pid {}): cannot wait for it: {e}", peer(w.id), w.pid);
                 w.status = Some(ExitStatus::from_raw(0));
             }
         }
@@ -666,10 +682,10 @@ impl Supervisor {
         let how = describe(status);
         let retired = w.kill_at.is_some();
         if retired {
-            log!("worker {} (pid {}) {how}", w.id, w.pid);
+            log!("{} (pid {}) {how}", peer(w.id), w.pid);
         } else {
             let reason = w.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default();
-            log!("worker {} (pid {}) {how} after {:.1}s{reason}", w.id, w.pid, uptime.as_secs_f64());
+            log!("{} (pid {}) {how} after {:.1}s{reason}", peer(w.id), w.pid, uptime.as_secs_f64());
         }
         self.emit(Event::Exit(ExitInfo {
             id: w.id,
@@ -710,7 +726,7 @@ impl Supervisor {
         slot.backoff = if slot.backoff.is_zero() { first } else { (slot.backoff * 2).min(max) };
         slot.start_at = Some(Instant::now() + slot.backoff);
         let (restarts, delay) = (slot.restarts, slot.backoff);
-        log!("worker {id} is crash-looping (restart {restarts}); next start in {delay:?}");
+        log!("{} is crash-looping (restart {restarts}); next start in {delay:?}", peer(id));
         self.emit(Event::CrashLoop { id, restarts, delay });
     }
 
@@ -731,7 +747,7 @@ impl Supervisor {
                 let slot = self.slot(id);
                 slot.backoff = if slot.backoff.is_zero() { first } else { (slot.backoff * 2).min(max) };
                 slot.retry_at = Some(Instant::now() + slot.backoff);
-                log!("replacement of worker {id} failed: {why}; the old process keeps serving");
+                log!("replacement of {} failed: {why}; the old process keeps serving", peer(id));
             }
         }
         if self.stop == Stop::Running && self.slot(id).current.is_none() && self.slot(id).start_at.is_none() {
@@ -748,9 +764,14 @@ impl Supervisor {
             log!("{why}: a reload is in progress; another one follows it");
             return;
         }
-        log!("{why}: reloading {} worker(s), {} at a time", self.slots.len(), self.cfg.reload_concurrency);
+        log!("{why}: reloading {} worker(s), {} at a time", self.worker_count(), self.cfg.reload_concurrency);
+        // The agent is a singleton: it is stopped, then restarted, never doubled.
+        if let Some(agent) = self.slots.get(&AGENT).and_then(|s| s.current) {
+            log!("{why}: restarting the agent");
+            self.retire(agent, true);
+        }
         self.reload = Some(Reload {
-            queue: self.slots.keys().copied().collect(),
+            queue: self.slots.range(..AGENT).map(|(id, _)| *id).collect(),
             active: Vec::new(),
             again: false,
             started: Instant::now(),
@@ -790,7 +811,8 @@ impl Supervisor {
     fn abandon_reload(&mut self, id: u32, why: &str) {
         let Some(reload) = self.reload.take() else { return };
         log!(
-            "reload abandoned: new worker {id}: {why}; {} worker(s) not replaced keep serving",
+            "reload abandoned: new {}: {why}; {} worker(s) not replaced keep serving",
+            peer(id),
             reload.queue.len() + reload.active.len()
         );
         for other in reload.active {
@@ -824,7 +846,7 @@ impl Supervisor {
             self.next_rss_check = now + RSS_CHECK;
         }
         let mut over = Vec::new();
-        for (id, slot) in &self.slots {
+        for (id, slot) in self.slots.range(..AGENT) {
             let Some((serial, w)) = slot.current.and_then(|s| Some((s, self.workers.get(&s)?))) else { continue };
             if slot.incoming.is_some() || slot.retry_at.is_some_and(|t| t > now) || w.state != WorkerState::Ready {
                 continue;
@@ -844,7 +866,7 @@ impl Supervisor {
             }
         }
         for (id, why) in over {
-            log!("worker {id} {why}; replacing it");
+            log!("{} {why}; replacing it", peer(id));
             self.start_incoming(id, Cause::Limit);
         }
     }
@@ -855,7 +877,7 @@ impl Supervisor {
         for w in self.workers.values_mut() {
             let silent = now.saturating_duration_since(w.last_seen);
             if w.status.is_none() && !w.killed && silent > timeout {
-                log!("worker {} (pid {}) sent no heartbeat for {:.1}s; killing it", w.id, w.pid, silent.as_secs_f64());
+                log!("{} (pid {}) sent no heartbeat for {:.1}s; killing it", peer(w.id), w.pid, silent.as_secs_f64());
                 w.reason = Some("missed heartbeats".into());
                 kill(w);
             }
@@ -891,7 +913,7 @@ impl Supervisor {
                 continue;
             }
             if now >= kill_at {
-                log!("worker {} (pid {}) still running at the kill timeout; killing it", w.id, w.pid);
+                log!("{} (pid {}) still running at the kill timeout; killing it", peer(w.id), w.pid);
                 kill(w);
                 continue;
             }
@@ -934,19 +956,20 @@ impl Supervisor {
         if self.stop != Stop::Running {
             return;
         }
-        let n = n.max(1);
-        if n == self.slots.len() {
+        let n = n.clamp(1, MAX_WORKERS);
+        if n == self.worker_count() {
             log!("{why}: already {n} worker(s)");
             return;
         }
-        log!("{why}: {} -> {n} worker(s)", self.slots.len());
-        while self.slots.len() < n {
-            let id = self.slots.keys().next_back().map_or(1, |id| id + 1);
+        log!("{why}: {} -> {n} worker(s)", self.worker_count());
+        while self.worker_count() < n {
+            let id = self.slots.range(..AGENT).next_back().map_or(1, |(id, _)| id + 1);
             self.slots.insert(id, Slot::default());
             self.start(id);
         }
-        while self.slots.len() > n {
-            let (id, slot) = self.slots.pop_last().expect("slots");
+        while self.worker_count() > n {
+            let id = *self.slots.range(..AGENT).next_back().expect("slots").0;
+            let slot = self.slots.remove(&id).expect("slot");
             if let Some(reload) = &mut self.reload {
                 reload.queue.retain(|s| *s != id);
                 reload.active.retain(|s| *s != id);
@@ -1026,6 +1049,11 @@ impl Supervisor {
         out
     }
 
+    /// Worker slots (the agent's is not one).
+    fn worker_count(&self) -> usize {
+        self.slots.range(..AGENT).count()
+    }
+
     fn slot(&mut self, id: u32) -> &mut Slot {
         self.slots.entry(id).or_default()
     }
@@ -1035,6 +1063,14 @@ impl Supervisor {
             let _ = tx.send(event);
         }
     }
+}
+
+/// Most workers: ids stay below the wire addresses of the agent and of "all workers".
+const MAX_WORKERS: usize = 65_536;
+
+/// How logs name a worker id.
+fn peer(id: u32) -> Peer {
+    Peer::from_wire(id)
 }
 
 /// SIGKILLs a worker that has not exited yet (never a pid that may have been reused).
@@ -1103,19 +1139,37 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
-/// Relays the user messages worker `from` sends to other workers, in order, without
-/// holding up the reading of its channel (acknowledgements).
-fn relay(from: u32, registry: Registry) -> mpsc::UnboundedSender<(u32, Bytes)> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<(u32, Bytes)>();
+/// Relays the user messages process `from` sends to other processes, in order, without
+/// holding up the reading of its channel (acknowledgements); after each one, tells the sender
+/// whether it was handed over.
+fn relay(from: u32, sender: Arc<Channel>, registry: Registry) -> mpsc::UnboundedSender<Whole> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Whole>();
     tokio::spawn(async move {
-        while let Some((to, data)) = rx.recv().await {
-            let target = registry.lock().unwrap().get(&to).cloned();
-            let sent = match target {
-                Some(channel) => channel.send_user(USER_TO_WORKER, from, &data).await,
-                None => Err(io::Error::new(io::ErrorKind::NotFound, "not running")),
+        let mut receipt = BytesMut::new();
+        while let Some((to, call, data)) = rx.recv().await {
+            let targets: Vec<(u32, Arc<Channel>)> = {
+                let registry = registry.lock().unwrap();
+                if to == ALL_WORKERS {
+                    registry
+                        .iter()
+                        .filter(|(id, _)| **id != AGENT && **id != from)
+                        .map(|(id, c)| (*id, c.clone()))
+                        .collect()
+                } else {
+                    registry.get(&to).map(|c| (to, c.clone())).into_iter().collect()
+                }
             };
-            if let Err(e) = sent {
-                log!("message from worker {from} to worker {to} dropped: {e}");
+            let mut delivered = false;
+            for (id, channel) in targets {
+                match channel.send_user(USER_TO_WORKER, from, call, &data, || {}).await {
+                    Ok(()) => delivered = true,
+                    Err(e) => log!("message from {} to {} dropped: {e}", peer(from), peer(id)),
+                }
+            }
+            receipt.clear();
+            encode::relayed(&mut receipt, delivered);
+            if sender.send(&receipt).await.is_err() {
+                return;
             }
         }
     });
@@ -1132,7 +1186,8 @@ async fn read_loop(
     channel: Arc<Channel>,
     dispatch: Arc<Dispatch>,
     reports: mpsc::UnboundedSender<Report>,
-    relay: mpsc::UnboundedSender<(u32, Bytes)>,
+    relay: mpsc::UnboundedSender<Whole>,
+    calls: Arc<Calls>,
 ) {
     let mut rx = Receiver::new();
     let mut fragments = Reassembly::default();
@@ -1164,7 +1219,7 @@ async fn read_loop(
                 Err(ProtocolError::Version { peer: version })
             }
             Ok(msg) if !hello && !matches!(msg, ToMaster::Hello { .. }) => Err(ProtocolError::NotHello(msg.name())),
-            Ok(ToMaster::UserStart { to, total, data }) => fragments.start(to, total, data).map(whole),
+            Ok(ToMaster::UserStart { to, call, total, data }) => fragments.start(to, call, total, data).map(whole),
             Ok(ToMaster::UserMore(data)) => fragments.more(data).map(whole),
             Ok(msg) => Ok(Some(msg)),
             Err(e) => Err(e),
@@ -1174,7 +1229,10 @@ async fn read_loop(
             Ok(Some(ToMaster::Accepted { ids })) => dispatch.accepted(serial, &ids),
             Ok(Some(ToMaster::Refused { ids })) => dispatch.refused(serial, &ids),
             Ok(_) if poisoned => {}
-            Ok(Some(ToMaster::User { to, data })) if to != 0 => drop(relay.send((to, data))),
+            Ok(Some(ToMaster::User { to, call, data })) if to != 0 => drop(relay.send((to, call, data))),
+            Ok(Some(ToMaster::User { call, data, .. })) if messaging::is_reply(call) => {
+                calls.complete(call, data);
+            }
             Ok(Some(msg)) => {
                 hello = true;
                 match &msg {
@@ -1195,6 +1253,6 @@ async fn read_loop(
 }
 
 /// A reassembled user message, as if it had come in one datagram.
-fn whole(message: Option<(u32, Bytes)>) -> Option<ToMaster> {
-    message.map(|(to, data)| ToMaster::User { to, data })
+fn whole(message: Option<Whole>) -> Option<ToMaster> {
+    message.map(|(to, call, data)| ToMaster::User { to, call, data })
 }

@@ -6,7 +6,7 @@
 //! master *before* user code sees it, so the master never hands a connection to a second
 //! worker after the first one may have read from it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -18,9 +18,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::Config;
 use crate::ipc::message::{
-    self, Bound, ConnId, Endpoint, ListenKey, ListenResult, NewConn, PROTOCOL_VERSION, Reassembly, ToMaster, ToWorker,
+    self, AGENT, ALL_WORKERS, Bound, ConnId, Endpoint, ListenKey, ListenResult, NewConn, PROTOCOL_VERSION, Reassembly,
+    ToMaster, ToWorker, Whole,
 };
 use crate::ipc::{Channel, Receiver};
+use crate::messaging::{self, Calls, Request};
+pub use crate::messaging::{Message, Peer, RequestError, SendError};
 use crate::sys;
 
 /// The queue of connections the master handed to one listener.
@@ -36,6 +39,11 @@ pub(crate) struct Client {
     state: Mutex<State>,
     shutdown: watch::Sender<bool>,
     messages: tokio::sync::Mutex<mpsc::UnboundedReceiver<Message>>,
+    /// Requests this process waits on.
+    calls: Calls,
+    /// One per message sent through the master to another process, in sending order: told
+    /// whether the master could hand it over.
+    receipts: Mutex<VecDeque<oneshot::Sender<bool>>>,
 }
 
 struct State {
@@ -70,6 +78,8 @@ pub(crate) async fn start(id: u32, channel: OwnedFd, cfg: &Config) -> io::Result
         }),
         shutdown: watch::Sender::new(false),
         messages: tokio::sync::Mutex::new(messages_rx),
+        calls: Calls::default(),
+        receipts: Mutex::default(),
     });
     let client = CLIENT.get_or_init(|| client);
     install_panic_hook(cfg.exit_on_panic);
@@ -145,6 +155,14 @@ impl Client {
 
     /// Asks the master to bind `endpoint` (or find its socket already bound).
     pub(crate) async fn bind(self: &Arc<Self>, endpoint: Endpoint) -> io::Result<Bound> {
+        if self.id == AGENT {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "the cluster agent gets no connections and binds no shared socket ({endpoint}); listen in the workers"
+                ),
+            ));
+        }
         let (tx, rx) = oneshot::channel();
         let (req, index) = {
             let mut state = self.state.lock().unwrap();
@@ -234,9 +252,19 @@ impl Client {
                 }
             }
             ToWorker::Disconnect => self.begin_shutdown(),
-            ToWorker::User { from, data } => {
-                let from = (from != 0).then_some(from);
-                let _ = self.state.lock().unwrap().messages.send(Message { from, data });
+            ToWorker::User { from, call, data } => {
+                if messaging::is_reply(call) {
+                    self.calls.complete(call, data);
+                    return;
+                }
+                let from = Peer::from_wire(from);
+                let request = (call != 0).then(|| Request::from_client(call, from));
+                let _ = self.state.lock().unwrap().messages.send(Message { from, data, request });
+            }
+            ToWorker::Relayed { delivered } => {
+                if let Some(receipt) = self.receipts.lock().unwrap().pop_front() {
+                    let _ = receipt.send(delivered);
+                }
             }
             // Reassembled by the reader before they get here.
             ToWorker::UserStart { .. } | ToWorker::UserMore(_) => {}
@@ -267,7 +295,7 @@ async fn read_loop(client: Arc<Client>) {
         };
         match received {
             Ok(Some((data, fds))) => match ToWorker::decode(data, fds).and_then(|msg| match msg {
-                ToWorker::UserStart { from, total, data } => fragments.start(from, total, data).map(whole),
+                ToWorker::UserStart { from, call, total, data } => fragments.start(from, call, total, data).map(whole),
                 ToWorker::UserMore(data) => fragments.more(data).map(whole),
                 msg => Ok(Some(msg)),
             }) {
@@ -283,8 +311,11 @@ async fn read_loop(client: Arc<Client>) {
                 // The master is gone (PR_SET_PDEATHSIG normally kills us first). Drain briefly,
                 // then go, even if the runtime is blocked.
                 client.begin_shutdown();
-                // Dropping the sender ends `recv()` once queued messages are read.
+                // Dropping the sender ends `recv()` once queued messages are read; sends and
+                // requests waiting on the master fail.
                 client.state.lock().unwrap().messages = mpsc::unbounded_channel().0;
+                client.receipts.lock().unwrap().clear();
+                client.calls.close();
                 std::thread::spawn(|| {
                     std::thread::sleep(ORPHAN_GRACE);
                     sys::exit_now(1);
@@ -296,8 +327,8 @@ async fn read_loop(client: Arc<Client>) {
 }
 
 /// A reassembled user message, as if it had come in one datagram.
-fn whole(message: Option<(u32, Bytes)>) -> Option<ToWorker> {
-    message.map(|(from, data)| ToWorker::User { from, data })
+fn whole(message: Option<Whole>) -> Option<ToWorker> {
+    message.map(|(from, call, data)| ToWorker::User { from, call, data })
 }
 
 async fn recv_signal(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
@@ -324,9 +355,10 @@ fn install_panic_hook(exit_on_panic: bool) {
     }));
 }
 
-/// This worker's id (1..=N, reused by its replacements), or `None` outside a worker.
+/// This worker's id (1..=N, reused by its replacements), or `None` outside a worker (the
+/// agent included).
 pub fn id() -> Option<u32> {
-    client().map(|c| c.id)
+    client().map(|c| c.id).filter(|id| *id != AGENT)
 }
 
 /// Tells the master this worker is ready to serve. Needed only with
@@ -339,9 +371,9 @@ pub async fn ready() {
     }
 }
 
-/// Whether this process is a worker of a cluster.
+/// Whether this process is a worker of a cluster (the agent is not).
 pub fn is_worker() -> bool {
-    client().is_some()
+    id().is_some()
 }
 
 /// Resolves when this worker should stop: the master asked it to (graceful stop, reload) or
@@ -376,55 +408,79 @@ pub fn is_shutting_down() -> bool {
     client().is_some_and(|c| *c.shutdown.borrow())
 }
 
-/// Why a message could not be sent.
-#[derive(Debug, thiserror::Error)]
-pub enum SendError {
-    /// This process is not a worker (or, on the master side, no such worker is running).
-    #[error("no such peer: {0}")]
-    NoPeer(String),
-    /// The payload exceeds [`MAX_USER_MESSAGE`](crate::MAX_USER_MESSAGE) bytes.
-    #[error("message of {0} bytes exceeds the limit of {max} bytes", max = message::MAX_USER_MESSAGE)]
-    TooLarge(usize),
-    /// The channel failed (the peer exited).
-    #[error("channel error: {0}")]
-    Io(#[from] io::Error),
-}
-
-/// A message for this worker.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct Message {
-    /// Who sent it: `None` for the master, `Some(id)` for worker `id` (relayed by the master).
-    pub from: Option<u32>,
-    /// The payload, whole (large messages travel in fragments and are reassembled).
-    pub data: Bytes,
-}
-
 /// Sends a message to the master (Node's `process.send`). Messages up to
-/// [`MAX_USER_MESSAGE`](crate::MAX_USER_MESSAGE) bytes; those from one process arrive in order.
+/// [`MAX_USER_MESSAGE`](crate::MAX_USER_MESSAGE) bytes; those from one process to another
+/// arrive in order. Works in workers and in the agent.
 pub async fn send(data: impl Into<Bytes>) -> Result<(), SendError> {
-    send_user(0, data.into()).await
+    send_call(Peer::Master, 0, data.into()).await
 }
 
-/// Sends a message to worker `id`, relayed by the master. A message for a worker that is not
-/// running is dropped by the master (and logged there).
-pub async fn send_to(id: u32, data: impl Into<Bytes>) -> Result<(), SendError> {
-    if id == 0 {
-        return Err(SendError::NoPeer("worker ids start at 1".into()));
+/// Sends a message to another process: a worker (`send_to(2, …)`), the agent or the master.
+/// Relayed by the master, which reports back: the call returns once the recipient's process
+/// has the message, and fails with [`SendError::NoPeer`] if it is not running.
+pub async fn send_to(to: impl Into<Peer>, data: impl Into<Bytes>) -> Result<(), SendError> {
+    send_call(to.into(), 0, data.into()).await
+}
+
+/// Sends a message to the agent process (Egg.js's `sendToAgent`); see [`send_to`].
+pub async fn send_to_agent(data: impl Into<Bytes>) -> Result<(), SendError> {
+    send_call(Peer::Agent, 0, data.into()).await
+}
+
+/// Sends a message to every running worker except this process (from the agent: to every
+/// worker). Fails with [`SendError::NoPeer`] if it reached none.
+pub async fn broadcast(data: impl Into<Bytes>) -> Result<(), SendError> {
+    send_addressed(ALL_WORKERS, 0, data.into()).await
+}
+
+/// Sends a request and waits at most `timeout` for the answer, which the recipient gives
+/// with [`Request::reply`](crate::messaging::Request::reply). Fails at once if the recipient
+/// is not running.
+pub async fn request(to: impl Into<Peer>, data: impl Into<Bytes>, timeout: Duration) -> Result<Bytes, RequestError> {
+    let (to, data) = (to.into().check()?, data.into());
+    let client = this_client()?;
+    client.calls.call(timeout, |call| send_call(to, call, data)).await
+}
+
+fn this_client() -> Result<&'static Arc<Client>, SendError> {
+    client().ok_or_else(|| SendError::NoPeer("this process is not part of a cluster".into()))
+}
+
+/// Sends a user message (`call`: 0, a request id, or a reply) to `to`.
+pub(crate) async fn send_call(to: Peer, call: u32, data: Bytes) -> Result<(), SendError> {
+    send_addressed(to.check()?.wire(), call, data).await
+}
+
+async fn send_addressed(to: u32, call: u32, data: Bytes) -> Result<(), SendError> {
+    let client = this_client()?;
+    messaging::check_size(&data)?;
+    let relayed = to != 0;
+    let (tx, rx) = oneshot::channel();
+    // Sent from its own task: a caller cancelled mid-message must not leave half a message
+    // (or a receipt nobody will get) behind.
+    let sender = client.clone();
+    let sent = tokio::spawn(async move {
+        let queued = || {
+            if relayed {
+                sender.receipts.lock().unwrap().push_back(tx);
+            }
+        };
+        sender.channel.send_user(message::USER_TO_MASTER, to, call, &data, queued).await
+    });
+    sent.await.map_err(|e| io::Error::other(format!("send task failed: {e}")))??;
+    if !relayed {
+        return Ok(());
     }
-    send_user(id, data.into()).await
-}
-
-async fn send_user(to: u32, data: Bytes) -> Result<(), SendError> {
-    let client = client().ok_or_else(|| SendError::NoPeer("this process is not a cluster worker".into()))?;
-    if data.len() > message::MAX_USER_MESSAGE {
-        return Err(SendError::TooLarge(data.len()));
+    match rx.await {
+        Ok(true) => Ok(()),
+        Ok(false) if to == ALL_WORKERS => Err(SendError::NoPeer("no other worker is running".into())),
+        Ok(false) => Err(SendError::NoPeer(format!("{} is not running", Peer::from_wire(to)))),
+        Err(_) => Err(SendError::Io(io::Error::new(io::ErrorKind::BrokenPipe, "the cluster master went away"))),
     }
-    Ok(client.channel.send_user(message::USER_TO_MASTER, to, &data).await?)
 }
 
-/// Receives the next message from the master or another worker (Node's
-/// `process.on('message')`); `None` outside a worker or once the master is gone.
+/// Receives the next message from the master, a worker or the agent (Node's
+/// `process.on('message')`); `None` outside a cluster or once the master is gone.
 pub async fn recv() -> Option<Message> {
     client()?.messages.lock().await.recv().await
 }

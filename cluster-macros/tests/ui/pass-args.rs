@@ -5,7 +5,18 @@ mod app {
         while let Some(_event) = master.recv().await {}
     }
 
-    #[cluster::main(workers = 2, worker_threads = 1, kill_timeout_ms = 5000, exit_on_panic = false, master = run_master)]
+    async fn run_agent() {
+        while let Some(_message) = cluster::worker::recv().await {}
+    }
+
+    #[cluster::main(
+        workers = 2,
+        worker_threads = 1,
+        kill_timeout_ms = 5000,
+        exit_on_panic = false,
+        master = run_master,
+        agent = run_agent
+    )]
     pub async fn main() -> std::io::Result<()> {
         let _listener = cluster::net::TcpListener::bind("127.0.0.1:0").await?;
         Ok(())
