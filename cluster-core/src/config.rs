@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::log::log;
 use crate::master::{self, Master, MasterHook};
 use crate::role::{self, Role, Start, StartError};
+use crate::role::{ENV_BALANCER, ENV_MAX_WORKER_CONNECTIONS, ENV_SCHED_POLICY, ENV_WINDOW};
 use crate::role::{
     ENV_HEARTBEAT_TIMEOUT_MS, ENV_KILL_TIMEOUT_MS, ENV_MAX_CONNECTIONS, ENV_MAX_CONNECTIONS_JITTER, ENV_MAX_RSS_MB,
     ENV_MIN_UPTIME_MS, ENV_READY_TIMEOUT_MS, ENV_RELOAD_CONCURRENCY, ENV_RESTART_DELAY_MAX_MS, ENV_RESTART_DELAY_MS,
@@ -34,12 +35,76 @@ pub(crate) struct Config {
     pub(crate) reload_concurrency: usize,
     /// An agent process runs beside the workers.
     pub(crate) agent: bool,
+    pub(crate) policy: Policy,
+    pub(crate) balancer: Balancer,
+    /// Most open connections per worker (`rr` only); more wait in the master / kernel.
+    pub(crate) max_worker_connections: Option<u64>,
+}
+
+/// How connections reach workers (SPEC §3); `CLUSTER_SCHED_POLICY` overrides the code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Policy {
+    /// The master accepts and hands each connection to a worker (default), balanced by a
+    /// [`Balancer`]. The only policy that never loses a queued connection to a worker's death.
+    #[default]
+    Rr,
+    /// Every worker accepts on the master's listening socket itself (the kernel picks).
+    Shared,
+    /// The master binds one `SO_REUSEPORT` socket per worker id and each worker accepts on its
+    /// own (the kernel spreads by a hash of the client address).
+    ReusePort,
+}
+
+/// Which worker gets the next connection under [`Policy::Rr`]; `CLUSTER_BALANCER` overrides the
+/// code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Balancer {
+    /// Each worker in turn (default).
+    #[default]
+    RoundRobin,
+    /// The worker with the fewest open connections (workers report closes, batched).
+    LeastConnections,
+    /// By a hash of the client's IP address: the same client goes to the same worker id while
+    /// that worker runs, and is remapped when it stops (rendezvous hashing: only its clients move).
+    Sticky,
+}
+
+impl std::str::FromStr for Policy {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "rr" => Ok(Policy::Rr),
+            "shared" | "none" => Ok(Policy::Shared),
+            "reuseport" => Ok(Policy::ReusePort),
+            _ => Err(()),
+        }
+    }
+}
+
+impl std::str::FromStr for Balancer {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "round-robin" | "rr" => Ok(Balancer::RoundRobin),
+            "least-connections" | "least-conn" => Ok(Balancer::LeastConnections),
+            "sticky" | "ip-hash" => Ok(Balancer::Sticky),
+            _ => Err(()),
+        }
+    }
 }
 
 impl Config {
     /// How often a worker sends a heartbeat: a few per timeout, at most one a second.
     pub(crate) fn heartbeat_interval(&self) -> Option<Duration> {
         self.heartbeat_timeout.map(|t| (t / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)))
+    }
+
+    /// Whether workers report closed connections (the balancer or the cap needs them).
+    pub(crate) fn counts_closes(&self) -> bool {
+        self.policy == Policy::Rr
+            && (self.balancer == Balancer::LeastConnections || self.max_worker_connections.is_some())
     }
 
     /// Applies the `CLUSTER_*` environment variables, which override the code's settings.
@@ -87,6 +152,18 @@ impl Config {
         if let Some(v) = var::<usize>(ENV_RELOAD_CONCURRENCY)? {
             self.reload_concurrency = v.max(1);
         }
+        if let Some(v) = var(ENV_SCHED_POLICY)? {
+            self.policy = v;
+        }
+        if let Some(v) = var(ENV_BALANCER)? {
+            self.balancer = v;
+        }
+        if let Some(v) = var::<usize>(ENV_WINDOW)? {
+            self.window = v.max(1);
+        }
+        if let Some(v) = var::<u64>(ENV_MAX_WORKER_CONNECTIONS)? {
+            self.max_worker_connections = (v > 0).then_some(v);
+        }
         Ok(())
     }
 }
@@ -111,6 +188,9 @@ impl Default for Config {
             max_connections_jitter: 0,
             reload_concurrency: 1,
             agent: false,
+            policy: Policy::Rr,
+            balancer: Balancer::RoundRobin,
+            max_worker_connections: None,
         }
     }
 }
@@ -173,9 +253,32 @@ impl Builder {
         self
     }
 
-    /// Most connections handed to one worker and not yet accepted by it (default 64).
+    /// Most connections handed to one worker and not yet accepted by it (default 64; env
+    /// `CLUSTER_WINDOW`).
     pub fn window(mut self, window: usize) -> Self {
         self.cfg.window = window.max(1);
+        self
+    }
+
+    /// How connections reach workers (default [`Policy::Rr`]; env `CLUSTER_SCHED_POLICY` =
+    /// `rr` | `shared` | `reuseport`).
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.cfg.policy = policy;
+        self
+    }
+
+    /// Which worker gets each connection under `rr` (default [`Balancer::RoundRobin`]; env
+    /// `CLUSTER_BALANCER` = `round-robin` | `least-connections` | `sticky`).
+    pub fn balancer(mut self, balancer: Balancer) -> Self {
+        self.cfg.balancer = balancer;
+        self
+    }
+
+    /// Most open connections per worker under `rr` (like actix's `max_concurrent_connections`;
+    /// default: no limit). A worker at the limit gets no more until some close; when all are,
+    /// the master stops accepting and the kernel's backlog holds new clients.
+    pub fn max_worker_connections(mut self, n: Option<u64>) -> Self {
+        self.cfg.max_worker_connections = n.filter(|n| *n > 0);
         self
     }
 

@@ -41,7 +41,7 @@ mod sys;
 pub mod worker;
 
 pub use cluster_macros::main;
-pub use config::{Builder, Cluster, role};
+pub use config::{Balancer, Builder, Cluster, Policy, role};
 pub use ipc::message::MAX_USER_MESSAGE;
 pub use ipc::{ProtocolError, RecvError};
 pub use master::Master;
@@ -54,9 +54,10 @@ pub use sys::ChannelFdError;
 /// settings, in the master and in workers alike.
 pub mod env {
     pub use crate::role::{
-        ENV_CHANNEL_FD, ENV_HEARTBEAT_TIMEOUT_MS, ENV_KILL_TIMEOUT_MS, ENV_MAX_CONNECTIONS, ENV_MAX_CONNECTIONS_JITTER,
-        ENV_MAX_RSS_MB, ENV_MIN_UPTIME_MS, ENV_READY_TIMEOUT_MS, ENV_RELOAD_CONCURRENCY, ENV_RESTART_DELAY_MAX_MS,
-        ENV_RESTART_DELAY_MS, ENV_UNIQUE_ID, ENV_WAIT_READY, ENV_WORKERS,
+        ENV_BALANCER, ENV_CHANNEL_FD, ENV_HEARTBEAT_TIMEOUT_MS, ENV_KILL_TIMEOUT_MS, ENV_MAX_CONNECTIONS,
+        ENV_MAX_CONNECTIONS_JITTER, ENV_MAX_RSS_MB, ENV_MAX_WORKER_CONNECTIONS, ENV_MIN_UPTIME_MS,
+        ENV_READY_TIMEOUT_MS, ENV_RELOAD_CONCURRENCY, ENV_RESTART_DELAY_MAX_MS, ENV_RESTART_DELAY_MS, ENV_SCHED_POLICY,
+        ENV_UNIQUE_ID, ENV_WAIT_READY, ENV_WINDOW, ENV_WORKERS,
     };
 }
 

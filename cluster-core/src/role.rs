@@ -36,6 +36,14 @@ pub const ENV_MAX_RSS_MB: &str = "CLUSTER_MAX_RSS_MB";
 pub const ENV_MAX_CONNECTIONS: &str = "CLUSTER_MAX_CONNECTIONS";
 /// Random extra connections per worker on top of `CLUSTER_MAX_CONNECTIONS`.
 pub const ENV_MAX_CONNECTIONS_JITTER: &str = "CLUSTER_MAX_CONNECTIONS_JITTER";
+/// Scheduling policy: `rr`, `shared` or `reuseport`.
+pub const ENV_SCHED_POLICY: &str = "CLUSTER_SCHED_POLICY";
+/// Balancer under `rr`: `round-robin`, `least-connections` or `sticky`.
+pub const ENV_BALANCER: &str = "CLUSTER_BALANCER";
+/// Connections handed to one worker and not yet acknowledged, at most.
+pub const ENV_WINDOW: &str = "CLUSTER_WINDOW";
+/// Open connections per worker, at most (`rr`); `0` means no limit.
+pub const ENV_MAX_WORKER_CONNECTIONS: &str = "CLUSTER_MAX_WORKER_CONNECTIONS";
 /// Workers replaced at a time by a rolling reload.
 pub const ENV_RELOAD_CONCURRENCY: &str = "CLUSTER_RELOAD_CONCURRENCY";
 

@@ -3,7 +3,7 @@
 //! The rest of the crate deals in `OwnedFd`, `io::Result` and plain Rust types.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// Turns a libc return value into an `io::Result`.
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
@@ -112,6 +112,15 @@ pub(crate) fn kill(pid: u32, signal: libc::c_int) -> io::Result<()> {
     check(unsafe { libc::kill(pid, signal) }).map(drop)
 }
 
+/// The inode of whatever `fd` refers to now, or `None` if it is not open. Used to notice that
+/// a connection handed to user code was closed (its number may be reused, its inode is not).
+pub(crate) fn inode(fd: RawFd) -> Option<u64> {
+    // SAFETY: fstat writes into `stat` only; a closed fd number is just EBADF.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::fstat(fd, &mut stat) };
+    (rc == 0).then_some(stat.st_ino)
+}
+
 /// Resident memory of process `pid`, in bytes (from `/proc/<pid>/statm`).
 pub(crate) fn rss(pid: u32) -> io::Result<u64> {
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm"))?;
@@ -166,7 +175,7 @@ pub(crate) fn watch(socket: socket2::Socket) -> io::Result<tokio::io::unix::Asyn
 ///
 /// The readiness-based sends of tokio-seqpacket cannot serve here: they report `Pending` on a
 /// socket the reactor has not yet seen writable, and the dispatcher cannot wait.
-pub(crate) fn send_with_fds(socket: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+pub(crate) fn send_with_fds(socket: BorrowedFd<'_>, data: &[u8], fds: &[impl AsFd]) -> io::Result<()> {
     const MAX: usize = crate::ipc::message::MAX_FDS;
     if fds.len() > MAX {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many file descriptors for one message"));
@@ -179,7 +188,7 @@ pub(crate) fn send_with_fds(socket: BorrowedFd<'_>, data: &[u8], fds: &[Borrowed
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     if !fds.is_empty() {
-        let payload = std::mem::size_of_val(fds) as u32;
+        let payload = (fds.len() * std::mem::size_of::<RawFd>()) as u32;
         // SAFETY: CMSG_* compute sizes and pointers inside `control`, which is large enough and
         // 8-byte aligned; we write exactly CMSG_LEN(payload) bytes into it.
         unsafe {
@@ -191,7 +200,7 @@ pub(crate) fn send_with_fds(socket: BorrowedFd<'_>, data: &[u8], fds: &[Borrowed
             (*cmsg).cmsg_len = libc::CMSG_LEN(payload) as _;
             let dst = libc::CMSG_DATA(cmsg).cast::<RawFd>();
             for (i, fd) in fds.iter().enumerate() {
-                dst.add(i).write_unaligned(fd.as_raw_fd());
+                dst.add(i).write_unaligned(fd.as_fd().as_raw_fd());
             }
         }
     }

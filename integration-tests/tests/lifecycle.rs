@@ -182,8 +182,10 @@ fn hung_worker_is_killed_after_missed_heartbeats() {
     let addr = server.addr;
     let hung_at = Instant::now();
     let hang = std::thread::spawn(move || get_timeout(addr, "/hang", Duration::from_secs(10)));
-    // Meanwhile every request is answered: by the other worker, or re-sent to it once the hung
-    // one is killed.
+    // A connection the worker took before it hung is its own and dies with it; from the moment
+    // it hangs, it acknowledges nothing, so every request is answered: by the other worker, or
+    // re-sent to it once the hung one is killed.
+    server.wait_stderr("hanging as asked", Duration::from_secs(5));
     let done = Arc::new(AtomicBool::new(false));
     let flag = done.clone();
     let probe = std::thread::spawn(move || {

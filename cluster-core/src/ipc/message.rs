@@ -171,6 +171,9 @@ pub(crate) enum ToMaster {
     Heartbeat,
     /// The application says it is ready to serve (with `wait_ready`, the only readiness signal).
     Ready,
+    /// `count` more of the connections this worker accepted are closed (sent, batched, only
+    /// when the balancer or a connection cap needs it).
+    Closed { count: u32 },
 }
 
 /// Result of a listen request: the key and bound address (none for Unix sockets) and, for a
@@ -236,6 +239,7 @@ mod tag {
     pub(super) const READY: u8 = 0x0a;
     pub(super) const USER_START_TO_MASTER: u8 = 0x0b;
     pub(super) const USER_MORE_TO_MASTER: u8 = 0x0c;
+    pub(super) const CLOSED: u8 = 0x0d;
 
     pub(super) const LISTEN_REPLY: u8 = 0x81;
     pub(super) const NEWCONN: u8 = 0x82;
@@ -262,6 +266,7 @@ impl ToMaster {
             Self::UserMore(_) => "user more",
             Self::Heartbeat => "heartbeat",
             Self::Ready => "ready",
+            Self::Closed { .. } => "closed",
         }
     }
 
@@ -306,6 +311,10 @@ impl ToMaster {
             }
             Self::Heartbeat => out.put_u8(tag::HEARTBEAT),
             Self::Ready => out.put_u8(tag::READY),
+            Self::Closed { count } => {
+                out.put_u8(tag::CLOSED);
+                out.put_u32(*count);
+            }
         }
     }
 
@@ -365,6 +374,10 @@ impl ToMaster {
             tag::READY => {
                 r.message = "ready";
                 Self::Ready
+            }
+            tag::CLOSED => {
+                r.message = "closed";
+                Self::Closed { count: r.u32()? }
             }
             other => return Err(ProtocolError::UnknownTag(other)),
         };
@@ -804,6 +817,7 @@ mod tests {
         round_trip(ToMaster::UserMore(Bytes::from_static(b"def")));
         round_trip(ToMaster::Heartbeat);
         round_trip(ToMaster::Ready);
+        round_trip(ToMaster::Closed { count: 17 });
     }
 
     #[test]

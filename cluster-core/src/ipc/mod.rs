@@ -21,6 +21,9 @@ use message::{MAX_FDS, MAX_MESSAGE, USER_HEADER, UserTags, encode};
 /// Bytes of ancillary buffer: room for one SCM_RIGHTS block of [`MAX_FDS`] descriptors.
 const ANCILLARY_SPACE: usize = 64 + MAX_FDS * std::mem::size_of::<libc::c_int>();
 
+/// For sends that carry no file descriptors.
+pub(crate) const NO_FDS: &[BorrowedFd<'static>] = &[];
+
 /// Why a channel stopped delivering messages.
 #[derive(Debug, thiserror::Error)]
 pub enum RecvError {
@@ -111,7 +114,7 @@ impl Channel {
     /// Sends one datagram with file descriptors attached, without waiting: fails with
     /// `WouldBlock` when the socket buffer is full. Used by the dispatcher, which must not
     /// await while it holds its table.
-    pub(crate) fn try_send_with_fds(&self, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    pub(crate) fn try_send_with_fds(&self, data: &[u8], fds: &[impl AsFd]) -> io::Result<()> {
         crate::sys::send_with_fds(self.sock.as_fd(), data, fds)
     }
 }

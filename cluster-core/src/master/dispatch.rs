@@ -11,18 +11,19 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::SocketAddr;
-use std::os::fd::AsFd;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use socket2::{Domain, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 
+use crate::config::Balancer;
 use crate::ipc::Channel;
-use crate::ipc::message::{ConnId, ListenKey, encode};
+use crate::ipc::message::{ConnId, ListenKey, MAX_FDS, encode};
 use crate::log::log;
 use crate::net::is_connection_error;
 
@@ -30,25 +31,63 @@ use crate::net::is_connection_error;
 pub(crate) type Serial = u64;
 
 /// A connection accepted by the master and not yet owned by a worker.
-struct Conn {
+pub(crate) struct Conn {
     key: ListenKey,
     socket: Socket,
     /// `None` for a Unix socket peer.
     peer: Option<SocketAddr>,
 }
 
+/// A connection chosen for a worker, with the id it will travel under.
+struct Pending {
+    id: ConnId,
+    conn: Conn,
+}
+
+impl AsFd for Pending {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.conn.socket.as_fd()
+    }
+}
+
 /// Where connections can go: one entry per worker process whose channel is open.
 struct Target {
     serial: Serial,
+    /// Worker id (sticky balancing maps clients to ids, so a replacement keeps its clients).
+    id: u32,
     channel: Arc<Channel>,
     /// Listeners this worker accepts on.
     keys: Vec<ListenKey>,
     /// Handed over, not yet acknowledged. The master's copy of each fd lives here.
     inflight: HashMap<ConnId, Conn>,
+    /// Chosen for this worker, to go out in the next `NewConn` message.
+    batch: Vec<Pending>,
     /// False once the worker is retiring: it gets no new connections.
     open: bool,
     /// Connections this worker acknowledged so far.
     handled: u64,
+    /// Of those, how many it reported closed (only when closes are tracked).
+    closed: u64,
+}
+
+impl Target {
+    /// Connections this worker has or is about to get.
+    fn load(&self) -> u64 {
+        (self.inflight.len() + self.batch.len()) as u64 + self.handled.saturating_sub(self.closed)
+    }
+
+    fn takes(&self, key: ListenKey) -> bool {
+        self.open && self.keys.contains(&key)
+    }
+
+    /// Free places in its window, within the live-connection cap.
+    fn room(&self, limits: &Limits) -> usize {
+        let window = limits.window.saturating_sub(self.inflight.len() + self.batch.len());
+        match limits.cap {
+            Some(cap) => window.min(cap.saturating_sub(self.load()) as usize),
+            None => window,
+        }
+    }
 }
 
 struct State {
@@ -60,6 +99,15 @@ struct State {
     scratch: BytesMut,
 }
 
+#[derive(Clone, Copy)]
+struct Limits {
+    window: usize,
+    /// Accepting resumes once some worker has at most this many connections in flight.
+    low_water: usize,
+    cap: Option<u64>,
+    balancer: Balancer,
+}
+
 /// The dispatch table, shared by accept loops (hot path), channel readers (acknowledgements)
 /// and the supervisor (workers coming and going). The lock is held only for short,
 /// non-blocking work: sends use `try_send`.
@@ -67,26 +115,37 @@ pub(crate) struct Dispatch {
     state: Mutex<State>,
     /// Signalled whenever room may have appeared for a listener.
     room: Notify,
-    window: usize,
+    limits: Limits,
 }
 
 impl Dispatch {
-    pub(crate) fn new(window: usize) -> Self {
+    pub(crate) fn new(window: usize, balancer: Balancer, cap: Option<u64>) -> Self {
+        let window = window.max(1);
         Dispatch {
             state: Mutex::new(State {
                 targets: Vec::new(),
                 cursor: 0,
                 next_id: 1,
                 backlog: HashMap::new(),
-                scratch: BytesMut::with_capacity(64),
+                scratch: BytesMut::with_capacity(64 + MAX_FDS * 32),
             }),
             room: Notify::new(),
-            window: window.max(1),
+            limits: Limits { window, low_water: window - window / 4, cap, balancer },
         }
     }
 
-    pub(crate) fn add_worker(&self, serial: Serial, channel: Arc<Channel>) {
-        let target = Target { serial, channel, keys: Vec::new(), inflight: HashMap::new(), open: true, handled: 0 };
+    pub(crate) fn add_worker(&self, serial: Serial, id: u32, channel: Arc<Channel>) {
+        let target = Target {
+            serial,
+            id,
+            channel,
+            keys: Vec::new(),
+            inflight: HashMap::new(),
+            batch: Vec::new(),
+            open: true,
+            handled: 0,
+            closed: 0,
+        };
         self.state.lock().unwrap().targets.push(target);
     }
 
@@ -140,7 +199,7 @@ impl Dispatch {
         if n > 0 {
             log!("re-dispatching {n} connection(s) the exited worker had not accepted");
         }
-        state.drain(self.window);
+        state.drain(&self.limits);
         drop(state);
         self.room.notify_waiters();
     }
@@ -156,6 +215,11 @@ impl Dispatch {
         });
     }
 
+    /// The worker closed `n` more of the connections it accepted.
+    pub(crate) fn closed(&self, serial: Serial, n: u32) {
+        self.update(serial, |t| t.closed = (t.closed + u64::from(n)).min(t.handled));
+    }
+
     /// The worker will not serve these: hand them to another worker.
     pub(crate) fn refused(&self, serial: Serial, ids: &[ConnId]) {
         let mut state = self.state.lock().unwrap();
@@ -169,7 +233,7 @@ impl Dispatch {
                 }
             }
         }
-        state.drain(self.window);
+        state.drain(&self.limits);
         drop(state);
         self.room.notify_waiters();
     }
@@ -179,29 +243,49 @@ impl Dispatch {
         if let Some(t) = state.targets.iter_mut().find(|t| t.serial == serial) {
             f(t);
         }
-        state.drain(self.window);
+        state.drain(&self.limits);
         drop(state);
         self.room.notify_waiters();
     }
 
-    fn dispatch(&self, conn: Conn) {
+    /// Hands a batch of connections accepted on one listener to workers (several per
+    /// message when they go to the same worker); what finds no room waits in the backlog.
+    pub(crate) fn dispatch(&self, key: ListenKey, conns: &mut Vec<Conn>) {
         let mut state = self.state.lock().unwrap();
-        let key = conn.key;
         let queued = state.backlog.get(&key).is_some_and(|q| !q.is_empty());
         if queued {
-            state.backlog.entry(key).or_default().push_back(conn);
-        } else if let Err(conn) = state.place(conn, self.window) {
-            state.backlog.entry(key).or_default().push_back(conn);
+            state.backlog.entry(key).or_default().extend(conns.drain(..));
+            state.drain(&self.limits);
+            return;
         }
+        let mut rest = conns.drain(..);
+        for conn in rest.by_ref() {
+            if let Err(conn) = state.choose(conn, &self.limits) {
+                state.backlog.entry(key).or_default().push_back(conn);
+                break;
+            }
+        }
+        state.backlog.entry(key).or_default().extend(rest);
+        state.flush(key);
     }
 
-    /// Waits until a worker can take a connection for `key` and none is waiting for one.
+    /// How many connections workers can take for `key` now.
+    fn room(&self, key: ListenKey) -> usize {
+        let state = self.state.lock().unwrap();
+        if state.backlog.get(&key).is_some_and(|q| !q.is_empty()) {
+            return 0;
+        }
+        state.targets.iter().filter(|t| t.takes(key)).map(|t| t.room(&self.limits)).sum()
+    }
+
+    /// Waits until a worker can take connections for `key` (below the low-water mark of its
+    /// window) and none is waiting for one.
     async fn wait_room(&self, key: ListenKey) {
         loop {
             let notified = self.room.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.state.lock().unwrap().has_room(key, self.window) {
+            if self.state.lock().unwrap().resumes(key, &self.limits) {
                 return;
             }
             notified.await;
@@ -210,58 +294,109 @@ impl Dispatch {
 }
 
 impl State {
-    /// Hands `conn` to the next worker (round-robin) that listens on its key and has room.
-    fn place(&mut self, conn: Conn, window: usize) -> Result<(), Conn> {
+    /// Puts `conn` in the batch of the worker the balancer picks, or gives it back if none
+    /// can take it now.
+    fn choose(&mut self, conn: Conn, limits: &Limits) -> Result<(), Conn> {
         let n = self.targets.len();
-        for step in 0..n {
-            let i = (self.cursor + step) % n;
-            let t = &mut self.targets[i];
-            if !t.open || t.inflight.len() >= window || !t.keys.contains(&conn.key) {
-                continue;
+        let key = conn.key;
+        let pick = match (limits.balancer, conn.peer) {
+            (Balancer::Sticky, Some(peer)) => {
+                // Rendezvous hashing over the worker ids that take this key: the client goes to
+                // the highest score, whether or not it has room now (then it waits).
+                let best = (0..n)
+                    .filter(|i| self.targets[*i].takes(key))
+                    .max_by_key(|i| (score(peer.ip(), self.targets[*i].id), self.targets[*i].serial));
+                best.filter(|i| self.targets[*i].room(limits) > 0)
             }
-            let id = self.next_id;
-            self.scratch.clear();
-            encode::newconn_header(&mut self.scratch, conn.key, 1);
-            encode::newconn_entry(&mut self.scratch, id, conn.peer.as_ref());
-            match t.channel.try_send_with_fds(&self.scratch, &[conn.socket.as_fd()]) {
-                Ok(()) => {
-                    self.next_id += 1;
-                    t.inflight.insert(id, conn);
-                    self.cursor = i + 1;
-                    return Ok(());
+            (Balancer::LeastConnections, _) => (0..n)
+                .map(|step| (self.cursor + step) % n)
+                .filter(|i| self.targets[*i].takes(key) && self.targets[*i].room(limits) > 0)
+                .min_by_key(|i| self.targets[*i].load()),
+            _ => (0..n)
+                .map(|step| (self.cursor + step) % n)
+                .find(|i| self.targets[*i].takes(key) && self.targets[*i].room(limits) > 0),
+        };
+        let Some(i) = pick else { return Err(conn) };
+        self.cursor = i + 1;
+        let id = self.next_id;
+        self.next_id += 1;
+        self.targets[i].batch.push(Pending { id, conn });
+        Ok(())
+    }
+
+    /// Sends every worker's batch for `key`, one message each. A batch that cannot be sent
+    /// (socket buffer full, worker gone) goes back to the front of the backlog.
+    fn flush(&mut self, key: ListenKey) {
+        let State { targets, backlog, scratch, .. } = self;
+        for t in targets.iter_mut().filter(|t| !t.batch.is_empty()) {
+            scratch.clear();
+            encode::newconn_header(scratch, key, t.batch.len());
+            for p in &t.batch {
+                encode::newconn_entry(scratch, p.id, p.conn.peer.as_ref());
+            }
+            match t.channel.try_send_with_fds(scratch, &t.batch) {
+                Ok(()) => t.inflight.extend(t.batch.drain(..).map(|p| (p.id, p.conn))),
+                Err(e) => {
+                    // Socket buffer full: no room for now. Any other error: the worker is gone,
+                    // and its reader will report the closed channel.
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        t.open = false;
+                    }
+                    let queue = backlog.entry(key).or_default();
+                    for p in t.batch.drain(..).rev() {
+                        queue.push_front(p.conn);
+                    }
                 }
-                // Socket buffer full: treat as no room. Any other error: the worker is gone,
-                // and its reader will report the closed channel.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => t.open = false,
             }
         }
-        Err(conn)
     }
 
     /// Moves waiting connections to workers while there is room.
-    fn drain(&mut self, window: usize) {
+    fn drain(&mut self, limits: &Limits) {
         let keys: Vec<ListenKey> = self.backlog.iter().filter(|(_, q)| !q.is_empty()).map(|(k, _)| *k).collect();
         for key in keys {
-            while let Some(conn) = self.backlog.get_mut(&key).and_then(VecDeque::pop_front) {
-                if let Err(conn) = self.place(conn, window) {
-                    self.backlog.entry(key).or_default().push_front(conn);
+            loop {
+                let mut moved = 0;
+                while moved < MAX_FDS {
+                    let Some(conn) = self.backlog.get_mut(&key).and_then(VecDeque::pop_front) else { break };
+                    if let Err(conn) = self.choose(conn, limits) {
+                        self.backlog.entry(key).or_default().push_front(conn);
+                        break;
+                    }
+                    moved += 1;
+                }
+                let waiting = self.backlog.get(&key).map_or(0, VecDeque::len);
+                self.flush(key);
+                // Stop when nothing moved, or when the flush gave connections back.
+                if moved < MAX_FDS || self.backlog.get(&key).map_or(0, VecDeque::len) > waiting {
                     break;
                 }
             }
         }
     }
 
-    fn has_room(&self, key: ListenKey, window: usize) -> bool {
+    /// Whether an accept loop paused for `key` should resume.
+    fn resumes(&self, key: ListenKey, limits: &Limits) -> bool {
         self.backlog.get(&key).is_none_or(VecDeque::is_empty)
-            && self.targets.iter().any(|t| t.open && t.inflight.len() < window && t.keys.contains(&key))
+            && self.targets.iter().any(|t| {
+                t.takes(key) && t.inflight.len() <= limits.low_water && limits.cap.is_none_or(|cap| t.load() < cap)
+            })
     }
 }
 
-/// Binds a UDP socket the workers share: SO_REUSEADDR, non-blocking, close-on-exec.
-pub(crate) fn bind_udp(addr: SocketAddr) -> io::Result<Socket> {
+/// The rendezvous score of a client address for a worker id.
+fn score(ip: IpAddr, id: u32) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    // A fixed hasher: the same client maps to the same worker id across master restarts.
+    BuildHasherDefault::<DefaultHasher>::default().hash_one((ip, id))
+}
+
+/// Binds a UDP socket the workers share (or, with `reuseport`, one of a worker's own):
+/// SO_REUSEADDR, non-blocking, close-on-exec.
+pub(crate) fn bind_udp(addr: SocketAddr, reuseport: bool) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(socket2::Protocol::UDP))?;
     socket.set_reuse_address(true)?;
+    socket.set_reuse_port(reuseport)?;
     socket.bind(&addr.into())?;
     socket.set_nonblocking(true)?;
     Ok(socket)
@@ -269,37 +404,67 @@ pub(crate) fn bind_udp(addr: SocketAddr) -> io::Result<Socket> {
 
 /// Binds a listening socket the way the master shares it: SO_REUSEADDR, non-blocking,
 /// close-on-exec.
-pub(crate) fn bind_tcp(addr: SocketAddr, backlog: i32) -> io::Result<Socket> {
+pub(crate) fn bind_tcp(addr: SocketAddr, backlog: i32, reuseport: bool) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(socket2::Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    socket.set_reuse_port(reuseport)?;
     socket.bind(&addr.into())?;
     socket.listen(backlog)?;
     socket.set_nonblocking(true)?;
     Ok(socket)
 }
 
-/// Accepts connections on one listening socket and dispatches them, while workers have room.
+/// Accepts connections on one listening socket and dispatches them, while workers have room:
+/// as many as they can take (up to one message's worth) per lock of the table.
 pub(crate) async fn accept_loop(listener: Arc<AsyncFd<Socket>>, key: ListenKey, dispatch: Arc<Dispatch>) {
+    let mut batch: Vec<Conn> = Vec::with_capacity(MAX_FDS);
+    let mut failing: Option<(Instant, u64)> = None;
     loop {
         dispatch.wait_room(key).await;
         let Ok(mut ready) = listener.readable().await else { return };
         // Drain the kernel's queue while workers have room, then wait for readiness again.
-        loop {
-            match ready.try_io(|l| l.get_ref().accept()) {
-                Ok(Ok((socket, peer))) => {
-                    dispatch.dispatch(Conn { key, socket, peer: peer.as_socket() });
-                    if !dispatch.state.lock().unwrap().has_room(key, dispatch.window) {
+        'drain: loop {
+            let room = dispatch.room(key).min(MAX_FDS);
+            if room == 0 {
+                break;
+            }
+            let mut error = None;
+            while batch.len() < room {
+                match ready.try_io(|l| l.get_ref().accept()) {
+                    Ok(Ok((socket, peer))) => batch.push(Conn { key, socket, peer: peer.as_socket() }),
+                    Ok(Err(e)) if is_connection_error(&e) => {}
+                    Ok(Err(e)) => {
+                        error = Some(e);
                         break;
                     }
+                    Err(_would_block) => break,
                 }
-                Ok(Err(e)) if is_connection_error(&e) => {}
-                Ok(Err(e)) => {
-                    // EMFILE / ENFILE and the like: back off instead of spinning.
-                    log!("accept error on listener {key}: {e}; pausing accepts for 100 ms");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    break;
+            }
+            let full = batch.len() == room;
+            if !batch.is_empty() {
+                dispatch.dispatch(key, &mut batch);
+            }
+            if let Some(e) = error {
+                // EMFILE / ENFILE and the like: the client stays in the kernel's queue. Back
+                // off instead of spinning, and say so once per episode, not per attempt.
+                match &mut failing {
+                    Some((_, n)) => *n += 1,
+                    None => {
+                        log!("accept error on listener {key}: {e}; retrying every 100 ms until it clears");
+                        failing = Some((Instant::now(), 1));
+                    }
                 }
-                Err(_would_block) => break,
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                break 'drain;
+            }
+            if let Some((since, n)) = failing.take() {
+                log!(
+                    "accepts on listener {key} work again after {:.1}s ({n} failed attempts)",
+                    since.elapsed().as_secs_f64()
+                );
+            }
+            if !full {
+                break;
             }
         }
     }
@@ -310,14 +475,20 @@ pub(crate) async fn accept_loop(listener: Arc<AsyncFd<Socket>>, key: ListenKey, 
 /// right after resets nobody who was already let in.
 pub(crate) fn sweep(listener: &AsyncFd<Socket>, key: ListenKey, dispatch: &Dispatch) -> usize {
     let mut n = 0;
+    let mut batch = Vec::new();
     loop {
         match listener.get_ref().accept() {
             Ok((socket, peer)) => {
-                dispatch.dispatch(Conn { key, socket, peer: peer.as_socket() });
+                batch.push(Conn { key, socket, peer: peer.as_socket() });
                 n += 1;
             }
             Err(e) if is_connection_error(&e) => {}
-            Err(_) => return n,
+            Err(_) => break,
         }
     }
+    // One by one: the backlog keeps whatever does not fit now.
+    for conn in batch {
+        dispatch.dispatch(key, &mut vec![conn]);
+    }
+    n
 }

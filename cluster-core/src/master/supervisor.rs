@@ -29,7 +29,7 @@ use tokio::time::sleep_until;
 
 use super::dispatch::{self, Dispatch, Serial};
 use super::{Event, ExitInfo, Registry, WorkerState, WorkerStatus};
-use crate::config::Config;
+use crate::config::{Config, Policy};
 use crate::ipc::message::{
     AGENT, ALL_WORKERS, Endpoint, ListenKey, PROTOCOL_VERSION, ProtocolError, Reassembly, ToMaster, USER_TO_WORKER,
     Whole, encode,
@@ -147,15 +147,16 @@ struct Listener {
 enum Kind {
     /// The master accepts and dispatches connections.
     Stream { socket: Arc<AsyncFd<Socket>>, task: JoinHandle<()> },
-    /// Every worker gets the socket itself (UDP).
-    Datagram(Socket),
+    /// Workers get the socket itself and use it directly: UDP, and TCP under the `shared` and
+    /// `reuseport` policies.
+    Handed(Socket),
 }
 
 impl Listener {
     /// A duplicate of the socket, for sockets workers use directly.
     fn shared_fd(&self) -> Option<OwnedFd> {
         match &self.kind {
-            Kind::Datagram(socket) => socket.try_clone().ok().map(OwnedFd::from),
+            Kind::Handed(socket) => socket.try_clone().ok().map(OwnedFd::from),
             Kind::Stream { .. } => None,
         }
     }
@@ -195,7 +196,11 @@ pub(super) struct Supervisor {
     slots: BTreeMap<u32, Slot>,
     next_serial: Serial,
     listeners: HashMap<ListenKey, Listener>,
-    by_addr: HashMap<(Endpoint, u32), ListenKey>,
+    /// Sockets by (endpoint, port-0 index, worker id under `reuseport` else 0).
+    by_addr: HashMap<(Endpoint, u32, u32), ListenKey>,
+    /// Under `reuseport`, the address the first socket of (endpoint, index) got, so that
+    /// every worker's socket binds the same port.
+    reuseport_addr: HashMap<(Endpoint, u32), SocketAddr>,
     next_key: ListenKey,
     stop: Stop,
     reload: Option<Reload>,
@@ -226,7 +231,7 @@ impl Supervisor {
         let argv0 = argv.next().unwrap_or_else(|| exe.clone().into_os_string());
         let (reports_tx, reports) = mpsc::unbounded_channel();
         Ok(Supervisor {
-            dispatch: Arc::new(Dispatch::new(cfg.window)),
+            dispatch: Arc::new(Dispatch::new(cfg.window, cfg.balancer, cfg.max_worker_connections)),
             cfg,
             exe,
             argv0,
@@ -242,6 +247,7 @@ impl Supervisor {
             next_serial: 1,
             listeners: HashMap::new(),
             by_addr: HashMap::new(),
+            reuseport_addr: HashMap::new(),
             next_key: 1,
             stop: Stop::Running,
             reload: None,
@@ -377,7 +383,7 @@ impl Supervisor {
         drop(child_end);
         let pid = child.id().unwrap_or(0);
         let channel = Arc::new(channel);
-        self.dispatch.add_worker(serial, channel.clone());
+        self.dispatch.add_worker(serial, id, channel.clone());
         let tx = self.reports_tx.clone();
         tokio::spawn(async move {
             let status = child.wait().await;
@@ -453,7 +459,7 @@ impl Supervisor {
             }
             ToMaster::Listen { req, endpoint, index } => {
                 let shown = endpoint.to_string();
-                let result = self.listen(endpoint, index);
+                let result = self.listen(endpoint, index, id);
                 if let Err(e) = &result {
                     log!("{} cannot listen on {shown}: {e}", peer(id));
                 }
@@ -494,6 +500,7 @@ impl Supervisor {
             ToMaster::Heartbeat
             | ToMaster::Accepted { .. }
             | ToMaster::Refused { .. }
+            | ToMaster::Closed { .. }
             | ToMaster::UserStart { .. }
             | ToMaster::UserMore(_) => {}
         }
@@ -567,9 +574,10 @@ impl Supervisor {
 
     /// Returns the key and address of the master's socket for `endpoint`, binding it on
     /// first use.
-    fn listen(&mut self, endpoint: Endpoint, index: u32) -> io::Result<(ListenKey, Option<SocketAddr>)> {
+    fn listen(&mut self, endpoint: Endpoint, index: u32, id: u32) -> io::Result<(ListenKey, Option<SocketAddr>)> {
         let index = if endpoint.is_port_zero() { index } else { 0 };
-        let lookup = (endpoint, index);
+        let reuseport = self.cfg.policy == Policy::ReusePort && !matches!(endpoint, Endpoint::Unix { .. });
+        let lookup = (endpoint, index, if reuseport { id } else { 0 });
         if let Some(key) = self.by_addr.get(&lookup) {
             return Ok((*key, self.listeners[key].addr));
         }
@@ -577,29 +585,55 @@ impl Supervisor {
             return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
         }
         let key = self.next_key;
+        let group = (lookup.0.clone(), index);
         let (listener, shown) = match &lookup.0 {
             Endpoint::Tcp(addr) => {
-                let socket = dispatch::bind_tcp(*addr, self.cfg.backlog)?;
+                let at = self.reuseport_addr.get(&group).copied().unwrap_or(*addr);
+                let socket = dispatch::bind_tcp(at, self.cfg.backlog, reuseport)?;
                 let bound = socket.local_addr()?.as_socket();
-                (self.stream_listener(socket, key, bound, None)?, format!("{}", bound.unwrap_or(*addr)))
+                let listener = if reuseport || self.cfg.policy == Policy::Shared {
+                    Listener { addr: bound, kind: Kind::Handed(socket), unix_path: None }
+                } else {
+                    self.stream_listener(socket, key, bound, None)?
+                };
+                (listener, format!("{}", bound.unwrap_or(*addr)))
             }
             Endpoint::Unix { path, mode } => {
                 let socket = crate::net::bind_unix(path, *mode, self.cfg.backlog)?;
                 (self.stream_listener(socket, key, None, Some(path.clone()))?, format!("unix:{}", path.display()))
             }
             Endpoint::Udp(addr) => {
-                let socket = dispatch::bind_udp(*addr)?;
+                let at = self.reuseport_addr.get(&group).copied().unwrap_or(*addr);
+                let socket = dispatch::bind_udp(at, reuseport)?;
                 let bound = socket.local_addr()?.as_socket();
-                let listener = Listener { addr: bound, kind: Kind::Datagram(socket), unix_path: None };
+                let listener = Listener { addr: bound, kind: Kind::Handed(socket), unix_path: None };
                 (listener, format!("udp {}", bound.unwrap_or(*addr)))
             }
         };
         self.next_key += 1;
-        log!("listening on {shown}");
+        if reuseport {
+            log!("listening on {shown} (SO_REUSEPORT socket of {})", peer(id));
+            if let Some(addr) = listener.addr {
+                self.reuseport_addr.entry(group).or_insert(addr);
+            }
+        } else {
+            log!("listening on {shown}");
+        }
         let addr = listener.addr;
         self.listeners.insert(key, listener);
         self.by_addr.insert(lookup, key);
         Ok((key, addr))
+    }
+
+    /// A worker id is gone for good (scaled down): close its own `reuseport` sockets, so the
+    /// kernel stops queueing clients on them. Its last process keeps its copy while it drains.
+    fn close_own_sockets(&mut self, id: u32) {
+        let keys: Vec<_> =
+            self.by_addr.iter().filter(|((_, _, owner), _)| *owner == id).map(|(k, v)| (k.clone(), *v)).collect();
+        for (lookup, key) in keys {
+            self.by_addr.remove(&lookup);
+            self.listeners.remove(&key);
+        }
     }
 
     fn stream_listener(
@@ -618,6 +652,7 @@ impl Supervisor {
     /// completed (closing a listening socket resets those).
     fn close_listeners(&mut self, sweep: bool) {
         self.by_addr.clear();
+        self.reuseport_addr.clear();
         for (key, l) in self.listeners.drain() {
             if let Kind::Stream { socket, task } = &l.kind {
                 task.abort();
@@ -970,6 +1005,7 @@ impl Supervisor {
         while self.worker_count() > n {
             let id = *self.slots.range(..AGENT).next_back().expect("slots").0;
             let slot = self.slots.remove(&id).expect("slot");
+            self.close_own_sockets(id);
             if let Some(reload) = &mut self.reload {
                 reload.queue.retain(|s| *s != id);
                 reload.active.retain(|s| *s != id);
@@ -1228,6 +1264,7 @@ async fn read_loop(
             Ok(None) => {}
             Ok(Some(ToMaster::Accepted { ids })) => dispatch.accepted(serial, &ids),
             Ok(Some(ToMaster::Refused { ids })) => dispatch.refused(serial, &ids),
+            Ok(Some(ToMaster::Closed { count })) => dispatch.closed(serial, count),
             Ok(_) if poisoned => {}
             Ok(Some(ToMaster::User { to, call, data })) if to != 0 => drop(relay.send((to, call, data))),
             Ok(Some(ToMaster::User { call, data, .. })) if messaging::is_reply(call) => {

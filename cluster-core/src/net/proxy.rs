@@ -42,7 +42,9 @@ impl Proxy {
         // it will never give the connection to another worker. If the master is gone, the
         // send fails and we serve the connection anyway: we hold the only copy left.
         let _ = ready!(self.client.channel.poll_send(cx, &accepted_one(id)));
-        Poll::Ready(Ok(self.pending.take().expect("pending connection")))
+        let conn = self.pending.take().expect("pending connection");
+        self.client.track(&conn.fd);
+        Poll::Ready(Ok(conn))
     }
 }
 
@@ -55,7 +57,7 @@ impl Drop for Proxy {
 }
 
 /// The error `accept` returns once the worker is shutting down.
-fn closed() -> io::Error {
+pub(crate) fn closed() -> io::Error {
     io::Error::other(ListenerClosed)
 }
 

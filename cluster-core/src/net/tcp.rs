@@ -7,7 +7,7 @@ use futures::Stream;
 use tokio::net::{TcpStream, ToSocketAddrs, lookup_host};
 
 use super::proxy::{Proxy, is_closed};
-use crate::ipc::message::Endpoint;
+use crate::ipc::message::{Endpoint, ListenKey};
 use crate::worker;
 
 /// A TCP listener that works the same in a worker, in a single process and in the master.
@@ -29,8 +29,34 @@ pub struct TcpListener {
 
 #[derive(Debug)]
 enum Inner {
+    /// No cluster: a plain listener.
     Direct(tokio::net::TcpListener),
+    /// Policy `rr`: the master accepts and hands connections over.
     Cluster { proxy: Proxy, local: SocketAddr },
+    /// Policies `shared` and `reuseport`: this worker accepts on a socket the master bound.
+    Own(Own),
+}
+
+/// A socket the master bound, on which this worker accepts itself until it is asked to stop.
+struct Own {
+    listener: tokio::net::TcpListener,
+    key: ListenKey,
+    /// Resolves when the worker is asked to stop; `None` once it has.
+    stop: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl std::fmt::Debug for Own {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Own").field("listener", &self.listener).field("key", &self.key).finish_non_exhaustive()
+    }
+}
+
+impl Drop for Own {
+    fn drop(&mut self) {
+        if let Some(client) = worker::client() {
+            client.send_unlisten(self.key);
+        }
+    }
 }
 
 impl TcpListener {
@@ -42,13 +68,27 @@ impl TcpListener {
         };
         let mut last = None;
         for addr in lookup_host(addr).await? {
-            match client.listen(Endpoint::Tcp(addr)).await {
-                Ok((key, local, queue)) => {
-                    let proxy = Proxy::new(client.clone(), key, queue);
-                    return Ok(TcpListener { inner: Inner::Cluster { proxy, local: local.unwrap_or(addr) } });
+            let endpoint = Endpoint::Tcp(addr);
+            let shown = endpoint.to_string();
+            let bound = match client.bind(endpoint).await {
+                Ok(bound) => bound,
+                Err(e) => {
+                    last = Some(e);
+                    continue;
                 }
-                Err(e) => last = Some(e),
+            };
+            let local = bound.addr.unwrap_or(addr);
+            if let Some(fd) = bound.fd {
+                let listener = std::net::TcpListener::from(fd);
+                listener.set_nonblocking(true)?;
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                client.send_listening(bound.key).await?;
+                let own = Own { listener, key: bound.key, stop: Some(Box::pin(worker::shutdown())) };
+                return Ok(TcpListener { inner: Inner::Own(own) });
             }
+            let queue = client.attach(bound.key, &shown).await?;
+            let proxy = Proxy::new(client.clone(), bound.key, queue);
+            return Ok(TcpListener { inner: Inner::Cluster { proxy, local } });
         }
         Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "address resolved to nothing")))
     }
@@ -58,6 +98,7 @@ impl TcpListener {
         match &self.inner {
             Inner::Direct(l) => l.local_addr(),
             Inner::Cluster { local, .. } => Ok(*local),
+            Inner::Own(own) => own.listener.local_addr(),
         }
     }
 
@@ -70,6 +111,18 @@ impl TcpListener {
     pub fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<(TcpStream, SocketAddr)>> {
         match &mut self.inner {
             Inner::Direct(l) => l.poll_accept(cx),
+            Inner::Own(own) => {
+                // Once the worker stops, it leaves the shared queue to the others.
+                if let Some(stop) = &mut own.stop
+                    && stop.as_mut().poll(cx).is_ready()
+                {
+                    own.stop = None;
+                }
+                if own.stop.is_none() {
+                    return Poll::Ready(Err(super::proxy::closed()));
+                }
+                own.listener.poll_accept(cx)
+            }
             Inner::Cluster { proxy, local } => {
                 let conn = ready!(proxy.poll_next(cx))?;
                 let stream = std::net::TcpStream::from(conn.fd);

@@ -44,6 +44,8 @@ pub(crate) struct Client {
     /// One per message sent through the master to another process, in sending order: told
     /// whether the master could hand it over.
     receipts: Mutex<VecDeque<oneshot::Sender<bool>>>,
+    /// Connections handed to user code, by fd and inode, when the master counts closes.
+    open_conns: Option<Mutex<Vec<(std::os::fd::RawFd, u64)>>>,
 }
 
 struct State {
@@ -80,6 +82,7 @@ pub(crate) async fn start(id: u32, channel: OwnedFd, cfg: &Config) -> io::Result
         messages: tokio::sync::Mutex::new(messages_rx),
         calls: Calls::default(),
         receipts: Mutex::default(),
+        open_conns: cfg.counts_closes().then(Mutex::default),
     });
     let client = CLIENT.get_or_init(|| client);
     install_panic_hook(cfg.exit_on_panic);
@@ -87,6 +90,9 @@ pub(crate) async fn start(id: u32, channel: OwnedFd, cfg: &Config) -> io::Result
     spawn_own(read_loop(client.clone()));
     if let Some(every) = cfg.heartbeat_interval() {
         spawn_own(heartbeat(client.clone(), every));
+    }
+    if client.open_conns.is_some() {
+        spawn_own(report_closes(client.clone()));
     }
     Ok(client)
 }
@@ -124,7 +130,7 @@ async fn heartbeat(client: Arc<Client>, every: Duration) {
         // Best effort: a full channel means the master is busy, not that we are dead.
         let mut out = BytesMut::new();
         ToMaster::Heartbeat.encode(&mut out);
-        if let Err(e) = client.channel.try_send_with_fds(&out, &[])
+        if let Err(e) = client.channel.try_send_with_fds(&out, crate::ipc::NO_FDS)
             && e.kind() != io::ErrorKind::WouldBlock
         {
             return;
@@ -132,7 +138,39 @@ async fn heartbeat(client: Arc<Client>, every: Duration) {
     }
 }
 
+/// How often a worker looks for connections user code closed (least-connections, caps).
+const CLOSE_CHECK: Duration = Duration::from_millis(20);
+
+/// Tells the master, in batches, how many of the connections it handed over are closed.
+async fn report_closes(client: Arc<Client>) {
+    let Some(open) = &client.open_conns else { return };
+    let mut tick = tokio::time::interval(CLOSE_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let closed = {
+            let mut open = open.lock().unwrap();
+            let before = open.len();
+            open.retain(|(fd, inode)| sys::inode(*fd) == Some(*inode));
+            before - open.len()
+        };
+        if closed > 0 && client.send(&ToMaster::Closed { count: closed as u32 }).await.is_err() {
+            return;
+        }
+    }
+}
+
 impl Client {
+    /// Notes a connection handed to user code, if the master counts closes.
+    pub(crate) fn track(&self, fd: &OwnedFd) {
+        use std::os::fd::AsRawFd;
+        if let Some(open) = &self.open_conns
+            && let Some(inode) = sys::inode(fd.as_raw_fd())
+        {
+            open.lock().unwrap().push((fd.as_raw_fd(), inode));
+        }
+    }
+
     async fn send(&self, msg: &ToMaster) -> io::Result<()> {
         let mut out = BytesMut::new();
         msg.encode(&mut out);
@@ -144,7 +182,7 @@ impl Client {
     fn send_soon(self: &Arc<Self>, msg: ToMaster) {
         let mut out = BytesMut::new();
         msg.encode(&mut out);
-        if let Err(e) = self.channel.try_send_with_fds(&out, &[])
+        if let Err(e) = self.channel.try_send_with_fds(&out, crate::ipc::NO_FDS)
             && e.kind() == io::ErrorKind::WouldBlock
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
@@ -192,6 +230,11 @@ impl Client {
     ) -> io::Result<(ListenKey, Option<SocketAddr>, ConnQueue)> {
         let shown = endpoint.to_string();
         let Bound { key, addr, .. } = self.bind(endpoint).await?;
+        Ok((key, addr, self.attach(key, &shown).await?))
+    }
+
+    /// Starts taking the master's connections for socket `key`.
+    pub(crate) async fn attach(self: &Arc<Self>, key: ListenKey, shown: &str) -> io::Result<ConnQueue> {
         let (tx, queue) = mpsc::unbounded_channel();
         {
             let mut state = self.state.lock().unwrap();
@@ -204,12 +247,17 @@ impl Client {
             state.listeners.insert(key, tx);
         }
         self.send_listening(key).await?;
-        Ok((key, addr, queue))
+        Ok(queue)
     }
 
     /// Tells the master this worker now uses socket `key` (it is part of being ready).
     pub(crate) async fn send_listening(&self, key: ListenKey) -> io::Result<()> {
         self.send(&ToMaster::Listening { key }).await
+    }
+
+    /// This worker stopped using a socket it accepts on itself.
+    pub(crate) fn send_unlisten(self: &Arc<Self>, key: ListenKey) {
+        self.send_soon(ToMaster::Unlisten { key });
     }
 
     /// A listener was dropped: tell the master, and hand back what it had not accepted.

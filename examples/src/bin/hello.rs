@@ -112,10 +112,13 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
         }
         "/exit" if debug => std::process::exit(query(&req, "code").unwrap_or(0) as i32),
         "/panic" if debug => panic!("/panic requested"),
-        "/hang" if debug => loop {
-            // Blocks the worker's (single-threaded) runtime: nothing else in it runs.
-            std::thread::sleep(Duration::from_secs(3600));
-        },
+        "/hang" if debug => {
+            eprintln!("hello: worker {} hanging as asked", cluster::worker::id().unwrap_or(0));
+            loop {
+                // Blocks the worker's (single-threaded) runtime: nothing else in it runs.
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     };
     if cluster::worker::is_shutting_down() {
