@@ -378,9 +378,10 @@ impl State {
     /// Whether an accept loop paused for `key` should resume.
     fn resumes(&self, key: ListenKey, limits: &Limits) -> bool {
         self.backlog.get(&key).is_none_or(VecDeque::is_empty)
-            && self.targets.iter().any(|t| {
-                t.takes(key) && t.inflight.len() <= limits.low_water && limits.cap.is_none_or(|cap| t.load() < cap)
-            })
+            && self
+                .targets
+                .iter()
+                .any(|t| t.takes(key) && t.room(limits) > 0 && t.inflight.len() + t.batch.len() <= limits.low_water)
     }
 }
 
