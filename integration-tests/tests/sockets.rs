@@ -121,3 +121,42 @@ fn hello_on_the_ipv6_wildcard_is_dual_stack() {
         assert_eq!(response.status, 200, "via {host}");
     }
 }
+
+#[test]
+fn ipv6_loopback_serves_under_every_policy() {
+    for policy in ["shared", "reuseport"] {
+        let env = [("CLUSTER_WORKERS", "2"), ("HOST", "::1"), ("CLUSTER_SCHED_POLICY", policy)];
+        let server = Server::start("hello", &env, 2);
+        assert!(server.addr.is_ipv6(), "{}", server.addr);
+        for _ in 0..20 {
+            assert_eq!(server.get("/").status, 200, "{policy}");
+        }
+    }
+}
+
+#[test]
+fn udp_under_reuseport_gives_each_worker_its_own_socket() {
+    let env = [("CLUSTER_WORKERS", "2"), ("CLUSTER_SCHED_POLICY", "reuseport")];
+    let server = Server::spawn(integration_tests::example_bin("udp-echo"), &env);
+    let addr: std::net::SocketAddr = wait_for(Duration::from_secs(20), "both workers to bind", || {
+        let out = server.stdout();
+        let addrs: Vec<&str> = out.lines().filter_map(|l| l.split("listening on udp://").nth(1)).collect();
+        (addrs.len() == 2).then(|| addrs[0].trim().parse().expect("address"))
+    });
+    assert!(server.stdout().lines().filter(|l| l.contains(&format!("udp://{addr}"))).count() == 2, "one port");
+    assert_eq!(server.stderr().matches("SO_REUSEPORT socket of worker").count(), 2, "{}", server.stderr());
+    // The kernel picks a socket by a hash of the client's address: one client socket each.
+    let mut answered_by = HashSet::new();
+    let mut buf = [0u8; 256];
+    for i in 0..200 {
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("client socket");
+        client.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let payload = format!("ping {i}");
+        client.send_to(payload.as_bytes(), addr).expect("send");
+        let (n, _) = client.recv_from(&mut buf).expect("every datagram is answered");
+        let reply = std::str::from_utf8(&buf[..n]).expect("utf-8");
+        assert!(reply.ends_with(&payload), "{reply}");
+        answered_by.insert(reply.split(':').next().expect("id").to_owned());
+    }
+    assert_eq!(answered_by.len(), 2, "both workers answer some datagrams: {answered_by:?}");
+}

@@ -539,6 +539,7 @@ impl Supervisor {
         w.state = WorkerState::Ready;
         w.was_ready = true;
         let (id, pid, keys) = (w.id, w.pid, w.keys.clone());
+        log!("{} ready (pid {pid}) {} us after start", peer(id), w.started.elapsed().as_micros());
         self.emit(Event::Ready { id, pid });
         let Some(slot) = self.slots.get_mut(&id) else { return };
         if !keys.is_empty() {
