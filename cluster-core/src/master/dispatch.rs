@@ -31,7 +31,7 @@ use crate::net::is_connection_error;
 pub(crate) type Serial = u64;
 
 /// A connection accepted by the master and not yet owned by a worker.
-pub(crate) struct Conn {
+struct Conn {
     key: ListenKey,
     socket: Socket,
     /// `None` for a Unix socket peer.
@@ -250,23 +250,11 @@ impl Dispatch {
 
     /// Hands a batch of connections accepted on one listener to workers (several per
     /// message when they go to the same worker); what finds no room waits in the backlog.
-    pub(crate) fn dispatch(&self, key: ListenKey, conns: &mut Vec<Conn>) {
+    fn dispatch(&self, key: ListenKey, conns: &mut Vec<Conn>) {
         let mut state = self.state.lock().unwrap();
-        let queued = state.backlog.get(&key).is_some_and(|q| !q.is_empty());
-        if queued {
-            state.backlog.entry(key).or_default().extend(conns.drain(..));
-            state.drain(&self.limits);
-            return;
-        }
-        let mut rest = conns.drain(..);
-        for conn in rest.by_ref() {
-            if let Err(conn) = state.choose(conn, &self.limits) {
-                state.backlog.entry(key).or_default().push_back(conn);
-                break;
-            }
-        }
-        state.backlog.entry(key).or_default().extend(rest);
-        state.flush(key);
+        // Behind any connection already waiting, in accept order.
+        state.backlog.entry(key).or_default().extend(conns.drain(..));
+        state.drain_key(key, &self.limits);
     }
 
     /// How many connections workers can take for `key` now.
@@ -355,22 +343,28 @@ impl State {
     fn drain(&mut self, limits: &Limits) {
         let keys: Vec<ListenKey> = self.backlog.iter().filter(|(_, q)| !q.is_empty()).map(|(k, _)| *k).collect();
         for key in keys {
-            loop {
-                let mut moved = 0;
-                while moved < MAX_FDS {
-                    let Some(conn) = self.backlog.get_mut(&key).and_then(VecDeque::pop_front) else { break };
-                    if let Err(conn) = self.choose(conn, limits) {
-                        self.backlog.entry(key).or_default().push_front(conn);
-                        break;
-                    }
-                    moved += 1;
-                }
-                let waiting = self.backlog.get(&key).map_or(0, VecDeque::len);
-                self.flush(key);
-                // Stop when nothing moved, or when the flush gave connections back.
-                if moved < MAX_FDS || self.backlog.get(&key).map_or(0, VecDeque::len) > waiting {
+            self.drain_key(key, limits);
+        }
+    }
+
+    /// Moves the connections waiting for `key` to workers while there is room, at most one
+    /// message's worth per worker per pass.
+    fn drain_key(&mut self, key: ListenKey, limits: &Limits) {
+        loop {
+            let mut moved = 0;
+            while moved < MAX_FDS {
+                let Some(conn) = self.backlog.get_mut(&key).and_then(VecDeque::pop_front) else { break };
+                if let Err(conn) = self.choose(conn, limits) {
+                    self.backlog.entry(key).or_default().push_front(conn);
                     break;
                 }
+                moved += 1;
+            }
+            let waiting = self.backlog.get(&key).map_or(0, VecDeque::len);
+            self.flush(key);
+            // Stop when nothing moved, or when the flush gave connections back.
+            if moved < MAX_FDS || self.backlog.get(&key).map_or(0, VecDeque::len) > waiting {
+                break;
             }
         }
     }
@@ -487,9 +481,6 @@ pub(crate) fn sweep(listener: &AsyncFd<Socket>, key: ListenKey, dispatch: &Dispa
             Err(_) => break,
         }
     }
-    // One by one: the backlog keeps whatever does not fit now.
-    for conn in batch {
-        dispatch.dispatch(key, &mut vec![conn]);
-    }
+    dispatch.dispatch(key, &mut batch);
     n
 }
