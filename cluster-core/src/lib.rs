@@ -65,4 +65,5 @@ pub mod env {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::config::Builder;
+    pub use crate::ipc::bench as ipc_bench;
 }

@@ -15,7 +15,7 @@ use std::os::fd::OwnedFd;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// Version of this protocol; sent by a worker in its first message.
-pub(crate) const PROTOCOL_VERSION: u16 = 2;
+pub(crate) const PROTOCOL_VERSION: u16 = 3;
 
 /// Largest datagram either side sends or accepts.
 pub(crate) const MAX_MESSAGE: usize = 64 * 1024;
@@ -142,7 +142,7 @@ impl std::fmt::Display for Endpoint {
 }
 
 /// Messages from a worker to the master.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) enum ToMaster {
     /// First message of every worker ("online").
     Hello { version: u16, pid: u32 },
@@ -157,6 +157,13 @@ pub(crate) enum ToMaster {
     Accepted { ids: Vec<ConnId> },
     /// The worker will not serve these connections; the master hands them to another worker.
     Refused { ids: Vec<ConnId> },
+    /// Connections the worker had acknowledged but not handed to user code when it closed the
+    /// listener for `key`: it gives them back, one file descriptor each (the master closed its
+    /// copies on acknowledgement).
+    Returned { key: ListenKey, conns: Vec<NewConn> },
+    /// The worker could not take these connections (its file descriptor table is full: the
+    /// kernel cut the `NewConn`); the master hands them to others and gives it a rest.
+    Busy { ids: Vec<ConnId> },
     /// The worker is about to exit (sent from the panic hook).
     Exiting { reason: String },
     /// Application payload for the master (`to` = 0), or for another process (relayed):
@@ -240,6 +247,8 @@ mod tag {
     pub(super) const USER_START_TO_MASTER: u8 = 0x0b;
     pub(super) const USER_MORE_TO_MASTER: u8 = 0x0c;
     pub(super) const CLOSED: u8 = 0x0d;
+    pub(super) const RETURNED: u8 = 0x0e;
+    pub(super) const BUSY: u8 = 0x0f;
 
     pub(super) const LISTEN_REPLY: u8 = 0x81;
     pub(super) const NEWCONN: u8 = 0x82;
@@ -260,6 +269,8 @@ impl ToMaster {
             Self::Unlisten { .. } => "unlisten",
             Self::Accepted { .. } => "accepted",
             Self::Refused { .. } => "refused",
+            Self::Returned { .. } => "returned",
+            Self::Busy { .. } => "busy",
             Self::Exiting { .. } => "exiting",
             Self::User { .. } => "user",
             Self::UserStart { .. } => "user start",
@@ -294,6 +305,17 @@ impl ToMaster {
             }
             Self::Accepted { ids } => put_ids(out, tag::ACCEPTED, ids),
             Self::Refused { ids } => put_ids(out, tag::REFUSED, ids),
+            Self::Returned { key, conns } => {
+                // The same layout as `NewConn`; the sender attaches the fds in this order.
+                out.put_u8(tag::RETURNED);
+                out.put_u32(*key);
+                out.put_u16(conns.len() as u16);
+                for conn in conns {
+                    out.put_u64(conn.id);
+                    put_opt_addr(out, conn.peer.as_ref());
+                }
+            }
+            Self::Busy { ids } => put_ids(out, tag::BUSY, ids),
             Self::Exiting { reason } => {
                 out.put_u8(tag::EXITING);
                 // Cut long panic messages at a character boundary so they fit one datagram.
@@ -318,7 +340,7 @@ impl ToMaster {
         }
     }
 
-    /// Decodes one datagram. No message to the master carries file descriptors.
+    /// Decodes one datagram. Only `Returned` carries file descriptors.
     pub(crate) fn decode(mut buf: Bytes, fds: Vec<OwnedFd>) -> Result<Self, ProtocolError> {
         if buf.is_empty() {
             return Err(ProtocolError::Empty);
@@ -349,6 +371,17 @@ impl ToMaster {
             tag::REFUSED => {
                 r.message = "refused";
                 Self::Refused { ids: r.ids()? }
+            }
+            tag::RETURNED => {
+                r.message = "returned";
+                let key = r.u32()?;
+                let conns = r.conns(fds)?;
+                r.finish()?;
+                return Ok(Self::Returned { key, conns });
+            }
+            tag::BUSY => {
+                r.message = "busy";
+                Self::Busy { ids: r.ids()? }
             }
             tag::EXITING => {
                 r.message = "exiting";
@@ -433,12 +466,7 @@ impl ToWorker {
             tag::NEWCONN => {
                 r.message = "newconn";
                 let key = r.u32()?;
-                let count = r.count()?;
-                expect_fds("newconn", fds.len(), count)?;
-                let mut conns = Vec::with_capacity(count);
-                for fd in fds {
-                    conns.push(NewConn { id: r.u64()?, peer: r.opt_addr()?, fd });
-                }
+                let conns = r.conns(fds)?;
                 r.finish()?;
                 return Ok(Self::NewConn { key, conns });
             }
@@ -533,13 +561,34 @@ pub(crate) mod encode {
     }
 }
 
-/// Encodes `Accepted` for one connection without allocating (the worker's accept path).
-pub(crate) fn accepted_one(id: ConnId) -> [u8; 11] {
-    let mut out = [0u8; 11];
-    out[0] = tag::ACCEPTED;
-    out[1..3].copy_from_slice(&1u16.to_be_bytes());
-    out[3..].copy_from_slice(&id.to_be_bytes());
-    out
+/// Encodes `Accepted` for up to [`MAX_FDS`] connections into a reused buffer (the worker's
+/// accept path).
+pub(crate) fn accepted(out: &mut BytesMut, ids: impl ExactSizeIterator<Item = ConnId>) {
+    debug_assert!(ids.len() <= MAX_FDS);
+    out.clear();
+    out.put_u8(tag::ACCEPTED);
+    out.put_u16(ids.len() as u16);
+    for id in ids {
+        out.put_u64(id);
+    }
+}
+
+/// The connection ids of a `NewConn` whose file descriptors the kernel could not all install
+/// (MSG_CTRUNC: the receiver's descriptor table is full), so the worker can hand them back.
+pub(crate) fn newconn_ids(buf: &Bytes) -> Result<Vec<ConnId>, ProtocolError> {
+    let mut r = Reader { buf: buf.clone(), message: "newconn" };
+    if r.u8()? != tag::NEWCONN {
+        return Err(ProtocolError::AncillaryTruncated);
+    }
+    r.u32()?;
+    let count = r.count()?;
+    let mut ids = Vec::with_capacity(count);
+    for _ in 0..count {
+        ids.push(r.u64()?);
+        r.opt_addr()?;
+    }
+    r.finish()?;
+    Ok(ids)
 }
 
 /// The tags of user messages in one direction.
@@ -724,6 +773,16 @@ impl Reader {
         let count = self.count()?;
         (0..count).map(|_| self.u64()).collect()
     }
+    /// A count, then that many (id, peer) entries, one per file descriptor in `fds`.
+    fn conns(&mut self, fds: Vec<OwnedFd>) -> Result<Vec<NewConn>, ProtocolError> {
+        let count = self.count()?;
+        expect_fds(self.message, fds.len(), count)?;
+        let mut conns = Vec::with_capacity(count);
+        for fd in fds {
+            conns.push(NewConn { id: self.u64()?, peer: self.opt_addr()?, fd });
+        }
+        Ok(conns)
+    }
     fn addr(&mut self) -> Result<SocketAddr, ProtocolError> {
         match self.u8()? {
             4 => {
@@ -784,7 +843,7 @@ mod tests {
     fn round_trip(msg: ToMaster) {
         let mut out = BytesMut::new();
         msg.encode(&mut out);
-        assert_eq!(ToMaster::decode(out.freeze(), Vec::new()), Ok(msg));
+        assert_eq!(format!("{:?}", ToMaster::decode(out.freeze(), Vec::new())), format!("{:?}", Ok::<_, ()>(msg)));
     }
 
     fn fd() -> OwnedFd {
@@ -804,10 +863,11 @@ mod tests {
         round_trip(ToMaster::Unlisten { key: 3 });
         round_trip(ToMaster::Accepted { ids: vec![1, 2, u64::MAX] });
         round_trip(ToMaster::Refused { ids: vec![] });
-        let one = accepted_one(77);
-        assert_eq!(
-            ToMaster::decode(Bytes::copy_from_slice(&one), Vec::new()),
-            Ok(ToMaster::Accepted { ids: vec![77] })
+        round_trip(ToMaster::Busy { ids: vec![5, 6] });
+        let mut batch = BytesMut::new();
+        accepted(&mut batch, [77, 78].into_iter());
+        assert!(
+            matches!(ToMaster::decode(batch.freeze(), Vec::new()), Ok(ToMaster::Accepted { ids }) if ids == [77, 78])
         );
         round_trip(ToMaster::Exiting { reason: "panicked at 'boom'".into() });
         round_trip(ToMaster::User { to: 0, call: 0, data: Bytes::from_static(b"\x02looks like listen") });
@@ -840,6 +900,26 @@ mod tests {
         }
         let err = ToWorker::decode(bytes.clone(), vec![fd()]).unwrap_err();
         assert_eq!(err, ProtocolError::FdCount { message: "newconn", got: 1, expected: 2 });
+        // What a worker whose fd table is full reads from the cut message: the ids, to refuse.
+        assert_eq!(newconn_ids(&bytes), Ok(vec![100, 101]));
+        assert!(newconn_ids(&Bytes::from_static(b"\x83")).is_err());
+    }
+
+    #[test]
+    fn returned_carries_one_fd_per_connection() {
+        let peer: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+        let conns = vec![NewConn { id: 7, peer: Some(peer), fd: fd() }, NewConn { id: 8, peer: None, fd: fd() }];
+        let mut out = BytesMut::new();
+        ToMaster::Returned { key: 3, conns }.encode(&mut out);
+        let bytes = out.freeze();
+        match ToMaster::decode(bytes.clone(), vec![fd(), fd()]).unwrap() {
+            ToMaster::Returned { key: 3, conns } => {
+                assert_eq!(conns.iter().map(|c| (c.id, c.peer)).collect::<Vec<_>>(), vec![(7, Some(peer)), (8, None)]);
+            }
+            other => panic!("decoded {other:?}"),
+        }
+        let err = ToMaster::decode(bytes, vec![fd()]).unwrap_err();
+        assert_eq!(err, ProtocolError::FdCount { message: "returned", got: 1, expected: 2 });
     }
 
     #[test]

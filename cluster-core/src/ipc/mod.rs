@@ -5,6 +5,8 @@
 //! would make the kernel close passed descriptors), and a datagram or ancillary block the
 //! kernel had to cut (MSG_TRUNC / MSG_CTRUNC) is a protocol error, never a partial message.
 
+#[doc(hidden)]
+pub mod bench;
 pub(crate) mod message;
 
 use std::io;
@@ -96,9 +98,10 @@ impl Channel {
         Ok(())
     }
 
-    /// Sends one datagram with a few file descriptors attached, waiting for buffer space.
+    /// Sends one datagram with up to [`MAX_FDS`] file descriptors attached, waiting for
+    /// buffer space.
     pub(crate) async fn send_with_fds(&self, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-        let mut space = [0u8; 128];
+        let mut space = [0u8; ANCILLARY_SPACE];
         let mut ancillary = tokio_seqpacket::ancillary::AncillaryMessageWriter::new(&mut space);
         if !fds.is_empty() {
             ancillary.add_fds(fds.iter().copied()).map_err(io::Error::other)?;
@@ -137,10 +140,12 @@ impl Receiver {
     ///
     /// `Ok(None)` is end of stream: the peer closed its end (this protocol never sends an empty
     /// datagram). Descriptors of a rejected message are closed before the error is returned.
-    pub(crate) async fn recv(&mut self, channel: &Channel) -> Result<Option<(Bytes, Vec<OwnedFd>)>, RecvError> {
+    /// Ancillary data cut by the kernel is not an error here but [`Datagram::fds_cut`]: a
+    /// receiver whose descriptor table is full must be able to say so instead of dying.
+    pub(crate) async fn recv(&mut self, channel: &Channel) -> Result<Option<Datagram>, RecvError> {
         let (info, ancillary) = channel.sock.recv_with_ancillary(&mut self.data, &mut self.ancillary).await?;
         let mut fds = Vec::new();
-        let ancillary_truncated = info.ancillary_truncated() || ancillary.is_truncated();
+        let fds_cut = info.ancillary_truncated() || ancillary.is_truncated();
         let mut unexpected = None;
         for message in ancillary.into_messages() {
             match message {
@@ -154,16 +159,30 @@ impl Receiver {
         if info.truncated() {
             return Err(ProtocolError::Truncated.into());
         }
-        if ancillary_truncated {
-            return Err(ProtocolError::AncillaryTruncated.into());
-        }
         if let Some(err) = unexpected {
             return Err(err.into());
         }
-        if info.bytes_read() == 0 && fds.is_empty() {
+        if info.bytes_read() == 0 && fds.is_empty() && !fds_cut {
             return Ok(None);
         }
-        Ok(Some((Bytes::copy_from_slice(&self.data[..info.bytes_read()]), fds)))
+        Ok(Some(Datagram { data: Bytes::copy_from_slice(&self.data[..info.bytes_read()]), fds, fds_cut }))
+    }
+}
+
+/// One received datagram.
+pub(crate) struct Datagram {
+    pub(crate) data: Bytes,
+    /// The descriptors the kernel installed, in the order they were sent.
+    pub(crate) fds: Vec<OwnedFd>,
+    /// The kernel cut the ancillary data (MSG_CTRUNC): this process's descriptor table is full,
+    /// or more than [`MAX_FDS`] were sent. `fds` holds only some of what was sent.
+    pub(crate) fds_cut: bool,
+}
+
+impl Datagram {
+    /// The datagram as the sender meant it, or an error if its descriptors were cut.
+    pub(crate) fn whole(self) -> Result<(Bytes, Vec<OwnedFd>), ProtocolError> {
+        if self.fds_cut { Err(ProtocolError::AncillaryTruncated) } else { Ok((self.data, self.fds)) }
     }
 }
 
@@ -181,7 +200,7 @@ mod tests {
         let file = std::fs::File::open("/dev/null").unwrap();
         a.try_send_with_fds(b"\x01", &[file.as_fd(), file.as_fd()]).unwrap();
         let mut rx = Receiver::new();
-        let (bytes, fds) = rx.recv(&b).await.unwrap().unwrap();
+        let (bytes, fds) = rx.recv(&b).await.unwrap().unwrap().whole().unwrap();
         assert_eq!(&bytes[..], b"\x01");
         assert_eq!(fds.len(), 2);
 
@@ -195,7 +214,10 @@ mod tests {
         let mut anc = AncillaryMessageWriter::new(&mut space);
         anc.add_fds(many.iter().copied()).unwrap();
         a.sock.send_vectored_with_ancillary(&[IoSlice::new(b"\x01")], &mut anc).await.unwrap();
-        assert!(matches!(rx.recv(&b).await, Err(RecvError::Protocol(ProtocolError::AncillaryTruncated))));
+        let cut = rx.recv(&b).await.unwrap().unwrap();
+        assert!(cut.fds_cut);
+        assert!((MAX_FDS..MAX_FDS + 40).contains(&cut.fds.len()), "the descriptors that fit are installed");
+        assert!(matches!(cut.whole(), Err(ProtocolError::AncillaryTruncated)));
 
         drop(a);
         assert!(rx.recv(&b).await.unwrap().is_none());

@@ -23,9 +23,12 @@ use tokio::sync::Notify;
 
 use crate::config::Balancer;
 use crate::ipc::Channel;
-use crate::ipc::message::{ConnId, ListenKey, MAX_FDS, encode};
+use crate::ipc::message::{ConnId, ListenKey, MAX_FDS, NewConn, encode};
 use crate::log::log;
 use crate::net::is_connection_error;
+
+/// How long a worker that had no free file descriptors gets no new connections.
+const REST: Duration = Duration::from_millis(100);
 
 /// Internal id of one worker process: a serial number, unique and never reused (worker ids are reused by replacements).
 pub(crate) type Serial = u64;
@@ -68,6 +71,8 @@ struct Target {
     handled: u64,
     /// Of those, how many it reported closed (only when closes are tracked).
     closed: u64,
+    /// Since when it gets nothing because it said it had no room for more descriptors.
+    resting: Option<Instant>,
 }
 
 impl Target {
@@ -77,7 +82,7 @@ impl Target {
     }
 
     fn takes(&self, key: ListenKey) -> bool {
-        self.open && self.keys.contains(&key)
+        self.open && self.resting.is_none() && self.keys.contains(&key)
     }
 
     /// Free places in its window, within the live-connection cap.
@@ -145,6 +150,7 @@ impl Dispatch {
             open: true,
             handled: 0,
             closed: 0,
+            resting: None,
         };
         self.state.lock().unwrap().targets.push(target);
     }
@@ -236,6 +242,65 @@ impl Dispatch {
         state.drain(&self.limits);
         drop(state);
         self.room.notify_waiters();
+    }
+
+    /// The worker acknowledged these connections but closed its listener before user code
+    /// took them: the master owns them again and hands them to another worker.
+    pub(crate) fn returned(&self, serial: Serial, key: ListenKey, conns: Vec<NewConn>) {
+        let n = conns.len() as u64;
+        let mut state = self.state.lock().unwrap();
+        let State { targets, backlog, .. } = &mut *state;
+        if let Some(t) = targets.iter_mut().find(|t| t.serial == serial) {
+            log!("worker {} gave back {n} connection(s) it had acknowledged and not served", t.id);
+            t.handled = t.handled.saturating_sub(n);
+            t.closed = t.closed.min(t.handled);
+            t.keys.retain(|k| *k != key);
+        }
+        let queue = backlog.entry(key).or_default();
+        for conn in conns.into_iter().rev() {
+            queue.push_front(Conn { key, socket: Socket::from(conn.fd), peer: conn.peer });
+        }
+        state.drain(&self.limits);
+        drop(state);
+        self.room.notify_waiters();
+    }
+
+    /// The worker could not take these connections (no free file descriptors): they go to
+    /// other workers, and it gets none for a [`REST`].
+    pub(crate) fn busy(&self, serial: Serial, ids: &[ConnId]) {
+        let mut state = self.state.lock().unwrap();
+        let State { targets, backlog, .. } = &mut *state;
+        if let Some(t) = targets.iter_mut().find(|t| t.serial == serial) {
+            if t.resting.is_none() {
+                log!("worker {} has no free file descriptors; its connections go to other workers for a while", t.id);
+            }
+            t.resting = Some(Instant::now());
+            for id in ids.iter().rev() {
+                if let Some(conn) = t.inflight.remove(id) {
+                    backlog.entry(conn.key).or_default().push_front(conn);
+                }
+            }
+        }
+        state.drain(&self.limits);
+        drop(state);
+        self.room.notify_waiters();
+    }
+
+    /// Periodic: workers that rested long enough get connections again.
+    pub(crate) fn tick(&self, now: Instant) {
+        let mut state = self.state.lock().unwrap();
+        let mut woke = false;
+        for t in &mut state.targets {
+            if t.resting.is_some_and(|since| now.duration_since(since) >= REST) {
+                t.resting = None;
+                woke = true;
+            }
+        }
+        if woke {
+            state.drain(&self.limits);
+            drop(state);
+            self.room.notify_waiters();
+        }
     }
 
     fn update(&self, serial: Serial, f: impl FnOnce(&mut Target)) {

@@ -34,7 +34,7 @@ use crate::ipc::message::{
     AGENT, ALL_WORKERS, Endpoint, ListenKey, PROTOCOL_VERSION, ProtocolError, Reassembly, ToMaster, USER_TO_WORKER,
     Whole, encode,
 };
-use crate::ipc::{Channel, Receiver, RecvError};
+use crate::ipc::{Channel, Datagram, Receiver, RecvError};
 use crate::log::log;
 use crate::messaging::{self, Calls, Peer, Request};
 use crate::role::{AGENT_UNIQUE_ID, CHANNEL_FD, ENV_CHANNEL_FD, ENV_UNIQUE_ID};
@@ -322,6 +322,7 @@ impl Supervisor {
             self.check_ready_deadlines(now);
             self.check_limits(now);
         }
+        self.dispatch.tick(now);
         self.check_heartbeats(now);
         self.retire_step(now);
     }
@@ -500,6 +501,8 @@ impl Supervisor {
             ToMaster::Heartbeat
             | ToMaster::Accepted { .. }
             | ToMaster::Refused { .. }
+            | ToMaster::Returned { .. }
+            | ToMaster::Busy { .. }
             | ToMaster::Closed { .. }
             | ToMaster::UserStart { .. }
             | ToMaster::UserMore(_) => {}
@@ -1231,8 +1234,15 @@ async fn read_loop(
     let mut hello = false;
     let mut poisoned = false;
     loop {
-        let (data, fds) = match rx.recv(&channel).await {
-            Ok(Some(message)) => message,
+        let (data, fds) = match rx.recv(&channel).await.map(|d| d.map(Datagram::whole)) {
+            Ok(Some(Ok(message))) => message,
+            Ok(Some(Err(e))) => {
+                // Descriptors a worker handed back that this process had no room for.
+                if !std::mem::replace(&mut poisoned, true) {
+                    let _ = reports.send(Report::Bad { serial, error: e.into() });
+                }
+                continue;
+            }
             Ok(None) => break,
             Err(RecvError::Protocol(e)) => {
                 if !std::mem::replace(&mut poisoned, true) {
@@ -1265,6 +1275,8 @@ async fn read_loop(
             Ok(None) => {}
             Ok(Some(ToMaster::Accepted { ids })) => dispatch.accepted(serial, &ids),
             Ok(Some(ToMaster::Refused { ids })) => dispatch.refused(serial, &ids),
+            Ok(Some(ToMaster::Returned { key, conns })) => dispatch.returned(serial, key, conns),
+            Ok(Some(ToMaster::Busy { ids })) => dispatch.busy(serial, &ids),
             Ok(Some(ToMaster::Closed { count })) => dispatch.closed(serial, count),
             Ok(_) if poisoned => {}
             Ok(Some(ToMaster::User { to, call, data })) if to != 0 => drop(relay.send((to, call, data))),

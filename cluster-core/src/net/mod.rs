@@ -4,7 +4,7 @@
 //! each accepted connection. Outside a cluster (`CLUSTER_WORKERS=0`, tests, the master's own
 //! code) the same call binds directly. Either way user code gets plain tokio types.
 
-mod proxy;
+pub(crate) mod proxy;
 mod tcp;
 mod udp;
 mod unix;

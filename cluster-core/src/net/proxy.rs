@@ -1,20 +1,34 @@
 //! The worker's end of a listener the master owns: connections arrive on a queue from the
 //! channel reader, and each is acknowledged to the master before user code gets it.
+//!
+//! Acknowledgements are batched: `accept` takes everything already queued (up to one
+//! message's worth), acknowledges it in one message, and hands the connections out one by
+//! one from a local buffer. What is acknowledged but not yet handed out goes back to the
+//! master, descriptors and all, if the listener is dropped or the worker panics.
 
+use std::collections::VecDeque;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 
-use crate::ipc::message::{ListenKey, NewConn, accepted_one};
+use bytes::BytesMut;
+
+use crate::ipc::message::{ListenKey, MAX_FDS, NewConn, accepted};
 use crate::worker::{Client, ConnQueue};
+
+/// Acknowledged connections not yet handed to user code. Shared with the client, so the panic
+/// hook can give them back.
+pub(crate) type Unserved = Arc<Mutex<VecDeque<NewConn>>>;
 
 pub(crate) struct Proxy {
     client: Arc<Client>,
     key: ListenKey,
     queue: Option<ConnQueue>,
-    /// A connection taken off the queue whose acknowledgement is not yet sent (keeps `accept`
-    /// cancel-safe).
-    pending: Option<NewConn>,
+    /// Taken off the queue; their acknowledgement (in `ack`) is not sent yet. Keeps `accept`
+    /// cancel-safe.
+    pending: Vec<NewConn>,
+    ack: BytesMut,
+    unserved: Unserved,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -25,33 +39,52 @@ impl std::fmt::Debug for Proxy {
 
 impl Proxy {
     pub(crate) fn new(client: Arc<Client>, key: ListenKey, queue: ConnQueue) -> Self {
-        Proxy { client, key, queue: Some(queue), pending: None }
+        let unserved = client.register_unserved(key);
+        Proxy { client, key, queue: Some(queue), pending: Vec::new(), ack: BytesMut::new(), unserved }
     }
 
     /// The next connection, acknowledged to the master.
     pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<NewConn>> {
-        if self.pending.is_none() {
+        if let Some(conn) = self.unserved.lock().unwrap().pop_front() {
+            return Poll::Ready(Ok(self.hand_out(conn)));
+        }
+        if self.pending.is_empty() {
             let Some(queue) = self.queue.as_mut() else { return Poll::Ready(Err(closed())) };
             match ready!(queue.poll_recv(cx)) {
-                Some(conn) => self.pending = Some(conn),
+                Some(conn) => self.pending.push(conn),
                 None => return Poll::Ready(Err(closed())),
             }
+            // Everything already queued rides on the same acknowledgement; nothing waits for more.
+            while self.pending.len() < MAX_FDS {
+                match queue.try_recv() {
+                    Ok(conn) => self.pending.push(conn),
+                    Err(_) => break,
+                }
+            }
+            accepted(&mut self.ack, self.pending.iter().map(|c| c.id));
         }
-        let id = self.pending.as_ref().map_or(0, |c| c.id);
-        // Acknowledge before user code can read from the socket: once the master has this,
-        // it will never give the connection to another worker. If the master is gone, the
-        // send fails and we serve the connection anyway: we hold the only copy left.
-        let _ = ready!(self.client.channel.poll_send(cx, &accepted_one(id)));
-        let conn = self.pending.take().expect("pending connection");
+        // Acknowledge before user code can read from a socket: once the master has this, it
+        // never gives these connections to another worker. If the master is gone, the send
+        // fails and we serve them anyway: we hold the only copies left.
+        let _ = ready!(self.client.channel.poll_send(cx, &self.ack));
+        let mut unserved = self.unserved.lock().unwrap();
+        unserved.extend(self.pending.drain(..));
+        let conn = unserved.pop_front().expect("acknowledged connection");
+        drop(unserved);
+        Poll::Ready(Ok(self.hand_out(conn)))
+    }
+
+    fn hand_out(&self, conn: NewConn) -> NewConn {
         self.client.track(&conn.fd);
-        Poll::Ready(Ok(conn))
+        conn
     }
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
         if let Some(queue) = self.queue.take() {
-            self.client.unlisten(self.key, queue, self.pending.take());
+            let unserved = std::mem::take(&mut *self.unserved.lock().unwrap());
+            self.client.unlisten(self.key, queue, std::mem::take(&mut self.pending), unserved);
         }
     }
 }

@@ -9,7 +9,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -21,9 +21,10 @@ use crate::ipc::message::{
     self, AGENT, ALL_WORKERS, Bound, ConnId, Endpoint, ListenKey, ListenResult, NewConn, PROTOCOL_VERSION, Reassembly,
     ToMaster, ToWorker, Whole,
 };
-use crate::ipc::{Channel, Receiver};
+use crate::ipc::{Channel, Receiver, RecvError};
 use crate::messaging::{self, Calls, Request};
 pub use crate::messaging::{Message, Peer, RequestError, SendError};
+use crate::net::proxy::Unserved;
 use crate::sys;
 
 /// The queue of connections the master handed to one listener.
@@ -46,6 +47,8 @@ pub(crate) struct Client {
     receipts: Mutex<VecDeque<oneshot::Sender<bool>>>,
     /// Connections handed to user code, by fd and inode, when the master counts closes.
     open_conns: Option<Mutex<Vec<(std::os::fd::RawFd, u64)>>>,
+    /// Per listener, connections acknowledged but not yet handed to user code.
+    unserved: Mutex<Vec<(ListenKey, Unserved)>>,
 }
 
 struct State {
@@ -83,6 +86,7 @@ pub(crate) async fn start(id: u32, channel: OwnedFd, cfg: &Config) -> io::Result
         calls: Calls::default(),
         receipts: Mutex::default(),
         open_conns: cfg.counts_closes().then(Mutex::default),
+        unserved: Mutex::default(),
     });
     let client = CLIENT.get_or_init(|| client);
     install_panic_hook(cfg.exit_on_panic);
@@ -260,9 +264,24 @@ impl Client {
         self.send_soon(ToMaster::Unlisten { key });
     }
 
-    /// A listener was dropped: tell the master, and hand back what it had not accepted.
-    pub(crate) fn unlisten(self: &Arc<Self>, key: ListenKey, mut queue: ConnQueue, pending: Option<NewConn>) {
+    /// A listener for `key` starts: the buffer for what it acknowledged and has not handed out.
+    pub(crate) fn register_unserved(&self, key: ListenKey) -> Unserved {
+        let unserved = Unserved::default();
+        self.unserved.lock().unwrap().push((key, unserved.clone()));
+        unserved
+    }
+
+    /// A listener was dropped: tell the master, refuse what it had not acknowledged, and give
+    /// back what it had acknowledged but not handed out.
+    pub(crate) fn unlisten(
+        self: &Arc<Self>,
+        key: ListenKey,
+        mut queue: ConnQueue,
+        pending: Vec<NewConn>,
+        unserved: VecDeque<NewConn>,
+    ) {
         self.state.lock().unwrap().listeners.remove(&key);
+        self.unserved.lock().unwrap().retain(|(k, _)| *k != key);
         self.send_soon(ToMaster::Unlisten { key });
         queue.close();
         let mut ids: Vec<ConnId> = pending.into_iter().map(|c| c.id).collect();
@@ -271,6 +290,50 @@ impl Client {
         }
         for chunk in ids.chunks(message::MAX_FDS) {
             self.send_soon(ToMaster::Refused { ids: chunk.to_vec() });
+        }
+        let mut unserved = Vec::from(unserved);
+        while !unserved.is_empty() {
+            let rest = unserved.split_off(unserved.len().min(message::MAX_FDS));
+            self.give_back(key, std::mem::replace(&mut unserved, rest));
+        }
+    }
+
+    /// Hands acknowledged connections back to the master with their descriptors: now if the
+    /// socket has room, else from a task.
+    fn give_back(self: &Arc<Self>, key: ListenKey, conns: Vec<NewConn>) {
+        let mut out = BytesMut::new();
+        let msg = ToMaster::Returned { key, conns };
+        msg.encode(&mut out);
+        let ToMaster::Returned { conns, .. } = msg else { unreachable!() };
+        let fds: Vec<_> = conns.iter().map(|c| c.fd.as_fd()).collect();
+        if let Err(e) = self.channel.try_send_with_fds(&out, &fds)
+            && e.kind() == io::ErrorKind::WouldBlock
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            drop(fds);
+            let client = self.clone();
+            rt.spawn(async move {
+                let fds: Vec<_> = conns.iter().map(|c| c.fd.as_fd()).collect();
+                client.channel.send_with_fds(&out, &fds).await
+            });
+        }
+    }
+
+    /// From the panic hook of a worker about to exit: gives back every acknowledged connection
+    /// user code has not taken, without blocking or waiting for locks.
+    fn give_back_now(&self) {
+        let Ok(registry) = self.unserved.try_lock() else { return };
+        for (key, unserved) in registry.iter() {
+            let Ok(mut unserved) = unserved.try_lock() else { continue };
+            while !unserved.is_empty() {
+                let n = unserved.len().min(message::MAX_FDS);
+                let msg = ToMaster::Returned { key: *key, conns: unserved.drain(..n).collect() };
+                let mut out = BytesMut::new();
+                msg.encode(&mut out);
+                let ToMaster::Returned { conns, .. } = msg else { unreachable!() };
+                let fds: Vec<_> = conns.iter().map(|c| c.fd.as_fd()).collect();
+                let _ = self.channel.try_send_with_fds(&out, &fds);
+            }
         }
     }
 
@@ -335,12 +398,37 @@ async fn read_loop(client: Arc<Client>) {
     let mut rx = Receiver::new();
     let mut fragments = Reassembly::default();
     let (mut term, mut int) = (signal(SignalKind::terminate()).ok(), signal(SignalKind::interrupt()).ok());
+    let mut out_of_fds = false;
     loop {
         let received = tokio::select! {
             received = rx.recv(&client.channel) => received,
             Some(()) = recv_signal(&mut term) => { client.begin_shutdown(); continue }
             Some(()) = recv_signal(&mut int) => { client.begin_shutdown(); continue }
         };
+        let received = match received {
+            // New connections whose descriptors did not fit in this process's table: hand them
+            // back (the master still holds them) instead of dying.
+            Ok(Some(d))
+                if d.fds_cut
+                    && let Ok(ids) = message::newconn_ids(&d.data) =>
+            {
+                if !std::mem::replace(&mut out_of_fds, true) {
+                    eprintln!(
+                        "cluster: worker {}: no free file descriptors for {} new connection(s); handing them back",
+                        client.id,
+                        ids.len()
+                    );
+                }
+                client.send_soon(ToMaster::Busy { ids });
+                continue;
+            }
+            Ok(Some(d)) => d.whole().map_err(RecvError::from).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        if matches!(received, Ok(Some(_))) {
+            out_of_fds = false;
+        }
         match received {
             Ok(Some((data, fds))) => match ToWorker::decode(data, fds).and_then(|msg| match msg {
                 ToWorker::UserStart { from, call, total, data } => fragments.start(from, call, total, data).map(whole),
@@ -396,6 +484,9 @@ fn install_panic_hook(exit_on_panic: bool) {
             let mut out = BytesMut::new();
             ToMaster::Exiting { reason: info.to_string() }.encode(&mut out);
             let _ = sys::send_now(client.channel.fd(), &out);
+            if exit_on_panic {
+                client.give_back_now();
+            }
         }
         if exit_on_panic {
             sys::exit_now(101);
