@@ -100,6 +100,12 @@ pub(crate) unsafe fn child_setup(channel: RawFd, target: RawFd, master_pid: libc
     Ok(())
 }
 
+/// Accepts a connection as non-blocking and close-on-exec in one call. Workers rely on it:
+/// the descriptors they get are ready for tokio without another syscall.
+pub(crate) fn accept(listener: &socket2::Socket) -> io::Result<(socket2::Socket, socket2::SockAddr)> {
+    listener.accept4(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
+}
+
 /// This process's id.
 pub(crate) fn getpid() -> u32 {
     std::process::id()

@@ -55,12 +55,12 @@ impl Pair {
             let (data, fds) = datagram.whole().expect("whole");
             let Ok(ToWorker::NewConn { conns, .. }) = ToWorker::decode(data, fds) else { panic!("not a newconn") };
             let sends = if batched_acks {
-                message::accepted(&mut self.ack, conns.iter().map(|c| c.id));
+                message::accepted(&mut self.ack, 0, conns.iter().map(|c| c.id));
                 self.worker.send(&self.ack).await.expect("send ack");
                 1
             } else {
                 for c in &conns {
-                    message::accepted(&mut self.ack, std::iter::once(c.id));
+                    message::accepted(&mut self.ack, 0, std::iter::once(c.id));
                     self.worker.send(&self.ack).await.expect("send ack");
                 }
                 conns.len()
@@ -68,7 +68,7 @@ impl Pair {
             for _ in 0..sends {
                 let datagram = self.master_rx.recv(&self.master).await.expect("recv").expect("open");
                 let (data, fds) = datagram.whole().expect("whole");
-                let Ok(ToMaster::Accepted { ids }) = ToMaster::decode(data, fds) else { panic!("not an ack") };
+                let Ok(ToMaster::Accepted { ids, .. }) = ToMaster::decode(data, fds) else { panic!("not an ack") };
                 acked += ids.len();
             }
             // The worker's copies close here, as they would once served.

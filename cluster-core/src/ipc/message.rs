@@ -153,8 +153,10 @@ pub(crate) enum ToMaster {
     Listening { key: ListenKey },
     /// The worker closed its listener for `key`.
     Unlisten { key: ListenKey },
-    /// The worker owns these connections now; the master may close its copies.
-    Accepted { ids: Vec<ConnId> },
+    /// The worker owns these connections now; the master may close its copies. `closed`:
+    /// how many of its earlier connections it has noticed closed since it last said (only
+    /// when closes are counted; a prompt report under churn, at no extra message).
+    Accepted { ids: Vec<ConnId>, closed: u32 },
     /// The worker will not serve these connections; the master hands them to another worker.
     Refused { ids: Vec<ConnId> },
     /// Connections the worker had acknowledged but not handed to user code when it closed the
@@ -201,7 +203,8 @@ pub(crate) struct Bound {
 pub(crate) enum ToWorker {
     /// Answer to [`ToMaster::Listen`].
     ListenReply { req: u32, result: ListenResult },
-    /// New client connections for listener `key`, one file descriptor each.
+    /// New client connections for listener `key`, one file descriptor each, already
+    /// non-blocking (accepted with SOCK_NONBLOCK).
     NewConn { key: ListenKey, conns: Vec<NewConn> },
     /// Stop accepting, finish open connections, exit.
     Disconnect,
@@ -303,7 +306,7 @@ impl ToMaster {
                 out.put_u8(tag::UNLISTEN);
                 out.put_u32(*key);
             }
-            Self::Accepted { ids } => put_ids(out, tag::ACCEPTED, ids),
+            Self::Accepted { ids, closed } => accepted(out, *closed, ids.iter().copied()),
             Self::Refused { ids } => put_ids(out, tag::REFUSED, ids),
             Self::Returned { key, conns } => {
                 // The same layout as `NewConn`; the sender attaches the fds in this order.
@@ -366,7 +369,7 @@ impl ToMaster {
             }
             tag::ACCEPTED => {
                 r.message = "accepted";
-                Self::Accepted { ids: r.ids()? }
+                Self::Accepted { closed: r.u32()?, ids: r.ids()? }
             }
             tag::REFUSED => {
                 r.message = "refused";
@@ -561,12 +564,13 @@ pub(crate) mod encode {
     }
 }
 
-/// Encodes `Accepted` for up to [`MAX_FDS`] connections into a reused buffer (the worker's
-/// accept path).
-pub(crate) fn accepted(out: &mut BytesMut, ids: impl ExactSizeIterator<Item = ConnId>) {
+/// Encodes `Accepted` for up to [`MAX_FDS`] connections (the worker's accept path reuses
+/// `out`, which is cleared first).
+pub(crate) fn accepted(out: &mut BytesMut, closed: u32, ids: impl ExactSizeIterator<Item = ConnId>) {
     debug_assert!(ids.len() <= MAX_FDS);
     out.clear();
     out.put_u8(tag::ACCEPTED);
+    out.put_u32(closed);
     out.put_u16(ids.len() as u16);
     for id in ids {
         out.put_u64(id);
@@ -861,13 +865,13 @@ mod tests {
         round_trip(ToMaster::Listen { req: 9, endpoint: unix, index: 0 });
         round_trip(ToMaster::Listening { key: 3 });
         round_trip(ToMaster::Unlisten { key: 3 });
-        round_trip(ToMaster::Accepted { ids: vec![1, 2, u64::MAX] });
+        round_trip(ToMaster::Accepted { ids: vec![1, 2, u64::MAX], closed: 3 });
         round_trip(ToMaster::Refused { ids: vec![] });
         round_trip(ToMaster::Busy { ids: vec![5, 6] });
         let mut batch = BytesMut::new();
-        accepted(&mut batch, [77, 78].into_iter());
+        accepted(&mut batch, 0, [77, 78].into_iter());
         assert!(
-            matches!(ToMaster::decode(batch.freeze(), Vec::new()), Ok(ToMaster::Accepted { ids }) if ids == [77, 78])
+            matches!(ToMaster::decode(batch.freeze(), Vec::new()), Ok(ToMaster::Accepted { ids, closed: 0 }) if ids == [77, 78])
         );
         round_trip(ToMaster::Exiting { reason: "panicked at 'boom'".into() });
         round_trip(ToMaster::User { to: 0, call: 0, data: Bytes::from_static(b"\x02looks like listen") });
@@ -973,7 +977,10 @@ mod tests {
         assert_eq!(dec(b"\x03\x00\x00\x00\x01\xff"), ProtocolError::Trailing { message: "listening", extra: 1 });
         assert_eq!(dec(b"\x02\x00\x00\x00\x01\x05"), ProtocolError::EndpointKind(5));
         assert_eq!(dec(b"\x02\x00\x00\x00\x01\x01\x05"), ProtocolError::AddressFamily(5));
-        assert_eq!(dec(b"\x05\xff\xff"), ProtocolError::TooMany { message: "accepted", count: 0xffff, max: MAX_FDS });
+        assert_eq!(
+            dec(b"\x05\0\0\0\0\xff\xff"),
+            ProtocolError::TooMany { message: "accepted", count: 0xffff, max: MAX_FDS }
+        );
         let err = ToMaster::decode(Bytes::from_static(b"\x03\x00\x00\x00\x01"), vec![fd()]).unwrap_err();
         assert_eq!(err, ProtocolError::FdCount { message: "listening", got: 1, expected: 0 });
         let err = ToWorker::decode(Bytes::from_static(b"\x83"), vec![fd()]).unwrap_err();

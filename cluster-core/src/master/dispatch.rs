@@ -26,6 +26,7 @@ use crate::ipc::Channel;
 use crate::ipc::message::{ConnId, ListenKey, MAX_FDS, NewConn, encode};
 use crate::log::log;
 use crate::net::is_connection_error;
+use crate::sys;
 
 /// How long a worker that had no free file descriptors gets no new connections.
 const REST: Duration = Duration::from_millis(100);
@@ -210,14 +211,16 @@ impl Dispatch {
         self.room.notify_waiters();
     }
 
-    /// The worker now owns these connections: close the master's copies.
-    pub(crate) fn accepted(&self, serial: Serial, ids: &[ConnId]) {
+    /// The worker now owns these connections: close the master's copies. It also noticed
+    /// `closed` more of its connections closed.
+    pub(crate) fn accepted(&self, serial: Serial, ids: &[ConnId], closed: u32) {
         self.update(serial, |t| {
             for id in ids {
                 if t.inflight.remove(id).is_some() {
                     t.handled += 1;
                 }
             }
+            t.closed = (t.closed + u64::from(closed)).min(t.handled);
         });
     }
 
@@ -361,10 +364,18 @@ impl State {
                     .max_by_key(|i| (score(peer.ip(), self.targets[*i].id), self.targets[*i].serial));
                 best.filter(|i| self.targets[*i].room(limits) > 0)
             }
-            (Balancer::LeastConnections, _) => (0..n)
-                .map(|step| (self.cursor + step) % n)
-                .filter(|i| self.targets[*i].takes(key) && self.targets[*i].room(limits) > 0)
-                .min_by_key(|i| self.targets[*i].load()),
+            (Balancer::LeastConnections, _) => {
+                // Closes are reported in batches, so loads are a little stale: loads within a
+                // quarter of the least count as equal and take turns, instead of one worker
+                // getting every connection until its next report.
+                let open = |i: &usize| self.targets[*i].takes(key) && self.targets[*i].room(limits) > 0;
+                let least = (0..n).filter(open).map(|i| self.targets[i].load()).min();
+                least.and_then(|least| {
+                    (0..n)
+                        .map(|step| (self.cursor + step) % n)
+                        .find(|i| open(i) && self.targets[*i].load() <= least + least / 4)
+                })
+            }
             _ => (0..n)
                 .map(|step| (self.cursor + step) % n)
                 .find(|i| self.targets[*i].takes(key) && self.targets[*i].room(limits) > 0),
@@ -490,7 +501,7 @@ pub(crate) async fn accept_loop(listener: Arc<AsyncFd<Socket>>, key: ListenKey, 
             }
             let mut error = None;
             while batch.len() < room {
-                match ready.try_io(|l| l.get_ref().accept()) {
+                match ready.try_io(|l| sys::accept(l.get_ref())) {
                     Ok(Ok((socket, peer))) => batch.push(Conn { key, socket, peer: peer.as_socket() }),
                     Ok(Err(e)) if is_connection_error(&e) => {}
                     Ok(Err(e)) => {
@@ -537,7 +548,7 @@ pub(crate) fn sweep(listener: &AsyncFd<Socket>, key: ListenKey, dispatch: &Dispa
     let mut n = 0;
     let mut batch = Vec::new();
     loop {
-        match listener.get_ref().accept() {
+        match sys::accept(listener.get_ref()) {
             Ok((socket, peer)) => {
                 batch.push(Conn { key, socket, peer: peer.as_socket() });
                 n += 1;

@@ -1273,7 +1273,7 @@ async fn read_loop(
         };
         match msg {
             Ok(None) => {}
-            Ok(Some(ToMaster::Accepted { ids })) => dispatch.accepted(serial, &ids),
+            Ok(Some(ToMaster::Accepted { ids, closed })) => dispatch.accepted(serial, &ids, closed),
             Ok(Some(ToMaster::Refused { ids })) => dispatch.refused(serial, &ids),
             Ok(Some(ToMaster::Returned { key, conns })) => dispatch.returned(serial, key, conns),
             Ok(Some(ToMaster::Busy { ids })) => dispatch.busy(serial, &ids),

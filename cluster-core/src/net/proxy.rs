@@ -46,7 +46,7 @@ impl Proxy {
     /// The next connection, acknowledged to the master.
     pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<NewConn>> {
         if let Some(conn) = self.unserved.lock().unwrap().pop_front() {
-            return Poll::Ready(Ok(self.hand_out(conn)));
+            return Poll::Ready(Ok(conn));
         }
         if self.pending.is_empty() {
             let Some(queue) = self.queue.as_mut() else { return Poll::Ready(Err(closed())) };
@@ -61,7 +61,10 @@ impl Proxy {
                     Err(_) => break,
                 }
             }
-            accepted(&mut self.ack, self.pending.iter().map(|c| c.id));
+            // Counted as open from now (numbers reused here also report earlier closes, which
+            // ride on this acknowledgement).
+            let closed = self.client.track(&self.pending);
+            accepted(&mut self.ack, closed, self.pending.iter().map(|c| c.id));
         }
         // Acknowledge before user code can read from a socket: once the master has this, it
         // never gives these connections to another worker. If the master is gone, the send
@@ -70,13 +73,7 @@ impl Proxy {
         let mut unserved = self.unserved.lock().unwrap();
         unserved.extend(self.pending.drain(..));
         let conn = unserved.pop_front().expect("acknowledged connection");
-        drop(unserved);
-        Poll::Ready(Ok(self.hand_out(conn)))
-    }
-
-    fn hand_out(&self, conn: NewConn) -> NewConn {
-        self.client.track(&conn.fd);
-        conn
+        Poll::Ready(Ok(conn))
     }
 }
 

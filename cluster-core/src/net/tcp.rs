@@ -125,8 +125,9 @@ impl TcpListener {
             }
             Inner::Cluster { proxy, local } => {
                 let conn = ready!(proxy.poll_next(cx))?;
+                // Non-blocking already: the master accepts with SOCK_NONBLOCK, and the flag
+                // belongs to the socket, not to the descriptor number.
                 let stream = std::net::TcpStream::from(conn.fd);
-                stream.set_nonblocking(true)?;
                 let peer = conn.peer.unwrap_or(*local);
                 Poll::Ready(Ok((TcpStream::from_std(stream)?, peer)))
             }

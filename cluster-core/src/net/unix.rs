@@ -76,8 +76,8 @@ impl UnixListener {
             Inner::Direct(l) => l.poll_accept(cx),
             Inner::Cluster(proxy) => {
                 let conn = ready!(proxy.poll_next(cx))?;
+                // Non-blocking already (the master accepts with SOCK_NONBLOCK).
                 let stream = std::os::unix::net::UnixStream::from(conn.fd);
-                stream.set_nonblocking(true)?;
                 let stream = UnixStream::from_std(stream)?;
                 let peer = stream.peer_addr()?;
                 Poll::Ready(Ok((stream, peer)))

@@ -9,7 +9,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -46,7 +46,7 @@ pub(crate) struct Client {
     /// whether the master could hand it over.
     receipts: Mutex<VecDeque<oneshot::Sender<bool>>>,
     /// Connections handed to user code, by fd and inode, when the master counts closes.
-    open_conns: Option<Mutex<Vec<(std::os::fd::RawFd, u64)>>>,
+    open_conns: Option<Mutex<OpenConns>>,
     /// Per listener, connections acknowledged but not yet handed to user code.
     unserved: Mutex<Vec<(ListenKey, Unserved)>>,
 }
@@ -145,6 +145,40 @@ async fn heartbeat(client: Arc<Client>, every: Duration) {
 /// How often a worker looks for connections user code closed (least-connections, caps).
 const CLOSE_CHECK: Duration = Duration::from_millis(20);
 
+/// Connections handed to user code, for counting closes without a hook on the streams.
+#[derive(Default)]
+struct OpenConns {
+    /// By descriptor number: the socket's inode once a sweep has seen it (a number can be
+    /// reused after a close; an inode is not).
+    fds: HashMap<RawFd, Option<u64>>,
+    /// Closes noticed and not yet reported.
+    closed: u32,
+}
+
+impl OpenConns {
+    /// A connection goes to user code on `fd`. If that number was still tracked, its
+    /// connection is closed (the kernel reuses a number only once it is free): no syscall.
+    fn track(&mut self, fd: RawFd) {
+        if self.fds.insert(fd, None).is_some() {
+            self.closed += 1;
+        }
+    }
+
+    /// Finds the tracked connections closed since the last sweep: one `fstat` each.
+    fn sweep(&mut self) -> u32 {
+        let before = self.fds.len();
+        self.fds.retain(|fd, seen| match (sys::inode(*fd), *seen) {
+            (None, _) => false,
+            (Some(now), Some(then)) if now != then => false,
+            (now, _) => {
+                *seen = now;
+                true
+            }
+        });
+        std::mem::take(&mut self.closed) + (before - self.fds.len()) as u32
+    }
+}
+
 /// Tells the master, in batches, how many of the connections it handed over are closed.
 async fn report_closes(client: Arc<Client>) {
     let Some(open) = &client.open_conns else { return };
@@ -152,26 +186,33 @@ async fn report_closes(client: Arc<Client>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let closed = {
-            let mut open = open.lock().unwrap();
-            let before = open.len();
-            open.retain(|(fd, inode)| sys::inode(*fd) == Some(*inode));
-            before - open.len()
-        };
-        if closed > 0 && client.send(&ToMaster::Closed { count: closed as u32 }).await.is_err() {
+        let closed = open.lock().unwrap().sweep();
+        if closed > 0 && client.send(&ToMaster::Closed { count: closed }).await.is_err() {
             return;
         }
     }
 }
 
 impl Client {
-    /// Notes a connection handed to user code, if the master counts closes.
-    pub(crate) fn track(&self, fd: &OwnedFd) {
-        use std::os::fd::AsRawFd;
+    /// Notes connections about to be acknowledged, if the master counts closes; returns the
+    /// closes noticed since the last report, for the master (with the acknowledgement).
+    pub(crate) fn track(&self, conns: &[NewConn]) -> u32 {
+        let Some(open) = &self.open_conns else { return 0 };
+        let mut open = open.lock().unwrap();
+        for conn in conns {
+            open.track(conn.fd.as_raw_fd());
+        }
+        std::mem::take(&mut open.closed)
+    }
+
+    /// Acknowledged connections go back to the master: they were not closed by user code.
+    fn untrack(&self, conns: &[NewConn]) {
         if let Some(open) = &self.open_conns
-            && let Some(inode) = sys::inode(fd.as_raw_fd())
+            && let Ok(mut open) = open.try_lock()
         {
-            open.lock().unwrap().push((fd.as_raw_fd(), inode));
+            for conn in conns {
+                open.fds.remove(&conn.fd.as_raw_fd());
+            }
         }
     }
 
@@ -284,6 +325,8 @@ impl Client {
         self.unserved.lock().unwrap().retain(|(k, _)| *k != key);
         self.send_soon(ToMaster::Unlisten { key });
         queue.close();
+        // Tracked when their acknowledgement was written, never sent.
+        self.untrack(&pending);
         let mut ids: Vec<ConnId> = pending.into_iter().map(|c| c.id).collect();
         while let Ok(conn) = queue.try_recv() {
             ids.push(conn.id);
@@ -301,6 +344,7 @@ impl Client {
     /// Hands acknowledged connections back to the master with their descriptors: now if the
     /// socket has room, else from a task.
     fn give_back(self: &Arc<Self>, key: ListenKey, conns: Vec<NewConn>) {
+        self.untrack(&conns);
         let mut out = BytesMut::new();
         let msg = ToMaster::Returned { key, conns };
         msg.encode(&mut out);
@@ -622,4 +666,35 @@ async fn send_addressed(to: u32, call: u32, data: Bytes) -> Result<(), SendError
 /// `process.on('message')`); `None` outside a cluster or once the master is gone.
 pub async fn recv() -> Option<Message> {
     client()?.messages.lock().await.recv().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OpenConns;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn open_connections_count_each_close_once() {
+        let mut open = OpenConns::default();
+        let (a, _a) = UnixStream::pair().unwrap();
+        let (b, _b) = UnixStream::pair().unwrap();
+        open.track(a.as_raw_fd());
+        open.track(b.as_raw_fd());
+        assert_eq!(open.sweep(), 0, "both open");
+        drop(a);
+        assert_eq!(open.sweep(), 1, "a closed");
+        assert_eq!(open.sweep(), 0, "counted once");
+        // A number handed out again means its previous connection closed, sweep or not.
+        open.track(b.as_raw_fd());
+        assert_eq!(open.sweep(), 1);
+        // A number now used by another socket than the one a sweep saw: closed.
+        let (c, _c) = UnixStream::pair().unwrap();
+        let c_fd = c.as_raw_fd();
+        drop(b);
+        assert_eq!(open.sweep(), 1);
+        open.fds.insert(c_fd, Some(u64::MAX));
+        assert_eq!(open.sweep(), 1, "same number, other inode");
+        assert!(open.fds.is_empty());
+    }
 }
