@@ -308,16 +308,7 @@ impl ToMaster {
             }
             Self::Accepted { ids, closed } => accepted(out, *closed, ids.iter().copied()),
             Self::Refused { ids } => put_ids(out, tag::REFUSED, ids),
-            Self::Returned { key, conns } => {
-                // The same layout as `NewConn`; the sender attaches the fds in this order.
-                out.put_u8(tag::RETURNED);
-                out.put_u32(*key);
-                out.put_u16(conns.len() as u16);
-                for conn in conns {
-                    out.put_u64(conn.id);
-                    put_opt_addr(out, conn.peer.as_ref());
-                }
-            }
+            Self::Returned { key, conns } => returned(out, *key, conns),
             Self::Busy { ids } => put_ids(out, tag::BUSY, ids),
             Self::Exiting { reason } => {
                 out.put_u8(tag::EXITING);
@@ -574,6 +565,19 @@ pub(crate) fn accepted(out: &mut BytesMut, closed: u32, ids: impl ExactSizeItera
     out.put_u16(ids.len() as u16);
     for id in ids {
         out.put_u64(id);
+    }
+}
+
+/// Encodes `Returned` from borrowed connections (the same layout as `NewConn`); the sender
+/// attaches their descriptors in this order.
+pub(crate) fn returned(out: &mut BytesMut, key: ListenKey, conns: &[NewConn]) {
+    debug_assert!(conns.len() <= MAX_FDS);
+    out.put_u8(tag::RETURNED);
+    out.put_u32(key);
+    out.put_u16(conns.len() as u16);
+    for conn in conns {
+        out.put_u64(conn.id);
+        put_opt_addr(out, conn.peer.as_ref());
     }
 }
 

@@ -45,7 +45,7 @@ pub(crate) struct Client {
     /// One per message sent through the master to another process, in sending order: told
     /// whether the master could hand it over.
     receipts: Mutex<VecDeque<oneshot::Sender<bool>>>,
-    /// Connections handed to user code, by fd and inode, when the master counts closes.
+    /// Connections acknowledged to the master and not yet seen closed, when it counts closes.
     open_conns: Option<Mutex<OpenConns>>,
     /// Per listener, connections acknowledged but not yet handed to user code.
     unserved: Mutex<Vec<(ListenKey, Unserved)>>,
@@ -145,7 +145,7 @@ async fn heartbeat(client: Arc<Client>, every: Duration) {
 /// How often a worker looks for connections user code closed (least-connections, caps).
 const CLOSE_CHECK: Duration = Duration::from_millis(20);
 
-/// Connections handed to user code, for counting closes without a hook on the streams.
+/// Connections this worker owns, for counting closes without a hook on the streams.
 #[derive(Default)]
 struct OpenConns {
     /// By descriptor number: the socket's inode once a sweep has seen it (a number can be
@@ -156,7 +156,7 @@ struct OpenConns {
 }
 
 impl OpenConns {
-    /// A connection goes to user code on `fd`. If that number was still tracked, its
+    /// A connection is acknowledged on `fd`. If that number was still tracked, its previous
     /// connection is closed (the kernel reuses a number only once it is free): no syscall.
     fn track(&mut self, fd: RawFd) {
         if self.fds.insert(fd, None).is_some() {
@@ -207,9 +207,8 @@ impl Client {
 
     /// Acknowledged connections go back to the master: they were not closed by user code.
     fn untrack(&self, conns: &[NewConn]) {
-        if let Some(open) = &self.open_conns
-            && let Ok(mut open) = open.try_lock()
-        {
+        if let Some(open) = &self.open_conns {
+            let mut open = open.lock().unwrap();
             for conn in conns {
                 open.fds.remove(&conn.fd.as_raw_fd());
             }
@@ -345,10 +344,7 @@ impl Client {
     /// socket has room, else from a task.
     fn give_back(self: &Arc<Self>, key: ListenKey, conns: Vec<NewConn>) {
         self.untrack(&conns);
-        let mut out = BytesMut::new();
-        let msg = ToMaster::Returned { key, conns };
-        msg.encode(&mut out);
-        let ToMaster::Returned { conns, .. } = msg else { unreachable!() };
+        let out = encode_returned(key, &conns);
         let fds: Vec<_> = conns.iter().map(|c| c.fd.as_fd()).collect();
         if let Err(e) = self.channel.try_send_with_fds(&out, &fds)
             && e.kind() == io::ErrorKind::WouldBlock
@@ -371,12 +367,9 @@ impl Client {
             let Ok(mut unserved) = unserved.try_lock() else { continue };
             while !unserved.is_empty() {
                 let n = unserved.len().min(message::MAX_FDS);
-                let msg = ToMaster::Returned { key: *key, conns: unserved.drain(..n).collect() };
-                let mut out = BytesMut::new();
-                msg.encode(&mut out);
-                let ToMaster::Returned { conns, .. } = msg else { unreachable!() };
+                let conns: Vec<NewConn> = unserved.drain(..n).collect();
                 let fds: Vec<_> = conns.iter().map(|c| c.fd.as_fd()).collect();
-                let _ = self.channel.try_send_with_fds(&out, &fds);
+                let _ = self.channel.try_send_with_fds(&encode_returned(*key, &conns), &fds);
             }
         }
     }
@@ -432,6 +425,13 @@ impl Client {
         self.state.lock().unwrap().listeners.clear();
         self.shutdown.send_replace(true);
     }
+}
+
+/// A `returned` message for `conns`; their descriptors go with it, in this order.
+fn encode_returned(key: ListenKey, conns: &[NewConn]) -> BytesMut {
+    let mut out = BytesMut::new();
+    message::returned(&mut out, key, conns);
+    out
 }
 
 /// Reads the master's messages. Also turns SIGINT / SIGTERM sent to the worker itself (a
