@@ -368,9 +368,7 @@ impl ToMaster {
             }
             tag::RETURNED => {
                 r.message = "returned";
-                let key = r.u32()?;
-                let conns = r.conns(fds)?;
-                r.finish()?;
+                let (key, conns) = r.conns(fds)?;
                 return Ok(Self::Returned { key, conns });
             }
             tag::BUSY => {
@@ -459,9 +457,7 @@ impl ToWorker {
             }
             tag::NEWCONN => {
                 r.message = "newconn";
-                let key = r.u32()?;
-                let conns = r.conns(fds)?;
-                r.finish()?;
+                let (key, conns) = r.conns(fds)?;
                 return Ok(Self::NewConn { key, conns });
             }
             tag::DISCONNECT => {
@@ -523,10 +519,7 @@ pub(crate) mod encode {
     /// Starts a `NewConn` message; follow with [`newconn_entry`] once per connection, in the
     /// order of the file descriptors attached.
     pub(crate) fn newconn_header(out: &mut BytesMut, key: ListenKey, count: usize) {
-        debug_assert!(count <= MAX_FDS);
-        out.put_u8(tag::NEWCONN);
-        out.put_u32(key);
-        out.put_u16(count as u16);
+        conns_header(out, tag::NEWCONN, key, count);
     }
 
     pub(crate) fn newconn_entry(out: &mut BytesMut, id: ConnId, peer: Option<&SocketAddr>) {
@@ -571,14 +564,18 @@ pub(crate) fn accepted(out: &mut BytesMut, closed: u32, ids: impl ExactSizeItera
 /// Encodes `Returned` from borrowed connections (the same layout as `NewConn`); the sender
 /// attaches their descriptors in this order.
 pub(crate) fn returned(out: &mut BytesMut, key: ListenKey, conns: &[NewConn]) {
-    debug_assert!(conns.len() <= MAX_FDS);
-    out.put_u8(tag::RETURNED);
-    out.put_u32(key);
-    out.put_u16(conns.len() as u16);
+    conns_header(out, tag::RETURNED, key, conns.len());
     for conn in conns {
-        out.put_u64(conn.id);
-        put_opt_addr(out, conn.peer.as_ref());
+        encode::newconn_entry(out, conn.id, conn.peer.as_ref());
     }
+}
+
+/// The head of a `newconn` or `returned`; one `newconn_entry` per connection follows.
+fn conns_header(out: &mut BytesMut, t: u8, key: ListenKey, count: usize) {
+    debug_assert!(count <= MAX_FDS);
+    out.put_u8(t);
+    out.put_u32(key);
+    out.put_u16(count as u16);
 }
 
 /// The connection ids of a `NewConn` whose file descriptors the kernel could not all install
@@ -781,15 +778,18 @@ impl Reader {
         let count = self.count()?;
         (0..count).map(|_| self.u64()).collect()
     }
-    /// A count, then that many (id, peer) entries, one per file descriptor in `fds`.
-    fn conns(&mut self, fds: Vec<OwnedFd>) -> Result<Vec<NewConn>, ProtocolError> {
+    /// The rest of a `newconn` or `returned`: the listener key, a count, then that many
+    /// (id, peer) entries, one per file descriptor in `fds`.
+    fn conns(mut self, fds: Vec<OwnedFd>) -> Result<(ListenKey, Vec<NewConn>), ProtocolError> {
+        let key = self.u32()?;
         let count = self.count()?;
         expect_fds(self.message, fds.len(), count)?;
         let mut conns = Vec::with_capacity(count);
         for fd in fds {
             conns.push(NewConn { id: self.u64()?, peer: self.opt_addr()?, fd });
         }
-        Ok(conns)
+        self.finish()?;
+        Ok((key, conns))
     }
     fn addr(&mut self) -> Result<SocketAddr, ProtocolError> {
         match self.u8()? {

@@ -82,6 +82,19 @@ impl Target {
         (self.inflight.len() + self.batch.len()) as u64 + self.handled.saturating_sub(self.closed)
     }
 
+    /// Puts the listed connections it has not acknowledged back at the front of the backlog,
+    /// in their order; returns the listeners they came from.
+    fn take_back(&mut self, ids: &[ConnId], backlog: &mut Backlog) -> Vec<ListenKey> {
+        let mut keys = Vec::new();
+        for id in ids.iter().rev() {
+            if let Some(conn) = self.inflight.remove(id) {
+                keys.push(conn.key);
+                backlog.entry(conn.key).or_default().push_front(conn);
+            }
+        }
+        keys
+    }
+
     fn takes(&self, key: ListenKey) -> bool {
         self.open && self.resting.is_none() && self.keys.contains(&key)
     }
@@ -96,12 +109,14 @@ impl Target {
     }
 }
 
+/// Accepted connections waiting for a worker with room, per listener.
+type Backlog = HashMap<ListenKey, VecDeque<Conn>>;
+
 struct State {
     targets: Vec<Target>,
     cursor: usize,
     next_id: ConnId,
-    /// Accepted connections waiting for a worker with room, per listener.
-    backlog: HashMap<ListenKey, VecDeque<Conn>>,
+    backlog: Backlog,
     scratch: BytesMut,
 }
 
@@ -158,7 +173,7 @@ impl Dispatch {
 
     /// The worker accepts on `key` from now on.
     pub(crate) fn listening(&self, serial: Serial, key: ListenKey) {
-        self.update(serial, |t| {
+        self.update(serial, |t, _| {
             if !t.keys.contains(&key) {
                 t.keys.push(key);
             }
@@ -167,12 +182,12 @@ impl Dispatch {
 
     /// The worker closed its listener for `key`; what it had in flight there comes back refused.
     pub(crate) fn unlisten(&self, serial: Serial, key: ListenKey) {
-        self.update(serial, |t| t.keys.retain(|k| *k != key));
+        self.update(serial, |t, _| t.keys.retain(|k| *k != key));
     }
 
     /// Sends the worker no more new connections (it is being retired).
     pub(crate) fn close(&self, serial: Serial) {
-        self.update(serial, |t| t.open = false);
+        self.update(serial, |t, _| t.open = false);
     }
 
     /// Connections handed to the worker and not yet acknowledged.
@@ -214,7 +229,7 @@ impl Dispatch {
     /// The worker now owns these connections: close the master's copies. It also noticed
     /// `closed` more of its connections closed.
     pub(crate) fn accepted(&self, serial: Serial, ids: &[ConnId], closed: u32) {
-        self.update(serial, |t| {
+        self.update(serial, |t, _| {
             for id in ids {
                 if t.inflight.remove(id).is_some() {
                     t.handled += 1;
@@ -226,25 +241,17 @@ impl Dispatch {
 
     /// The worker closed `n` more of the connections it accepted.
     pub(crate) fn closed(&self, serial: Serial, n: u32) {
-        self.update(serial, |t| t.closed = (t.closed + u64::from(n)).min(t.handled));
+        self.update(serial, |t, _| t.closed = (t.closed + u64::from(n)).min(t.handled));
     }
 
-    /// The worker will not serve these: hand them to another worker.
+    /// The worker will not serve these (it has no listener for them any more): hand them to
+    /// another worker, and stop offering it their listeners.
     pub(crate) fn refused(&self, serial: Serial, ids: &[ConnId]) {
-        let mut state = self.state.lock().unwrap();
-        let State { targets, backlog, .. } = &mut *state;
-        if let Some(t) = targets.iter_mut().find(|t| t.serial == serial) {
-            for id in ids.iter().rev() {
-                if let Some(conn) = t.inflight.remove(id) {
-                    // It has no listener for this key any more; stop offering it.
-                    t.keys.retain(|k| *k != conn.key);
-                    backlog.entry(conn.key).or_default().push_front(conn);
-                }
+        self.update(serial, |t, backlog| {
+            for key in t.take_back(ids, backlog) {
+                t.keys.retain(|k| *k != key);
             }
-        }
-        state.drain(&self.limits);
-        drop(state);
-        self.room.notify_waiters();
+        });
     }
 
     /// The worker acknowledged these connections but closed its listener before user code
@@ -271,22 +278,13 @@ impl Dispatch {
     /// The worker could not take these connections (no free file descriptors): they go to
     /// other workers, and it gets none for a [`REST`].
     pub(crate) fn busy(&self, serial: Serial, ids: &[ConnId]) {
-        let mut state = self.state.lock().unwrap();
-        let State { targets, backlog, .. } = &mut *state;
-        if let Some(t) = targets.iter_mut().find(|t| t.serial == serial) {
+        self.update(serial, |t, backlog| {
             if t.resting.is_none() {
                 log!("worker {} has no free file descriptors; its connections go to other workers for a while", t.id);
             }
             t.resting = Some(Instant::now());
-            for id in ids.iter().rev() {
-                if let Some(conn) = t.inflight.remove(id) {
-                    backlog.entry(conn.key).or_default().push_front(conn);
-                }
-            }
-        }
-        state.drain(&self.limits);
-        drop(state);
-        self.room.notify_waiters();
+            t.take_back(ids, backlog);
+        });
     }
 
     /// Periodic: workers that rested long enough get connections again.
@@ -306,10 +304,12 @@ impl Dispatch {
         }
     }
 
-    fn update(&self, serial: Serial, f: impl FnOnce(&mut Target)) {
+    /// Changes one worker's entry (and the backlog), then lets waiting connections move.
+    fn update(&self, serial: Serial, f: impl FnOnce(&mut Target, &mut Backlog)) {
         let mut state = self.state.lock().unwrap();
-        if let Some(t) = state.targets.iter_mut().find(|t| t.serial == serial) {
-            f(t);
+        let State { targets, backlog, .. } = &mut *state;
+        if let Some(t) = targets.iter_mut().find(|t| t.serial == serial) {
+            f(t, backlog);
         }
         state.drain(&self.limits);
         drop(state);

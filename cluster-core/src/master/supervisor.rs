@@ -34,7 +34,7 @@ use crate::ipc::message::{
     AGENT, ALL_WORKERS, Endpoint, ListenKey, PROTOCOL_VERSION, ProtocolError, Reassembly, ToMaster, USER_TO_WORKER,
     Whole, encode,
 };
-use crate::ipc::{Channel, Datagram, Receiver, RecvError};
+use crate::ipc::{Channel, Receiver, RecvError};
 use crate::log::log;
 use crate::messaging::{self, Calls, Peer, Request};
 use crate::role::{AGENT_UNIQUE_ID, CHANNEL_FD, ENV_CHANNEL_FD, ENV_UNIQUE_ID};
@@ -1234,15 +1234,11 @@ async fn read_loop(
     let mut hello = false;
     let mut poisoned = false;
     loop {
-        let (data, fds) = match rx.recv(&channel).await.map(|d| d.map(Datagram::whole)) {
-            Ok(Some(Ok(message))) => message,
-            Ok(Some(Err(e))) => {
-                // Descriptors a worker handed back that this process had no room for.
-                if !std::mem::replace(&mut poisoned, true) {
-                    let _ = reports.send(Report::Bad { serial, error: e.into() });
-                }
-                continue;
-            }
+        // A datagram whose descriptors were cut (this process had no room for what a worker
+        // handed back) is a protocol error like any other.
+        let received = rx.recv(&channel).await.and_then(|d| d.map(|d| d.whole().map_err(RecvError::from)).transpose());
+        let (data, fds) = match received {
+            Ok(Some(message)) => message,
             Ok(None) => break,
             Err(RecvError::Protocol(e)) => {
                 if !std::mem::replace(&mut poisoned, true) {
