@@ -59,14 +59,16 @@ fn rolling_reloads_under_connection_close_load_fail_nothing() {
     reloads_under_load(&["-c32", "-d8s", "-H", "Connection: close"]);
 }
 
-/// Sends `GET /sleep?ms=2000` and waits until a worker (not the master) holds the connection.
+/// Sends `GET /sleep?ms=5000` and waits until a worker (not the master) holds the connection.
+/// The request lasts long enough to be seen in flight even when `/proc/net/tcp` is slow to
+/// read (parallel load tests leave tens of thousands of TIME_WAIT entries in it).
 fn slow_request_in_a_worker(server: &Server) -> std::thread::JoinHandle<String> {
     let mut stream = std::net::TcpStream::connect(server.addr).expect("connect");
     let local = stream.local_addr().expect("local addr");
-    stream.write_all(b"GET /sleep?ms=2000 HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n").expect("send");
+    stream.write_all(b"GET /sleep?ms=5000 HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n").expect("send");
     let master = server.pid();
     wait_for(Duration::from_secs(5), "a worker to hold the connection", || {
-        let inode = server_side_inode(local)?;
+        let inode = server_side_inode(local, server.addr)?;
         let in_worker = server.workers().iter().any(|w| socket_inodes(*w).contains(&inode));
         (in_worker && !socket_inodes(master).contains(&inode)).then_some(())
     });
@@ -86,7 +88,7 @@ fn request_in_flight_completes_across_reload_and_stop() {
     server.wait_stderr("reload complete", Duration::from_secs(10));
     let response = during_reload.join().expect("client");
     assert!(response.starts_with("HTTP/1.1 200"), "during reload: {response:?}");
-    assert!(response.contains("slept 2000 ms"), "{response:?}");
+    assert!(response.contains("slept 5000 ms"), "{response:?}");
 
     let during_stop = slow_request_in_a_worker(&server);
     server.signal(libc::SIGTERM);
