@@ -31,12 +31,20 @@ fn target_dir() -> PathBuf {
 
 /// Polls `f` every 10 ms until it returns `Some`, or panics with `what` after `timeout`.
 pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    wait_until(timeout, what, || f().ok_or_else(String::new))
+}
+
+/// Polls `f` every 10 ms until it returns `Ok`, or panics after `timeout` with `what` and the
+/// last `Err` (what was still missing).
+pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(v) = f() {
-            return v;
+        match f() {
+            Ok(v) => return v,
+            Err(missing) => {
+                assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}{missing}")
+            }
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(10));
     }
 }

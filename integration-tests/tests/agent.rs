@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use integration_tests::{Server, alive, kill, wait_for};
+use integration_tests::{Server, alive, kill, wait_for, wait_until};
 
 /// The pid in the last stderr line "agent started (pid N)".
 fn agent_pid(server: &Server) -> Option<u32> {
@@ -12,18 +12,25 @@ fn agent_pid(server: &Server) -> Option<u32> {
 }
 
 /// Waits until both workers have heard from agent `pid`: its broadcast, answers to their
-/// pings and to their requests.
+/// pings and to their requests. On timeout, says which lines are missing and shows the output.
 fn wait_messages_flow(server: &Server, pid: u32) {
-    wait_for(Duration::from_secs(20), &format!("messages to and from agent {pid}"), || {
+    wait_until(Duration::from_secs(20), &format!("messages to and from agent {pid}"), || {
         let out = server.stdout();
-        [1, 2]
+        let missing: Vec<String> = [1, 2]
             .iter()
-            .all(|w| {
-                out.contains(&format!("worker {w} got from agent: agent {pid} is up"))
-                    && out.contains(&format!("worker {w} got from agent: agent {pid} answers ping"))
-                    && out.contains(&format!("worker {w}: agent pid {pid}"))
+            .flat_map(|w| {
+                [
+                    format!("worker {w} got from agent: agent {pid} is up"),
+                    format!("worker {w} got from agent: agent {pid} answers ping"),
+                    format!("worker {w}: agent pid {pid}"),
+                ]
             })
-            .then_some(())
+            .filter(|line| !out.contains(line.as_str()))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(format!("; missing {missing:?}\nstdout:\n{out}\nstderr:\n{}", server.stderr()))
     });
 }
 

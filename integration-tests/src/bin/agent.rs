@@ -1,7 +1,10 @@
 //! Test program: the agent process. Two workers ping the agent every 50 ms and print its
 //! answers (they carry the agent's pid); the agent answers requests, announces itself to all
-//! workers when it starts, and shows that it cannot listen. The master prints the agent's
-//! events.
+//! workers, and shows that it cannot listen. The master prints the agent's events.
+//!
+//! A broadcast reaches the workers running when it is sent, so the agent announces itself
+//! again every 50 ms until it has heard from both workers (a worker that starts later than
+//! the agent would miss a single announcement).
 
 use std::time::Duration;
 
@@ -40,7 +43,8 @@ async fn agent() {
         Err(e) => println!("agent {pid}: bind refused ({:?})", e.kind()),
     }
     worker::send(format!("agent {pid} up, worker id {:?}", worker::id())).await.expect("send to master");
-    // Announce to the workers, retrying until at least one is running.
+    // Announce to the workers until both have spoken to this agent: each then got one.
+    let mut heard = std::collections::HashSet::new();
     let mut announced = false;
     let mut retry = tokio::time::interval(Duration::from_millis(50));
     loop {
@@ -50,13 +54,15 @@ async fn agent() {
                 if let Some(request) = &msg.request {
                     request.reply(format!("{pid}")).await.expect("reply");
                 } else if let Peer::Worker(id) = msg.from {
+                    heard.insert(id);
                     // Reply as a plain message to the sender.
                     let text = String::from_utf8_lossy(&msg.data).into_owned();
                     let _ = worker::send_to(id, format!("agent {pid} answers {text}")).await;
                 }
             }
             _ = retry.tick(), if !announced => {
-                announced = worker::broadcast(format!("agent {pid} is up")).await.is_ok();
+                let all_heard = heard.len() == 2;
+                announced = worker::broadcast(format!("agent {pid} is up")).await.is_ok() && all_heard;
             }
             _ = worker::shutdown() => return,
         }
