@@ -340,26 +340,6 @@ fn read_response(reader: &mut impl BufRead) -> Result<(u16, bool), String> {
     Ok((status, close))
 }
 
-/// Inode of the server side of a client's TCP connection to `server` (from /proc/net/tcp and
-/// tcp6). Both ports must match: the kernel reuses a client port for connections to other
-/// servers (other tests' servers among them).
-pub fn server_side_inode(client: SocketAddr, server: SocketAddr) -> Option<u64> {
-    let (remote, local) = (format!(":{:04X}", client.port()), format!(":{:04X}", server.port()));
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else { continue };
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.get(1).is_some_and(|l| l.ends_with(&local))
-                && cols.get(2).is_some_and(|r| r.ends_with(&remote))
-                && cols.get(3) == Some(&"01")
-            {
-                return cols.get(9).and_then(|i| i.parse().ok());
-            }
-        }
-    }
-    None
-}
-
 /// Sends a signal to a process (ignoring "no such process").
 pub fn kill(pid: u32, signal: libc::c_int) {
     // SAFETY: kill has no memory-safety preconditions.

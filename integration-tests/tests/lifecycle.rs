@@ -1,15 +1,14 @@
 //! Lifecycle under real load: rolling reloads, graceful drain, crash-loop backoff, heartbeats,
 //! scaling, limits, and stopping. Load comes from `wrk` and from real client threads.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
-use integration_tests::{
-    Server, alive, closed_loop, cpu_time, get_timeout, server_side_inode, socket_inodes, wait_for, wrk,
-};
+use integration_tests::{Server, alive, closed_loop, cpu_time, get_timeout, socket_inodes, wait_for, wrk};
 
 /// Load tests take the machine's cores: run them one at a time.
 fn exclusive() -> MutexGuard<'static, ()> {
@@ -59,18 +58,23 @@ fn rolling_reloads_under_connection_close_load_fail_nothing() {
     reloads_under_load(&["-c32", "-d8s", "-H", "Connection: close"]);
 }
 
-/// Sends `GET /sleep?ms=5000` and waits until a worker (not the master) holds the connection.
-/// The request lasts long enough to be seen in flight even when `/proc/net/tcp` is slow to
-/// read (parallel load tests leave tens of thousands of TIME_WAIT entries in it).
+/// Sends `GET /sleep?ms=5000` and waits until a worker (not the master) holds the connection:
+/// a worker has a socket it did not have before and the master has let go of every socket it
+/// took. (No other client talks to this server, so that socket is ours. Looking it up in
+/// `/proc/net/tcp` instead took seconds when parallel load tests filled it with TIME_WAIT
+/// entries.)
 fn slow_request_in_a_worker(server: &Server) -> std::thread::JoinHandle<String> {
-    let mut stream = std::net::TcpStream::connect(server.addr).expect("connect");
-    let local = stream.local_addr().expect("local addr");
-    stream.write_all(b"GET /sleep?ms=5000 HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n").expect("send");
     let master = server.pid();
+    let workers = server.workers();
+    let before: HashMap<u32, Vec<u64>> =
+        workers.iter().chain([&master]).map(|pid| (*pid, socket_inodes(*pid))).collect();
+    let is_new = |pid: u32, inode: &u64| !before[&pid].contains(inode);
+    let mut stream = std::net::TcpStream::connect(server.addr).expect("connect");
+    stream.write_all(b"GET /sleep?ms=5000 HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n").expect("send");
     wait_for(Duration::from_secs(5), "a worker to hold the connection", || {
-        let inode = server_side_inode(local, server.addr)?;
-        let in_worker = server.workers().iter().any(|w| socket_inodes(*w).contains(&inode));
-        (in_worker && !socket_inodes(master).contains(&inode)).then_some(())
+        let in_worker = workers.iter().any(|w| socket_inodes(*w).iter().any(|i| is_new(*w, i)));
+        let master_let_go = !socket_inodes(master).iter().any(|i| is_new(master, i));
+        (in_worker && master_let_go).then_some(())
     });
     std::thread::spawn(move || {
         stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
