@@ -214,3 +214,31 @@ pub(crate) fn send_with_fds(socket: BorrowedFd<'_>, data: &[u8], fds: &[impl AsF
     let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
     if n < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
+
+/// Makes a TCP listening socket drop every packet that would start or complete a handshake
+/// (a classic BPF filter that returns 0), while the connections already in its accept queue
+/// stay there to be accepted. Clients that arrive after this retry their SYN; by then the
+/// socket is closed and they are refused (or, in a `SO_REUSEPORT` group, go to another
+/// member). Used to drain a queue without the race between "it is empty" and closing it.
+pub(crate) fn stop_queueing(listener: &socket2::Socket) -> io::Result<()> {
+    let mut drop_all = [libc::sock_filter { code: (libc::BPF_RET | libc::BPF_K) as u16, jt: 0, jf: 0, k: 0 }];
+    let prog = libc::sock_fprog { len: 1, filter: drop_all.as_mut_ptr() };
+    let len = std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t;
+    // SAFETY: `prog` points at one valid instruction; the kernel copies the program.
+    check(unsafe {
+        libc::setsockopt(listener.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, (&raw const prog).cast(), len)
+    })
+    .map(drop)
+}
+
+/// How many completed connections wait in a TCP listening socket's accept queue (for a
+/// listener, `TCP_INFO`'s `tcpi_unacked` is the queue length).
+pub(crate) fn accept_queue_len(listener: &socket2::Socket) -> io::Result<u32> {
+    // SAFETY: an all-zero `tcp_info` is valid; getsockopt writes at most `len` bytes into it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    check(unsafe {
+        libc::getsockopt(listener.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len)
+    })?;
+    Ok(info.tcpi_unacked)
+}

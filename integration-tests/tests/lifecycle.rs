@@ -16,11 +16,11 @@ fn exclusive() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Five SIGHUPs one second apart under `wrk`: no socket error, no non-2xx, and after each
-/// reload every worker pid is new.
-fn reloads_under_load(wrk_args: &[&str]) {
+/// `rounds` SIGHUPs one second apart under `wrk`: no socket error, no non-2xx, and after each
+/// reload every worker pid is new. `env` picks the policy and balancer.
+fn reloads_under_load(env: &[(&str, &str)], rounds: usize, wrk_args: &[&str]) {
     let _guard = exclusive();
-    let server = Server::start("hello", &[("CLUSTER_WORKERS", "2")], 2);
+    let server = Server::start("hello", &[&[("CLUSTER_WORKERS", "2")], env].concat(), 2);
     let addr = server.addr;
     let args: Vec<String> = wrk_args.iter().map(|s| s.to_string()).collect();
     let load = std::thread::spawn(move || {
@@ -28,7 +28,7 @@ fn reloads_under_load(wrk_args: &[&str]) {
         wrk(addr, &args)
     });
     let mut durations = Vec::new();
-    for round in 1..=5 {
+    for round in 1..=rounds {
         let started = Instant::now();
         std::thread::sleep(Duration::from_secs(1)); // the spacing the issue asks for, not a wait
         let before = server.workers();
@@ -44,18 +44,34 @@ fn reloads_under_load(wrk_args: &[&str]) {
     eprintln!("{}", report.output);
     eprintln!("reload log: {:?}", server.stderr_lines("reload complete"));
     assert!(report.requests > 1000, "too little load to mean anything: {}", report.output);
-    assert_eq!(report.errors, [0; 4], "socket errors during reloads:\n{}\n{}", report.output, server.stderr());
-    assert_eq!(report.non2xx, 0, "non-2xx during reloads:\n{}", report.output);
+    assert_eq!(report.errors, [0; 4], "{env:?}: socket errors during reloads:\n{}\n{}", report.output, server.stderr());
+    assert_eq!(report.non2xx, 0, "{env:?}: non-2xx during reloads:\n{}", report.output);
 }
+
+/// The policies and balancers other than the default (`rr`, round-robin).
+const OTHER_POLICIES: [&[(&str, &str)]; 4] = [
+    &[("CLUSTER_BALANCER", "least-connections")],
+    &[("CLUSTER_BALANCER", "sticky")],
+    &[("CLUSTER_SCHED_POLICY", "shared")],
+    &[("CLUSTER_SCHED_POLICY", "reuseport")],
+];
 
 #[test]
 fn rolling_reloads_under_keep_alive_load_fail_nothing() {
-    reloads_under_load(&["-c32", "-d8s"]);
+    reloads_under_load(&[], 5, &["-c32", "-d8s"]);
 }
 
 #[test]
 fn rolling_reloads_under_connection_close_load_fail_nothing() {
-    reloads_under_load(&["-c32", "-d8s", "-H", "Connection: close"]);
+    reloads_under_load(&[], 5, &["-c32", "-d8s", "-H", "Connection: close"]);
+}
+
+#[test]
+fn rolling_reloads_under_load_fail_nothing_under_every_policy_and_balancer() {
+    for env in OTHER_POLICIES {
+        reloads_under_load(env, 2, &["-c32", "-d3s"]);
+        reloads_under_load(env, 2, &["-c32", "-d3s", "-H", "Connection: close"]);
+    }
 }
 
 /// Sends `GET /sleep?ms=5000` and waits until a worker (not the master) holds the connection:
@@ -237,10 +253,45 @@ fn sigttin_and_sigttou_change_the_worker_count() {
     assert!(alive(server.pid()));
 }
 
-#[test]
-fn sigterm_under_load_fails_no_accepted_request() {
+/// Three workers scaled down to one by two SIGTTOUs under `wrk` opening a connection per
+/// request: the retired workers' queued clients are all served. Under `reuseport` each worker
+/// has its own accept queue, which the master drains before closing it.
+fn scale_down_under_load(env: &[(&str, &str)]) {
     let _guard = exclusive();
-    let mut server = Server::start("hello", &[("CLUSTER_WORKERS", "2"), ("CLUSTER_KILL_TIMEOUT_MS", "5000")], 2);
+    let server = Server::start("hello", &[&[("CLUSTER_WORKERS", "3")], env].concat(), 3);
+    let addr = server.addr;
+    let load = std::thread::spawn(move || wrk(addr, &["-c32", "-d3s", "-H", "Connection: close"]));
+    for n in [2, 1] {
+        std::thread::sleep(Duration::from_secs(1)); // load before each step, not a wait
+        server.signal(libc::SIGTTOU);
+        wait_for(Duration::from_secs(10), &format!("{n} worker(s)"), || (server.workers().len() == n).then_some(()));
+    }
+    let report = load.join().expect("wrk");
+    eprintln!("{env:?}:\n{}", report.output);
+    assert!(report.requests > 1000, "too little load to mean anything: {}", report.output);
+    assert_eq!(
+        report.errors,
+        [0; 4],
+        "{env:?}: socket errors while scaling down:\n{}\n{}",
+        report.output,
+        server.stderr()
+    );
+    assert_eq!(report.non2xx, 0, "{env:?}: non-2xx while scaling down:\n{}", report.output);
+}
+
+#[test]
+fn scaling_down_under_load_fails_nothing_under_every_policy() {
+    for env in [&[][..], &[("CLUSTER_SCHED_POLICY", "shared")], &[("CLUSTER_SCHED_POLICY", "reuseport")]] {
+        scale_down_under_load(env);
+    }
+}
+
+/// SIGTERM under a closed loop of 16 clients: the master exits 0 within the kill timeout and
+/// every request on a connection that got in is answered.
+fn sigterm_under_load(env: &[(&str, &str)]) {
+    let _guard = exclusive();
+    let mut server =
+        Server::start("hello", &[&[("CLUSTER_WORKERS", "2"), ("CLUSTER_KILL_TIMEOUT_MS", "5000")], env].concat(), 2);
     let addr = server.addr;
     let master = server.pid();
     let (answered, load) = closed_loop(addr, 16, move || !alive(master));
@@ -251,9 +302,21 @@ fn sigterm_under_load_fails_no_accepted_request() {
     assert_eq!(status.code(), Some(0));
     assert!(stop.elapsed() < Duration::from_secs(5));
     let report = load.join().expect("load");
-    eprintln!("{report:?}");
+    eprintln!("{env:?}: {report:?}");
     assert!(report.ok > 100, "load ran: {report:?}");
-    assert_eq!(report.failed, 0, "accepted requests failed: {report:?}\n{}", server.stderr());
+    assert_eq!(report.failed, 0, "{env:?}: accepted requests failed: {report:?}\n{}", server.stderr());
+}
+
+#[test]
+fn sigterm_under_load_fails_no_accepted_request() {
+    sigterm_under_load(&[]);
+}
+
+#[test]
+fn sigterm_under_load_fails_no_accepted_request_under_every_policy_and_balancer() {
+    for env in OTHER_POLICIES {
+        sigterm_under_load(env);
+    }
 }
 
 #[test]

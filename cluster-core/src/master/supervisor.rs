@@ -201,6 +201,11 @@ pub(super) struct Supervisor {
     /// Under `reuseport`, the address the first socket of (endpoint, index) got, so that
     /// every worker's socket binds the same port.
     reuseport_addr: HashMap<(Endpoint, u32), SocketAddr>,
+    /// TCP sockets workers accept on themselves that the master is closing. The kernel lets
+    /// no one new into them ([`sys::stop_queueing`]); each is shut down once workers have
+    /// emptied its accept queue, and no retiring worker is told to disconnect before that:
+    /// closing a listening socket resets the clients still queued on it.
+    draining: Vec<(ListenKey, Socket)>,
     next_key: ListenKey,
     stop: Stop,
     reload: Option<Reload>,
@@ -248,6 +253,7 @@ impl Supervisor {
             listeners: HashMap::new(),
             by_addr: HashMap::new(),
             reuseport_addr: HashMap::new(),
+            draining: Vec::new(),
             next_key: 1,
             stop: Stop::Running,
             reload: None,
@@ -636,7 +642,9 @@ impl Supervisor {
             self.by_addr.iter().filter(|((_, _, owner), _)| *owner == id).map(|(k, v)| (k.clone(), *v)).collect();
         for (lookup, key) in keys {
             self.by_addr.remove(&lookup);
-            self.listeners.remove(&key);
+            if let Some(Listener { kind: Kind::Handed(socket), .. }) = self.listeners.remove(&key) {
+                self.draining.extend(stop_queueing(key, socket));
+            }
         }
     }
 
@@ -652,24 +660,32 @@ impl Supervisor {
         Ok(Listener { addr, kind: Kind::Stream { socket, task }, unix_path })
     }
 
-    /// Stops listening everywhere. With `sweep`, first takes the connections the kernel already
-    /// completed (closing a listening socket resets those).
+    /// Stops listening everywhere. With `sweep`, the connections the kernel already completed
+    /// (closing a listening socket resets those) are served first: the master takes them from
+    /// the sockets it accepts on, workers from those they accept on (see `draining`).
     fn close_listeners(&mut self, sweep: bool) {
         self.by_addr.clear();
         self.reuseport_addr.clear();
+        if !sweep {
+            self.draining.clear();
+        }
         for (key, l) in self.listeners.drain() {
-            if let Kind::Stream { socket, task } = &l.kind {
-                task.abort();
-                let n = if sweep { dispatch::sweep(socket, key, &self.dispatch) } else { 0 };
-                // Leave the listening state now, not when the aborted accept task lets go of
-                // the socket: from here on the kernel refuses new clients instead of queueing.
-                let _ = socket.get_ref().shutdown(std::net::Shutdown::Both);
-                if n > 0 {
-                    log!("took {n} last connection(s) from listener {key}");
-                }
-            }
             if let Some(path) = &l.unix_path {
                 let _ = std::fs::remove_file(path);
+            }
+            match l.kind {
+                Kind::Stream { socket, task } => {
+                    task.abort();
+                    let n = if sweep { dispatch::sweep(&socket, key, &self.dispatch) } else { 0 };
+                    // Leave the listening state now, not when the aborted accept task lets go
+                    // of the socket: from here on the kernel refuses new clients.
+                    let _ = socket.get_ref().shutdown(std::net::Shutdown::Both);
+                    if n > 0 {
+                        log!("took {n} last connection(s) from listener {key}");
+                    }
+                }
+                Kind::Handed(socket) if sweep => self.draining.extend(stop_queueing(key, socket)),
+                Kind::Handed(_) => {}
             }
         }
     }
@@ -946,6 +962,7 @@ impl Supervisor {
     /// the deadline).
     fn retire_step(&mut self, now: Instant) {
         let mut backlog_empty = None;
+        let mut drained = None;
         for (serial, w) in self.workers.iter_mut() {
             let Some(kill_at) = w.kill_at else { continue };
             if w.status.is_some() || w.killed {
@@ -966,7 +983,8 @@ impl Supervisor {
                 w.closed = true;
                 self.dispatch.close(*serial);
             }
-            if self.dispatch.inflight(*serial) > 0 {
+            if self.dispatch.inflight(*serial) > 0 || !*drained.get_or_insert_with(|| drain_sockets(&mut self.draining))
+            {
                 continue;
             }
             w.disconnected = true;
@@ -1301,4 +1319,37 @@ async fn read_loop(
 /// A reassembled user message, as if it had come in one datagram.
 fn whole(message: Option<Whole>) -> Option<ToMaster> {
     message.map(|(to, call, data)| ToMaster::User { to, call, data })
+}
+/// Makes the kernel queue no new client on a TCP socket workers accept on, so that it can be
+/// drained (see `Supervisor::draining`). Returns the socket to drain, or `None` when there is
+/// nothing to drain (UDP) or the kernel refused (then it is closed at once, as it used to be).
+fn stop_queueing(key: ListenKey, socket: Socket) -> Option<(ListenKey, Socket)> {
+    if socket.r#type().ok()? != socket2::Type::STREAM {
+        return None;
+    }
+    match sys::stop_queueing(&socket) {
+        Ok(()) => Some((key, socket)),
+        Err(e) => {
+            log!("listener {key}: cannot stop queueing new clients ({e}); closing it with what it holds");
+            None
+        }
+    }
+}
+
+/// Shuts down the draining sockets whose accept queue is empty; true once none is left.
+fn drain_sockets(draining: &mut Vec<(ListenKey, Socket)>) -> bool {
+    draining.retain(|(key, socket)| match sys::accept_queue_len(socket) {
+        Ok(0) => {
+            // Leaves the listening state (and its `SO_REUSEPORT` group) now, not when the last
+            // worker lets go of its copy.
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+            false
+        }
+        Ok(_) => true,
+        Err(e) => {
+            log!("listener {key}: cannot read its accept queue ({e}); closing it");
+            false
+        }
+    });
+    draining.is_empty()
 }

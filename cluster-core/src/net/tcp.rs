@@ -121,7 +121,15 @@ impl TcpListener {
                 if own.stop.is_none() {
                     return Poll::Ready(Err(super::proxy::closed()));
                 }
-                own.listener.poll_accept(cx)
+                match ready!(own.listener.poll_accept(cx)) {
+                    // EINVAL: the master shut the socket down (the cluster is stopping or
+                    // this worker's `reuseport` socket is retired); the stop message follows.
+                    Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                        own.stop = None;
+                        Poll::Ready(Err(super::proxy::closed()))
+                    }
+                    accepted => Poll::Ready(accepted),
+                }
             }
             Inner::Cluster { proxy, local } => {
                 let conn = ready!(proxy.poll_next(cx))?;
