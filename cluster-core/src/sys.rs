@@ -242,3 +242,32 @@ pub(crate) fn accept_queue_len(listener: &socket2::Socket) -> io::Result<u32> {
     })?;
     Ok(info.tcpi_unacked)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{SocketAddr, TcpStream};
+    use std::time::Duration;
+
+    use socket2::{Domain, Socket, Type};
+
+    #[test]
+    fn a_listener_that_stopped_queueing_keeps_its_queue_and_lets_no_one_new_in() {
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        listener.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+        listener.listen(16).unwrap();
+        let addr = listener.local_addr().unwrap().as_socket().unwrap();
+        let queued: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        assert_eq!(super::accept_queue_len(&listener).unwrap(), 3);
+
+        super::stop_queueing(&listener).unwrap();
+        // The SYN is dropped: no handshake completes, the client waits for a retry.
+        let late = TcpStream::connect_timeout(&addr, Duration::from_millis(300));
+        assert!(late.is_err(), "a client got in after stop_queueing");
+        assert_eq!(super::accept_queue_len(&listener).unwrap(), 3);
+
+        for _ in &queued {
+            super::accept(&listener).unwrap();
+        }
+        assert_eq!(super::accept_queue_len(&listener).unwrap(), 0);
+    }
+}

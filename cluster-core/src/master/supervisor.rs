@@ -162,6 +162,17 @@ impl Listener {
     }
 }
 
+/// A socket workers accept on, being closed without resetting anyone: the kernel lets no one
+/// new in ([`sys::stop_queueing`]), the workers that accept on it empty its queue, and it is
+/// shut down once the queue is empty. A worker accepting on it is not told to disconnect
+/// before that. Given up (queue and all) when no live worker accepts on it any more, or after
+/// [`DRAIN_LIMIT`].
+struct Draining {
+    key: ListenKey,
+    socket: Socket,
+    since: Instant,
+}
+
 impl Drop for Supervisor {
     fn drop(&mut self) {
         self.close_listeners(false);
@@ -201,11 +212,9 @@ pub(super) struct Supervisor {
     /// Under `reuseport`, the address the first socket of (endpoint, index) got, so that
     /// every worker's socket binds the same port.
     reuseport_addr: HashMap<(Endpoint, u32), SocketAddr>,
-    /// TCP sockets workers accept on themselves that the master is closing. The kernel lets
-    /// no one new into them ([`sys::stop_queueing`]); each is shut down once workers have
-    /// emptied its accept queue, and no retiring worker is told to disconnect before that:
-    /// closing a listening socket resets the clients still queued on it.
-    draining: Vec<(ListenKey, Socket)>,
+    /// TCP sockets workers accept on themselves that the master is closing: closing a
+    /// listening socket resets the clients queued on it. See [`Draining`].
+    draining: Vec<Draining>,
     next_key: ListenKey,
     stop: Stop,
     reload: Option<Reload>,
@@ -222,6 +231,9 @@ const FAST_TICK: Duration = Duration::from_millis(20);
 /// not be read meanwhile must not get workers killed.
 const SUSPENDED: Duration = Duration::from_secs(1);
 const RSS_CHECK: Duration = Duration::from_secs(1);
+/// Longest wait for workers to empty a socket's accept queue (they take a full one in
+/// milliseconds; a hung worker must not hold the others' stop).
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
 impl Supervisor {
     pub(super) fn new(
@@ -648,6 +660,40 @@ impl Supervisor {
         }
     }
 
+    /// Shuts down the draining sockets whose queue is empty, or that no live worker accepts
+    /// on any more, or that waited [`DRAIN_LIMIT`].
+    fn drain_sockets(&mut self, now: Instant) {
+        let workers = &self.workers;
+        self.draining.retain(|d| {
+            let queued = match sys::accept_queue_len(&d.socket) {
+                Ok(0) => None,
+                Ok(n) => Some(n),
+                Err(e) => {
+                    log!("listener {}: cannot read its accept queue ({e})", d.key);
+                    None
+                }
+            };
+            let accepted_on = || {
+                workers
+                    .values()
+                    .any(|w| w.status.is_none() && !w.killed && !w.channel_closed && w.keys.contains(&d.key))
+            };
+            let why = match queued {
+                None => None,
+                Some(_) if !accepted_on() => Some("no worker accepts on it"),
+                Some(_) if now.duration_since(d.since) >= DRAIN_LIMIT => Some("its workers did not take them in time"),
+                Some(_) => return true,
+            };
+            if let (Some(n), Some(why)) = (queued, why) {
+                log!("listener {}: closing it with {n} client(s) queued: {why}", d.key);
+            }
+            // Leaves the listening state (and its `SO_REUSEPORT` group) now, not when the last
+            // worker lets go of its copy: from here on new clients are refused or go elsewhere.
+            let _ = d.socket.shutdown(std::net::Shutdown::Both);
+            false
+        });
+    }
+
     fn stream_listener(
         &self,
         socket: Socket,
@@ -962,7 +1008,7 @@ impl Supervisor {
     /// the deadline).
     fn retire_step(&mut self, now: Instant) {
         let mut backlog_empty = None;
-        let mut drained = None;
+        self.drain_sockets(now);
         for (serial, w) in self.workers.iter_mut() {
             let Some(kill_at) = w.kill_at else { continue };
             if w.status.is_some() || w.killed {
@@ -983,8 +1029,7 @@ impl Supervisor {
                 w.closed = true;
                 self.dispatch.close(*serial);
             }
-            if self.dispatch.inflight(*serial) > 0 || !*drained.get_or_insert_with(|| drain_sockets(&mut self.draining))
-            {
+            if self.dispatch.inflight(*serial) > 0 || self.draining.iter().any(|d| w.keys.contains(&d.key)) {
                 continue;
             }
             w.disconnected = true;
@@ -1320,36 +1365,19 @@ async fn read_loop(
 fn whole(message: Option<Whole>) -> Option<ToMaster> {
     message.map(|(to, call, data)| ToMaster::User { to, call, data })
 }
+
 /// Makes the kernel queue no new client on a TCP socket workers accept on, so that it can be
-/// drained (see `Supervisor::draining`). Returns the socket to drain, or `None` when there is
-/// nothing to drain (UDP) or the kernel refused (then it is closed at once, as it used to be).
-fn stop_queueing(key: ListenKey, socket: Socket) -> Option<(ListenKey, Socket)> {
+/// drained (see [`Draining`]). `None` when there is nothing to drain (UDP) or the kernel
+/// refused (then the socket is closed at once, with what it holds).
+fn stop_queueing(key: ListenKey, socket: Socket) -> Option<Draining> {
     if socket.r#type().ok()? != socket2::Type::STREAM {
         return None;
     }
     match sys::stop_queueing(&socket) {
-        Ok(()) => Some((key, socket)),
+        Ok(()) => Some(Draining { key, socket, since: Instant::now() }),
         Err(e) => {
             log!("listener {key}: cannot stop queueing new clients ({e}); closing it with what it holds");
             None
         }
     }
-}
-
-/// Shuts down the draining sockets whose accept queue is empty; true once none is left.
-fn drain_sockets(draining: &mut Vec<(ListenKey, Socket)>) -> bool {
-    draining.retain(|(key, socket)| match sys::accept_queue_len(socket) {
-        Ok(0) => {
-            // Leaves the listening state (and its `SO_REUSEPORT` group) now, not when the last
-            // worker lets go of its copy.
-            let _ = socket.shutdown(std::net::Shutdown::Both);
-            false
-        }
-        Ok(_) => true,
-        Err(e) => {
-            log!("listener {key}: cannot read its accept queue ({e}); closing it");
-            false
-        }
-    });
-    draining.is_empty()
 }
