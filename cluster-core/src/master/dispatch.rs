@@ -85,13 +85,9 @@ impl Target {
     /// Puts the listed connections it has not acknowledged back at the front of the backlog,
     /// in their order; returns the listeners they came from.
     fn take_back(&mut self, ids: &[ConnId], backlog: &mut Backlog) -> Vec<ListenKey> {
-        let mut keys = Vec::new();
-        for id in ids.iter().rev() {
-            if let Some(conn) = self.inflight.remove(id) {
-                keys.push(conn.key);
-                backlog.entry(conn.key).or_default().push_front(conn);
-            }
-        }
+        let conns: Vec<Conn> = ids.iter().filter_map(|id| self.inflight.remove(id)).collect();
+        let keys = conns.iter().map(|c| c.key).collect();
+        requeue(backlog, conns);
         keys
     }
 
@@ -111,6 +107,14 @@ impl Target {
 
 /// Accepted connections waiting for a worker with room, per listener.
 type Backlog = HashMap<ListenKey, VecDeque<Conn>>;
+
+/// Puts connections back at the front of their listeners' queues, in their order: they were
+/// accepted before anything still waiting there.
+fn requeue(backlog: &mut Backlog, conns: impl IntoIterator<Item = Conn, IntoIter: DoubleEndedIterator>) {
+    for conn in conns.into_iter().rev() {
+        backlog.entry(conn.key).or_default().push_front(conn);
+    }
+}
 
 struct State {
     targets: Vec<Target>,
@@ -215,9 +219,7 @@ impl Dispatch {
         let mut orphans: Vec<_> = target.inflight.into_iter().collect();
         orphans.sort_by_key(|(id, _)| *id);
         let n = orphans.len();
-        for (_, conn) in orphans.into_iter().rev() {
-            state.backlog.entry(conn.key).or_default().push_front(conn);
-        }
+        requeue(&mut state.backlog, orphans.into_iter().map(|(_, conn)| conn));
         if n > 0 {
             log!("re-dispatching {n} connection(s) the exited worker had not accepted");
         }
@@ -266,10 +268,7 @@ impl Dispatch {
             t.closed = t.closed.min(t.handled);
             t.keys.retain(|k| *k != key);
         }
-        let queue = backlog.entry(key).or_default();
-        for conn in conns.into_iter().rev() {
-            queue.push_front(Conn { key, socket: Socket::from(conn.fd), peer: conn.peer });
-        }
+        requeue(backlog, conns.into_iter().map(|c| Conn { key, socket: Socket::from(c.fd), peer: c.peer }));
         state.drain(&self.limits);
         drop(state);
         self.room.notify_waiters();
@@ -406,10 +405,7 @@ impl State {
                     if e.kind() != io::ErrorKind::WouldBlock {
                         t.open = false;
                     }
-                    let queue = backlog.entry(key).or_default();
-                    for p in t.batch.drain(..).rev() {
-                        queue.push_front(p.conn);
-                    }
+                    requeue(backlog, t.batch.drain(..).map(|p| p.conn));
                 }
             }
         }

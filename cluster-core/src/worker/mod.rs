@@ -318,7 +318,7 @@ impl Client {
         key: ListenKey,
         mut queue: ConnQueue,
         pending: Vec<NewConn>,
-        unserved: VecDeque<NewConn>,
+        mut unserved: VecDeque<NewConn>,
     ) {
         self.state.lock().unwrap().listeners.remove(&key);
         self.unserved.lock().unwrap().retain(|(k, _)| *k != key);
@@ -333,10 +333,9 @@ impl Client {
         for chunk in ids.chunks(message::MAX_FDS) {
             self.send_soon(ToMaster::Refused { ids: chunk.to_vec() });
         }
-        let mut unserved = Vec::from(unserved);
         while !unserved.is_empty() {
-            let rest = unserved.split_off(unserved.len().min(message::MAX_FDS));
-            self.give_back(key, std::mem::replace(&mut unserved, rest));
+            let n = unserved.len().min(message::MAX_FDS);
+            self.give_back(key, unserved.drain(..n).collect());
         }
     }
 
