@@ -162,15 +162,124 @@ impl Listener {
     }
 }
 
-/// A socket workers accept on, being closed without resetting anyone: the kernel lets no one
-/// new in ([`sys::stop_queueing`]), the workers that accept on it empty its queue, and it is
-/// shut down once the queue is empty. A worker accepting on it is not told to disconnect
-/// before that. Given up (queue and all) when no live worker accepts on it any more, or after
-/// [`DRAIN_LIMIT`].
+/// A TCP listening socket being closed without resetting anyone (closing it resets every
+/// client in its accept queue, and every handshake still under way on it). The kernel starts
+/// no new handshake on it ([`sys::stop_queueing`]); the handshakes already under way complete
+/// ([`sys::pending_handshakes`]); whoever accepts on it (the workers, or the master under
+/// `rr`) empties its queue; then it is shut down. A worker is not closed (`rr`) or told to
+/// disconnect (a socket it accepts on) before that. Given up, with what it holds, when no live
+/// worker accepts on it any more, or after [`DRAIN_LIMIT`] (a client that never answers the
+/// SYN-ACK holds the close that long).
 struct Draining {
     key: ListenKey,
-    socket: Socket,
+    kind: Kind,
+    /// The socket's local address.
+    local: SocketAddr,
     since: Instant,
+    handshakes: Handshakes,
+}
+
+/// The handshakes towards a draining socket's port that were under way when it stopped
+/// queueing, named by their kernel cookies.
+#[derive(Default)]
+enum Handshakes {
+    /// Listed once a SYN that raced with the filter has had time to enter the kernel's table.
+    #[default]
+    Unlisted,
+    /// Those still in the table.
+    Pending(Vec<u64>),
+    /// The last one was seen gone at this instant.
+    Done(Instant),
+    /// They cannot be listed (no `sock_diag`): they are given [`HANDSHAKE_GRACE`].
+    Unknown,
+}
+
+impl Draining {
+    /// Stops the kernel from starting handshakes on a TCP listener. Gives `kind` back when
+    /// there is nothing to drain (UDP, Unix sockets) or the kernel refused.
+    fn start(key: ListenKey, kind: Kind) -> Result<Draining, Kind> {
+        let Some(local) = kind.tcp_addr() else { return Err(kind) };
+        if let Err(e) = sys::stop_queueing(kind.socket()) {
+            log!("listener {key}: cannot stop queueing new clients ({e}); closing it with what it holds");
+            return Err(kind);
+        }
+        Ok(Draining { key, kind, local, since: Instant::now(), handshakes: Handshakes::Unlisted })
+    }
+
+    /// Whether a handshake under way when the socket stopped queueing may still complete and
+    /// join its queue.
+    fn handshaking(&mut self, now: Instant) -> bool {
+        if now < self.since + SETTLE {
+            return true;
+        }
+        if let Handshakes::Unlisted | Handshakes::Pending(_) = self.handshakes {
+            self.handshakes = match (sys::pending_handshakes(self.local), std::mem::take(&mut self.handshakes)) {
+                (Err(e), _) => {
+                    let key = self.key;
+                    log!("listener {key}: cannot list the handshakes under way ({e}); giving them {HANDSHAKE_GRACE:?}");
+                    Handshakes::Unknown
+                }
+                (Ok(pending), Handshakes::Pending(mut list)) => {
+                    list.retain(|cookie| pending.contains(cookie));
+                    if list.is_empty() { Handshakes::Done(now) } else { Handshakes::Pending(list) }
+                }
+                (Ok(pending), _) if pending.is_empty() => Handshakes::Done(now),
+                (Ok(pending), _) => Handshakes::Pending(pending),
+            };
+        }
+        match self.handshakes {
+            Handshakes::Unlisted | Handshakes::Pending(_) => true,
+            // A completed handshake leaves the table a moment before its connection is counted
+            // in the queue.
+            Handshakes::Done(at) => now < at + SETTLE,
+            Handshakes::Unknown => now < self.since + HANDSHAKE_GRACE,
+        }
+    }
+}
+
+impl Kind {
+    fn socket(&self) -> &Socket {
+        match self {
+            Kind::Stream { socket, .. } => socket.get_ref(),
+            Kind::Handed(socket) => socket,
+        }
+    }
+
+    /// The local address of a TCP socket; `None` for UDP and Unix sockets.
+    fn tcp_addr(&self) -> Option<SocketAddr> {
+        let socket = self.socket();
+        let tcp = socket.r#type().ok()? == socket2::Type::STREAM;
+        tcp.then(|| socket.local_addr().ok()?.as_socket()).flatten()
+    }
+
+    /// Stops listening. With `sweep`, the master first takes the connections queued on a
+    /// socket it accepts on (a Unix socket refuses new clients once shut down and still hands
+    /// out its queue; a TCP socket resets its queue when shut down, so it is swept first). A
+    /// socket workers accept on is just shut down. Leaves the listening state (and its
+    /// `SO_REUSEPORT` group) now, not when the last copy, held by a worker or an aborted task,
+    /// is closed.
+    fn close(self, key: ListenKey, sweep: Option<&Dispatch>) {
+        let tcp = self.tcp_addr().is_some();
+        match self {
+            Kind::Stream { socket, task } => {
+                task.abort();
+                if let Some(dispatch) = sweep {
+                    if !tcp {
+                        let _ = socket.get_ref().shutdown(std::net::Shutdown::Both);
+                    }
+                    let n = dispatch::sweep(&socket, key, dispatch);
+                    if n > 0 {
+                        log!("took {n} last connection(s) from listener {key}");
+                    }
+                }
+                let _ = socket.get_ref().shutdown(std::net::Shutdown::Both);
+            }
+            Kind::Handed(socket) if tcp => {
+                let _ = socket.shutdown(std::net::Shutdown::Both);
+            }
+            Kind::Handed(_) => {}
+        }
+    }
 }
 
 impl Drop for Supervisor {
@@ -234,6 +343,13 @@ const RSS_CHECK: Duration = Duration::from_secs(1);
 /// Longest wait for workers to empty a socket's accept queue (they take a full one in
 /// milliseconds; a hung worker must not hold the others' stop).
 const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+/// How long a closing socket waits for the handshakes under way on it when the kernel cannot
+/// list them (no `sock_diag`): a round trip on a local network, with room to spare.
+const HANDSHAKE_GRACE: Duration = Duration::from_millis(200);
+/// A moment for the kernel to finish what it was doing when a socket's state was read: a SYN
+/// racing with the filter entering the table of handshakes, a completed handshake leaving it
+/// and being counted in the accept queue.
+const SETTLE: Duration = Duration::from_millis(5);
 
 impl Supervisor {
     pub(super) fn new(
@@ -316,7 +432,8 @@ impl Supervisor {
     }
 
     fn next_wake(&self) -> Instant {
-        let draining = self.workers.values().any(|w| w.kill_at.is_some() && !w.disconnected);
+        let draining =
+            !self.draining.is_empty() || self.workers.values().any(|w| w.kill_at.is_some() && !w.disconnected);
         let tick = self.last_tick + if draining { FAST_TICK } else { TICK };
         self.slots.values().filter_map(|s| s.start_at).fold(tick, Instant::min)
     }
@@ -654,44 +771,51 @@ impl Supervisor {
             self.by_addr.iter().filter(|((_, _, owner), _)| *owner == id).map(|(k, v)| (k.clone(), *v)).collect();
         for (lookup, key) in keys {
             self.by_addr.remove(&lookup);
-            if let Some(Listener { kind: Kind::Handed(socket), .. }) = self.listeners.remove(&key) {
-                self.draining.extend(stop_queueing(key, socket));
+            if let Some(Listener { kind: kind @ Kind::Handed(_), .. }) = self.listeners.remove(&key) {
+                self.drain(key, kind);
             }
         }
     }
 
-    /// Shuts down the draining sockets whose queue is empty, or that no live worker accepts
-    /// on any more, or that waited [`DRAIN_LIMIT`].
+    /// Starts draining a socket being closed, or closes it at once when it cannot be drained.
+    fn drain(&mut self, key: ListenKey, kind: Kind) {
+        match Draining::start(key, kind) {
+            Ok(d) => self.draining.push(d),
+            Err(kind) => kind.close(key, Some(&self.dispatch)),
+        }
+    }
+
+    /// Shuts down the draining sockets that no handshake can join any more and whose queue is
+    /// empty, or that no live worker accepts on any more, or that waited [`DRAIN_LIMIT`].
     fn drain_sockets(&mut self, now: Instant) {
-        let workers = &self.workers;
-        self.draining.retain(|d| {
-            let queued = match sys::accept_queue_len(&d.socket) {
-                Ok(0) => None,
-                Ok(n) => Some(n),
-                Err(e) => {
-                    log!("listener {}: cannot read its accept queue ({e})", d.key);
-                    None
+        for mut d in std::mem::take(&mut self.draining) {
+            let handshaking = d.handshaking(now);
+            let (queued, accepted_on) = match &d.kind {
+                // The master's accept loop empties it; the last ones are swept on close.
+                Kind::Stream { .. } => (0, true),
+                Kind::Handed(socket) => {
+                    let queued = sys::accept_queue_len(socket).unwrap_or_else(|e| {
+                        log!("listener {}: cannot read its accept queue ({e})", d.key);
+                        0
+                    });
+                    let live = |w: &Worker| w.status.is_none() && !w.killed && !w.channel_closed;
+                    (queued, self.workers.values().any(|w| live(w) && w.keys.contains(&d.key)))
                 }
             };
-            let accepted_on = || {
-                workers
-                    .values()
-                    .any(|w| w.status.is_none() && !w.killed && !w.channel_closed && w.keys.contains(&d.key))
-            };
-            let why = match queued {
-                None => None,
-                Some(_) if !accepted_on() => Some("no worker accepts on it"),
-                Some(_) if now.duration_since(d.since) >= DRAIN_LIMIT => Some("its workers did not take them in time"),
-                Some(_) => return true,
-            };
-            if let (Some(n), Some(why)) = (queued, why) {
-                log!("listener {}: closing it with {n} client(s) queued: {why}", d.key);
+            if handshaking || queued > 0 {
+                let why = if !accepted_on {
+                    "no worker accepts on it"
+                } else if now.duration_since(d.since) >= DRAIN_LIMIT {
+                    "it was not emptied in time"
+                } else {
+                    self.draining.push(d);
+                    continue;
+                };
+                let under_way = if handshaking { " and handshakes under way" } else { "" };
+                log!("listener {}: closing it with {queued} client(s) queued{under_way}: {why}", d.key);
             }
-            // Leaves the listening state (and its `SO_REUSEPORT` group) now, not when the last
-            // worker lets go of its copy: from here on new clients are refused or go elsewhere.
-            let _ = d.socket.shutdown(std::net::Shutdown::Both);
-            false
-        });
+            d.kind.close(d.key, Some(&self.dispatch));
+        }
     }
 
     fn stream_listener(
@@ -707,31 +831,25 @@ impl Supervisor {
     }
 
     /// Stops listening everywhere. With `sweep`, the connections the kernel already completed
-    /// (closing a listening socket resets those) are served first: the master takes them from
-    /// the sockets it accepts on, workers from those they accept on (see `draining`).
+    /// or is completing (closing a listening socket resets those) are served first (see
+    /// [`Draining`]); without, the sockets are closed with what they hold.
     fn close_listeners(&mut self, sweep: bool) {
         self.by_addr.clear();
         self.reuseport_addr.clear();
         if !sweep {
-            self.draining.clear();
+            for d in std::mem::take(&mut self.draining) {
+                d.kind.close(d.key, None);
+            }
         }
-        for (key, l) in self.listeners.drain() {
-            if let Some(path) = &l.unix_path {
+        let listeners: Vec<_> = self.listeners.drain().map(|(key, l)| (key, l.kind, l.unix_path)).collect();
+        for (key, kind, unix_path) in listeners {
+            if let Some(path) = &unix_path {
                 let _ = std::fs::remove_file(path);
             }
-            match l.kind {
-                Kind::Stream { socket, task } => {
-                    task.abort();
-                    let n = if sweep { dispatch::sweep(&socket, key, &self.dispatch) } else { 0 };
-                    // Leave the listening state now, not when the aborted accept task lets go
-                    // of the socket: from here on the kernel refuses new clients.
-                    let _ = socket.get_ref().shutdown(std::net::Shutdown::Both);
-                    if n > 0 {
-                        log!("took {n} last connection(s) from listener {key}");
-                    }
-                }
-                Kind::Handed(socket) if sweep => self.draining.extend(stop_queueing(key, socket)),
-                Kind::Handed(_) => {}
+            if sweep {
+                self.drain(key, kind);
+            } else {
+                kind.close(key, None);
             }
         }
     }
@@ -1007,8 +1125,11 @@ impl Supervisor {
     /// for them), disconnect (once every connection sent to them is acknowledged), kill (at
     /// the deadline).
     fn retire_step(&mut self, now: Instant) {
-        let mut backlog_empty = None;
         self.drain_sockets(now);
+        // No worker is closed while the master still accepts on a socket it is draining: any
+        // of them may get its last connections.
+        let accepting = self.draining.iter().any(|d| matches!(d.kind, Kind::Stream { .. }));
+        let mut backlog_empty = None;
         for (serial, w) in self.workers.iter_mut() {
             let Some(kill_at) = w.kill_at else { continue };
             if w.status.is_some() || w.killed {
@@ -1023,7 +1144,7 @@ impl Supervisor {
                 continue;
             }
             if !w.closed {
-                if !*backlog_empty.get_or_insert_with(|| self.dispatch.backlog_empty()) {
+                if accepting || !*backlog_empty.get_or_insert_with(|| self.dispatch.backlog_empty()) {
                     continue;
                 }
                 w.closed = true;
@@ -1364,20 +1485,4 @@ async fn read_loop(
 /// A reassembled user message, as if it had come in one datagram.
 fn whole(message: Option<Whole>) -> Option<ToMaster> {
     message.map(|(to, call, data)| ToMaster::User { to, call, data })
-}
-
-/// Makes the kernel queue no new client on a TCP socket workers accept on, so that it can be
-/// drained (see [`Draining`]). `None` when there is nothing to drain (UDP) or the kernel
-/// refused (then the socket is closed at once, with what it holds).
-fn stop_queueing(key: ListenKey, socket: Socket) -> Option<Draining> {
-    if socket.r#type().ok()? != socket2::Type::STREAM {
-        return None;
-    }
-    match sys::stop_queueing(&socket) {
-        Ok(()) => Some(Draining { key, socket, since: Instant::now() }),
-        Err(e) => {
-            log!("listener {key}: cannot stop queueing new clients ({e}); closing it with what it holds");
-            None
-        }
-    }
 }
