@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -379,6 +380,90 @@ pub fn socket_inodes(pid: u32) -> Vec<u64> {
         .filter_map(|e| std::fs::read_link(e.path()).ok())
         .filter_map(|link| link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok())
         .collect()
+}
+
+/// Holds every new TCP handshake towards `port` half-open on the listening sockets that
+/// process `pid` owns: the test takes a copy of each (`pidfd_getfd`) and attaches a filter
+/// that drops the segments carrying an ACK. Clients then finish `connect()` and send their
+/// request, while the server side never sees their final ACK or their data; they retransmit
+/// until the filter is gone (replaced by the process, or [`release`](Self::release)d). This
+/// holds open, for as long as a test needs, the window between a server's SYN-ACK and the
+/// client's ACK, microseconds on an idle loopback and an RTT on a network.
+pub struct HeldHandshakes {
+    sockets: Vec<socket2::Socket>,
+}
+
+impl HeldHandshakes {
+    /// Panics when the sockets cannot be reached (no `pidfd_getfd`, or no permission).
+    pub fn hold(pid: u32, port: u16) -> HeldHandshakes {
+        // SAFETY: pidfd_open has no memory-safety preconditions; a valid result is a new fd.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        assert!(pidfd >= 0, "pidfd_open({pid}): {}", std::io::Error::last_os_error());
+        // SAFETY: pidfd is a new descriptor owned by nothing else.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+        let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("/proc/<pid>/fd");
+        let fds = dir.flatten().filter_map(|e| {
+            let link = std::fs::read_link(e.path()).ok()?;
+            link.to_str()?.starts_with("socket:").then(|| e.file_name().to_str()?.parse::<RawFd>().ok()).flatten()
+        });
+        let mut sockets = Vec::new();
+        for fd in fds {
+            // SAFETY: pidfd_getfd has no memory-safety preconditions; a valid result is a new fd.
+            let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+            if copy < 0 {
+                let e = std::io::Error::last_os_error();
+                assert_eq!(e.raw_os_error(), Some(libc::EBADF), "pidfd_getfd({pid}, {fd}): {e}");
+                continue; // closed meanwhile
+            }
+            // SAFETY: `copy` is a new descriptor owned by nothing else.
+            let socket = socket2::Socket::from(unsafe { OwnedFd::from_raw_fd(copy as RawFd) });
+            let on_port = socket.local_addr().ok().and_then(|a| a.as_socket()).is_some_and(|a| a.port() == port);
+            if on_port && socket.r#type().ok() == Some(socket2::Type::STREAM) && socket.is_listener().unwrap_or(false) {
+                sockets.push(socket);
+            }
+        }
+        assert!(!sockets.is_empty(), "process {pid} has no socket listening on port {port}");
+        for socket in &sockets {
+            socket.attach_filter(&DROP_ACKS).expect("attach a filter");
+        }
+        HeldHandshakes { sockets }
+    }
+
+    /// How many listening sockets hold handshakes.
+    pub fn sockets(&self) -> usize {
+        self.sockets.len()
+    }
+
+    /// How many of the sockets got another filter since (the process attached its own).
+    pub fn taken_over(&self) -> usize {
+        self.sockets.iter().filter(|s| filter_len(s) != Some(DROP_ACKS.len())).count()
+    }
+
+    /// Takes the filter off the sockets that still have it: their held handshakes complete
+    /// with the client's next retransmission.
+    pub fn release(&self) {
+        for socket in self.sockets.iter().filter(|s| filter_len(s) == Some(DROP_ACKS.len())) {
+            socket.detach_filter().expect("detach the filter");
+        }
+    }
+}
+
+/// Drops the TCP segments that carry an ACK (byte 13 of the TCP header holds the flags).
+const DROP_ACKS: [socket2::SockFilter; 4] = [
+    socket2::SockFilter::new((libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16, 0, 0, 13),
+    socket2::SockFilter::new((libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16, 0, 1, 0x10),
+    socket2::SockFilter::new((libc::BPF_RET | libc::BPF_K) as u16, 0, 0, 0),
+    socket2::SockFilter::new((libc::BPF_RET | libc::BPF_K) as u16, 0, 0, u32::MAX),
+];
+
+/// The number of instructions of the socket's filter (`SO_GET_FILTER` with no room for them).
+fn filter_len(socket: &socket2::Socket) -> Option<usize> {
+    let mut len: libc::socklen_t = 0;
+    // SAFETY: with a zero length the kernel writes nothing but the length.
+    let ret = unsafe {
+        libc::getsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_GET_FILTER, std::ptr::null_mut(), &mut len)
+    };
+    (ret == 0).then_some(len as usize)
 }
 
 /// Inode of the TCP socket listening on `port` (from /proc/net/tcp and tcp6).

@@ -3,12 +3,15 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
-use integration_tests::{Server, alive, closed_loop, cpu_time, get_timeout, socket_inodes, wait_for, wrk};
+use integration_tests::{
+    HeldHandshakes, Server, alive, closed_loop, cpu_time, get_timeout, socket_inodes, wait_for, wrk,
+};
 
 /// Load tests take the machine's cores: run them one at a time.
 fn exclusive() -> MutexGuard<'static, ()> {
@@ -317,6 +320,76 @@ fn sigterm_under_load_fails_no_accepted_request_under_every_policy_and_balancer(
     for env in OTHER_POLICIES {
         sigterm_under_load(env);
     }
+}
+
+/// `n` clients whose handshakes the server's listening sockets hold half-open
+/// ([`HeldHandshakes`]): each has connected and sent a request the server has not seen.
+fn held_clients(server: &Server, n: usize) -> (HeldHandshakes, Vec<TcpStream>) {
+    let held = HeldHandshakes::hold(server.pid(), server.addr.port());
+    let clients: Vec<TcpStream> = (0..n)
+        .map(|_| {
+            let mut client = TcpStream::connect_timeout(&server.addr, Duration::from_secs(5)).expect("connect");
+            client.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").expect("send");
+            client
+        })
+        .collect();
+    // The hold works: the first request is not answered while it lasts.
+    let mut first = &clients[0];
+    first.set_read_timeout(Some(Duration::from_millis(100))).expect("read timeout");
+    let early = first.read(&mut [0; 64]);
+    assert!(early.is_err(), "a held client was answered ({early:?}): the test would prove nothing");
+    (held, clients)
+}
+
+/// Every held client is answered 200 (they retransmit their request, so within seconds).
+fn all_answered(clients: Vec<TcpStream>, env: &[(&str, &str)], server: &Server) {
+    for (i, mut client) in clients.into_iter().enumerate() {
+        client.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+        let mut response = String::new();
+        let read = client.read_to_string(&mut response);
+        assert!(
+            read.is_ok() && response.starts_with("HTTP/1.1 200"),
+            "{env:?}: client {i} whose handshake was under way got {read:?} {response:?}\n{}",
+            server.stderr()
+        );
+    }
+}
+
+/// SIGTERM while clients' handshakes are under way (SYN-ACK sent, their ACK not yet in):
+/// they complete after the master stops taking new clients and are served before the socket
+/// is closed; closing it at once would reset them.
+#[test]
+fn handshakes_under_way_at_sigterm_are_served_under_every_policy() {
+    for env in [&[][..], &[("CLUSTER_SCHED_POLICY", "shared")], &[("CLUSTER_SCHED_POLICY", "reuseport")]] {
+        let mut server = Server::start("hello", &[&[("CLUSTER_WORKERS", "2")], env].concat(), 2);
+        let (_held, clients) = held_clients(&server, 12);
+        server.signal(libc::SIGTERM);
+        all_answered(clients, env, &server);
+        let status = server.wait_exit(Duration::from_secs(10)).expect("master exits");
+        assert_eq!(status.code(), Some(0), "{env:?}\n{}", server.stderr());
+        assert!(
+            !server.stderr().contains("closing it with"),
+            "{env:?}: a socket was not drained:\n{}",
+            server.stderr()
+        );
+    }
+}
+
+/// Under `reuseport`, scaling down closes the retired worker's own socket: the handshakes
+/// under way on it complete and are served before it is closed. The test releases the other
+/// sockets' handshakes once the master has taken that one over; all clients are served.
+#[test]
+fn handshakes_under_way_on_a_scaled_down_reuseport_socket_are_served() {
+    let env = &[("CLUSTER_SCHED_POLICY", "reuseport")];
+    let server = Server::start("hello", &[&[("CLUSTER_WORKERS", "3")][..], env].concat(), 3);
+    let (held, clients) = held_clients(&server, 16);
+    assert_eq!(held.sockets(), 3);
+    server.signal(libc::SIGTTOU);
+    wait_for(Duration::from_secs(5), "the master to drain one socket", || (held.taken_over() == 1).then_some(()));
+    held.release();
+    all_answered(clients, env, &server);
+    server.wait_stderr("exited with code 0", Duration::from_secs(10));
+    assert!(!server.stderr().contains("closing it with"), "a socket was not drained:\n{}", server.stderr());
 }
 
 #[test]
