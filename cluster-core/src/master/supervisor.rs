@@ -235,6 +235,17 @@ impl Draining {
             Handshakes::Unknown => now < self.since + HANDSHAKE_GRACE,
         }
     }
+
+    /// When [`handshaking`](Self::handshaking) can next change its answer without a
+    /// handshake completing (`None`: any time, it is polled).
+    fn wake_at(&self) -> Option<Instant> {
+        match self.handshakes {
+            Handshakes::Unlisted => Some(self.since + SETTLE),
+            Handshakes::Pending(_) => None,
+            Handshakes::Done(at) => Some(at + SETTLE),
+            Handshakes::Unknown => Some(self.since + HANDSHAKE_GRACE),
+        }
+    }
 }
 
 impl Kind {
@@ -435,7 +446,8 @@ impl Supervisor {
         let draining =
             !self.draining.is_empty() || self.workers.values().any(|w| w.kill_at.is_some() && !w.disconnected);
         let tick = self.last_tick + if draining { FAST_TICK } else { TICK };
-        self.slots.values().filter_map(|s| s.start_at).fold(tick, Instant::min)
+        let starts = self.slots.values().filter_map(|s| s.start_at);
+        starts.chain(self.draining.iter().filter_map(Draining::wake_at)).fold(tick, Instant::min)
     }
 
     fn on_tick(&mut self) {
