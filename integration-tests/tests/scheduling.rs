@@ -6,7 +6,7 @@ use std::net::TcpStream;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use integration_tests::{Server, alive, cpu_time, get, get_timeout, kill, parse_worker, wait_for};
+use integration_tests::{Server, cpu_time, get, get_timeout, kill, parse_worker, wait_for};
 
 /// These tests count where connections go: run them one at a time.
 fn exclusive() -> MutexGuard<'static, ()> {
@@ -92,12 +92,20 @@ fn round_robin_gives_each_of_4_workers_a_quarter_of_400_connections() {
 #[test]
 fn sticky_sends_one_client_to_one_worker_and_remaps_it_when_that_worker_dies() {
     let _guard = exclusive();
-    let server = Server::start("hello", &[("CLUSTER_WORKERS", "3"), ("CLUSTER_BALANCER", "sticky")], 3);
+    // The killed worker counts as crash-looping and is restarted a minute later, after the
+    // test: its clients go elsewhere meanwhile (its replacement would get them back).
+    let env = [
+        ("CLUSTER_WORKERS", "3"),
+        ("CLUSTER_BALANCER", "sticky"),
+        ("CLUSTER_MIN_UPTIME_MS", "60000"),
+        ("CLUSTER_RESTART_DELAY_MS", "60000"),
+    ];
+    let server = Server::start("hello", &env, 3);
     let first: Vec<(u32, u32)> = (0..50).map(|_| worker_of(&server)).collect();
     assert!(first.iter().all(|w| *w == first[0]), "one client, one worker: {first:?}");
     let (id, pid) = first[0];
     kill(pid, libc::SIGKILL);
-    wait_for(Duration::from_secs(5), "the killed worker to be gone", || (!alive(pid)).then_some(()));
+    server.wait_stderr(&format!("worker {id} is crash-looping"), Duration::from_secs(5));
     let then: Vec<(u32, u32)> = (0..50).map(|_| worker_of(&server)).collect();
     assert!(then.iter().all(|w| *w == then[0]), "still one worker after the kill: {then:?}");
     assert_ne!(then[0].1, pid, "not the dead process");
