@@ -111,13 +111,6 @@ pub(crate) fn getpid() -> u32 {
     std::process::id()
 }
 
-/// Sends a signal to a process.
-pub(crate) fn kill(pid: u32, signal: libc::c_int) -> io::Result<()> {
-    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: kill has no memory-safety preconditions.
-    check(unsafe { libc::kill(pid, signal) }).map(drop)
-}
-
 /// The inode of whatever `fd` refers to now, or `None` if it is not open. Used to notice that
 /// a connection handed to user code was closed (its number may be reused, its inode is not).
 pub(crate) fn inode(fd: RawFd) -> Option<u64> {
@@ -182,12 +175,11 @@ pub(crate) fn watch(socket: socket2::Socket) -> io::Result<tokio::io::unix::Asyn
 /// The readiness-based sends of tokio-seqpacket cannot serve here: they report `Pending` on a
 /// socket the reactor has not yet seen writable, and the dispatcher cannot wait.
 pub(crate) fn send_with_fds(socket: BorrowedFd<'_>, data: &[u8], fds: &[impl AsFd]) -> io::Result<()> {
-    const MAX: usize = crate::ipc::message::MAX_FDS;
-    if fds.len() > MAX {
+    if fds.len() > SCM_MAX_FD {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many file descriptors for one message"));
     }
-    // Aligned room for one SCM_RIGHTS header and MAX descriptors.
-    let mut control = [0u64; (MAX * 4 + 64) / 8];
+    // Aligned room for one SCM_RIGHTS header and the most descriptors the kernel takes.
+    let mut control = [0u64; (SCM_MAX_FD * 4 + 64) / 8];
     let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
     // SAFETY: zeroed msghdr is a valid empty header.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -214,6 +206,9 @@ pub(crate) fn send_with_fds(socket: BorrowedFd<'_>, data: &[u8], fds: &[impl AsF
     let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
     if n < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
+
+/// The most descriptors the kernel passes in one message (`SCM_MAX_FD`).
+const SCM_MAX_FD: usize = 253;
 
 /// One classic BPF instruction.
 const fn bpf(code: u32, jt: u8, jf: u8, k: u32) -> socket2::SockFilter {
@@ -255,24 +250,35 @@ pub(crate) fn accept_queue_len(listener: &socket2::Socket) -> io::Result<u32> {
     Ok(info.tcpi_unacked)
 }
 
-/// The handshakes under way (SYN received, SYN-ACK sent, the client's ACK not yet in) towards
-/// the port of the TCP listener bound to `local`, each named by its kernel cookie, read with a
-/// `sock_diag` netlink dump. A listening socket does not count them anywhere; once its SYNs
-/// are dropped ([`stop_queueing`]) no new one starts, and each one that is gone has become a
-/// connection in an accept queue (or timed out). The members of a `SO_REUSEPORT` group share
-/// the port, so their handshakes are all listed. A handshake has the family of its listener
-/// (IPv4 clients of a dual-stack IPv6 socket included).
-pub(crate) fn pending_handshakes(local: std::net::SocketAddr) -> io::Result<Vec<u64>> {
-    let family = if local.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
-    let mut found = Vec::new();
-    diag_dump(family as u8, |msg| {
-        // inet_diag_msg: family, state, timer, retrans, then inet_diag_sockid: sport (big
-        // endian), dport, src[16], dst[16], if, cookie[2] (host order).
-        if msg.len() >= 52 && u16::from_be_bytes([msg[4], msg[5]]) == local.port() {
-            let half = |at: usize| u64::from(u32::from_ne_bytes(msg[at..at + 4].try_into().expect("4 bytes")));
-            found.push(half(44) | half(48) << 32);
+/// The handshakes under way (SYN received, SYN-ACK sent, the client's ACK not yet in)
+/// towards the ports of the TCP listeners bound to `locals`, one list per listener, each
+/// handshake named by its kernel cookie, read with one `sock_diag` netlink dump per address
+/// family. A listening socket does not count them anywhere; once its SYNs are dropped
+/// ([`stop_queueing`]) no new one starts, and each one that is gone has become a connection in
+/// an accept queue (or timed out). The members of a `SO_REUSEPORT` group share the port, so
+/// their handshakes are all listed. A handshake has the family of its listener (IPv4 clients
+/// of a dual-stack IPv6 socket included).
+pub(crate) fn pending_handshakes(locals: &[std::net::SocketAddr]) -> io::Result<Vec<Vec<u64>>> {
+    let mut found = vec![Vec::new(); locals.len()];
+    for (family, v4) in [(libc::AF_INET, true), (libc::AF_INET6, false)] {
+        if !locals.iter().any(|l| l.is_ipv4() == v4) {
+            continue;
         }
-    })?;
+        diag_dump(family as u8, |msg| {
+            // inet_diag_msg: family, state, timer, retrans, then inet_diag_sockid: sport (big
+            // endian), dport, src[16], dst[16], if, cookie[2] (host order).
+            if msg.len() < 52 {
+                return;
+            }
+            let port = u16::from_be_bytes([msg[4], msg[5]]);
+            let half = |at: usize| u64::from(u32::from_ne_bytes(msg[at..at + 4].try_into().expect("4 bytes")));
+            for (i, local) in locals.iter().enumerate() {
+                if local.is_ipv4() == v4 && local.port() == port {
+                    found[i].push(half(44) | half(48) << 32);
+                }
+            }
+        })?;
+    }
     Ok(found)
 }
 
@@ -367,18 +373,18 @@ mod tests {
         ];
         listener.attach_filter(&drop_acks).unwrap();
         let mut halfway = TcpStream::connect(addr).unwrap();
-        assert_eq!(pending_handshakes(addr).unwrap().len(), 1);
+        assert_eq!(pending_handshakes(&[addr]).unwrap()[0].len(), 1);
         assert_eq!(accept_queue_len(&listener).unwrap(), 3);
 
         stop_queueing(&listener).unwrap();
         // The handshake under way completes with the client's next segment and joins the queue.
         halfway.write_all(b"x").unwrap();
         eventually("the held handshake to complete", || accept_queue_len(&listener).unwrap() == 4);
-        assert_eq!(pending_handshakes(addr).unwrap(), Vec::<u64>::new());
+        assert_eq!(pending_handshakes(&[addr]).unwrap(), [Vec::<u64>::new()]);
         // A new SYN is dropped: no handshake starts, the client waits for a retry.
         let late = TcpStream::connect_timeout(&addr, Duration::from_millis(300));
         assert!(late.is_err(), "a client got in after stop_queueing");
-        assert_eq!(pending_handshakes(addr).unwrap(), Vec::<u64>::new());
+        assert_eq!(pending_handshakes(&[addr]).unwrap(), [Vec::<u64>::new()]);
         assert_eq!(accept_queue_len(&listener).unwrap(), 4);
 
         for _ in 0..queued.len() + 1 {

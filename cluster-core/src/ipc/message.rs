@@ -15,7 +15,7 @@ use std::os::fd::OwnedFd;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// Version of this protocol; sent by a worker in its first message.
-pub(crate) const PROTOCOL_VERSION: u16 = 3;
+pub(crate) const PROTOCOL_VERSION: u16 = 4;
 
 /// Largest datagram either side sends or accepts.
 pub(crate) const MAX_MESSAGE: usize = 64 * 1024;

@@ -1,7 +1,11 @@
 //! The master process: supervision (control path) and dispatch (data path), plus the handle
 //! that user code running in the master gets.
 
+mod decide;
 mod dispatch;
+mod listeners;
+mod process;
+mod relay;
 mod supervisor;
 
 use std::collections::HashMap;
@@ -13,7 +17,8 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
 
-use self::supervisor::Command;
+use self::decide::Command;
+use self::supervisor::Ask;
 
 use crate::config::Config;
 use crate::ipc::Channel;
@@ -95,6 +100,55 @@ pub enum Event {
     },
     /// The worker process is gone.
     Exit(ExitInfo),
+    /// A rolling reload replaced every worker (`replaced` processes) in `took`.
+    ReloadDone {
+        /// Worker processes replaced.
+        replaced: usize,
+        /// How long the reload took.
+        took: std::time::Duration,
+    },
+    /// A rolling reload was abandoned: the new process of worker `id` died, could not start or
+    /// was not ready in time. The workers not yet replaced keep serving.
+    ReloadAbandoned {
+        /// The worker id whose replacement failed.
+        id: u32,
+        /// What happened to it.
+        reason: String,
+    },
+}
+
+/// Why the master saw a worker end, beyond its exit status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExitReason {
+    /// It panicked (the message, as its panic hook reported it).
+    Panic(String),
+    /// It sent something that is not the protocol; the master killed it.
+    ProtocolError(String),
+    /// Its runtime sent no heartbeat within the heartbeat timeout; the master killed it.
+    MissedHeartbeats,
+    /// It was started to replace another and was not ready within the ready timeout.
+    NotReady,
+    /// It was still running at the kill timeout after being asked to stop.
+    KillTimeout,
+    /// It was started by a reload that was abandoned (another replacement failed).
+    Abandoned,
+    /// Waiting for it failed (its status is unknown).
+    WaitFailed(String),
+}
+
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitReason::Panic(message) => write!(f, "{message}"),
+            ExitReason::ProtocolError(e) => write!(f, "{e}"),
+            ExitReason::MissedHeartbeats => f.write_str("missed heartbeats"),
+            ExitReason::NotReady => f.write_str("not ready in time"),
+            ExitReason::KillTimeout => f.write_str("still running at the kill timeout"),
+            ExitReason::Abandoned => f.write_str("its reload was abandoned"),
+            ExitReason::WaitFailed(e) => write!(f, "cannot wait for it: {e}"),
+        }
+    }
 }
 
 /// Where a worker is in its life.
@@ -147,15 +201,29 @@ pub struct ExitInfo {
     pub signal: Option<i32>,
     /// Whether the master had asked it to stop (Node's `exitedAfterDisconnect`).
     pub after_disconnect: bool,
+    /// Why it ended, when the master knows more than its status says.
+    pub reason: Option<ExitReason>,
 }
 
 /// Handle for user code running in the master: worker events, messages to workers, and
-/// control (reload, scaling, status).
+/// control (reload, scaling, status), the last two through [`Handle`] (`Master` derefs to it).
+///
+/// Events wait in a bounded queue of 1024: code that does not call [`recv`](Self::recv) loses
+/// the events that do not fit (the master says so in its log) and never holds up the
+/// supervisor; a worker's message that does not fit waits for room, and so does its sender.
+/// Keep calling `recv` while awaiting something else (spawn it with a [`Handle`]).
 pub struct Master {
+    handle: Handle,
+    events: mpsc::Receiver<Event>,
+}
+
+/// What code in the master uses to send messages and control the cluster; cheap to clone, so
+/// a task can await a request while the event loop goes on.
+#[derive(Clone)]
+pub struct Handle {
     registry: Registry,
     calls: Arc<Calls>,
-    events: mpsc::UnboundedReceiver<Event>,
-    commands: mpsc::UnboundedSender<Command>,
+    asks: mpsc::UnboundedSender<Ask>,
 }
 
 impl Master {
@@ -164,6 +232,20 @@ impl Master {
         self.events.recv().await
     }
 
+    /// A handle for messages and control, for other tasks.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+}
+
+impl std::ops::Deref for Master {
+    type Target = Handle;
+    fn deref(&self) -> &Handle {
+        &self.handle
+    }
+}
+
+impl Handle {
     /// Ids of the workers that are online now.
     pub fn workers(&self) -> Vec<u32> {
         let mut ids: Vec<u32> = self.registry.lock().unwrap().keys().copied().filter(|id| *id != AGENT).collect();
@@ -202,18 +284,18 @@ impl Master {
     /// the binary on disk, once that one is ready. A reload asked for during another runs
     /// after it.
     pub fn reload(&self) {
-        let _ = self.commands.send(Command::Reload);
+        let _ = self.asks.send(Ask::Command(Command::Reload));
     }
 
     /// Sets the number of workers (at least 1), as SIGTTIN / SIGTTOU do one at a time.
     pub fn set_workers(&self, n: usize) {
-        let _ = self.commands.send(Command::SetWorkers(n));
+        let _ = self.asks.send(Ask::Command(Command::SetWorkers(n)));
     }
 
     /// A snapshot of every worker process (and of worker ids waiting to restart), by id.
     pub async fn status(&self) -> Vec<WorkerStatus> {
         let (tx, rx) = oneshot::channel();
-        let _ = self.commands.send(Command::Status(tx));
+        let _ = self.asks.send(Ask::Status(tx));
         rx.await.unwrap_or_default()
     }
 
@@ -245,14 +327,14 @@ pub(crate) fn run(cfg: Config, hook: Option<MasterHook>) -> i32 {
     runtime.block_on(async move {
         let registry = Registry::default();
         let calls = Arc::new(Calls::default());
-        let (commands_tx, commands) = mpsc::unbounded_channel();
-        let events = hook.map(|hook| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            let master = Master { registry: registry.clone(), calls: calls.clone(), events: rx, commands: commands_tx };
+        let (asks_tx, asks) = mpsc::unbounded_channel();
+        let (events, receiver) = relay::Events::new(hook.is_some());
+        if let (Some(hook), Some(events)) = (hook, receiver) {
+            let handle = Handle { registry: registry.clone(), calls: calls.clone(), asks: asks_tx };
+            let master = Master { handle, events };
             tokio::spawn(hook(master));
-            tx
-        });
-        match supervisor::Supervisor::new(Arc::new(cfg), registry, calls, events, commands) {
+        }
+        match supervisor::Supervisor::new(Arc::new(cfg), registry, calls, events, asks) {
             Ok(supervisor) => supervisor.run().await,
             Err(e) => {
                 log!("cannot start: {e}");

@@ -636,26 +636,24 @@ pub(crate) async fn send_call(to: Peer, call: u32, data: Bytes) -> Result<(), Se
 async fn send_addressed(to: u32, call: u32, data: Bytes) -> Result<(), SendError> {
     let client = this_client()?;
     messaging::check_size(&data)?;
-    let relayed = to != 0;
     let (tx, rx) = oneshot::channel();
     // Sent from its own task: a caller cancelled mid-message must not leave half a message
     // (or a receipt nobody will get) behind.
     let sender = client.clone();
     let sent = tokio::spawn(async move {
-        let queued = || {
-            if relayed {
-                sender.receipts.lock().unwrap().push_back(tx);
-            }
-        };
+        let queued = || sender.receipts.lock().unwrap().push_back(tx);
         sender.channel.send_user(message::USER_TO_MASTER, to, call, &data, queued).await
     });
     sent.await.map_err(|e| io::Error::other(format!("send task failed: {e}")))??;
-    if !relayed {
-        return Ok(());
-    }
+    // The master says, for every message, whether it was handed over.
     match rx.await {
         Ok(true) => Ok(()),
+        // A late reply is dropped by the requester, as documented: not the replier's error.
+        Ok(false) if messaging::is_reply(call) => Ok(()),
         Ok(false) if to == ALL_WORKERS => Err(SendError::NoPeer("no other worker is running".into())),
+        Ok(false) if to == 0 => Err(SendError::NoPeer(
+            "no code in the master takes messages (no `master` hook, or it is not reading its events)".into(),
+        )),
         Ok(false) => Err(SendError::NoPeer(format!("{} is not running", Peer::from_wire(to)))),
         Err(_) => Err(SendError::Io(io::Error::new(io::ErrorKind::BrokenPipe, "the cluster master went away"))),
     }

@@ -45,8 +45,14 @@ async fn master(mut m: cluster::Master) {
                         Err(e) => println!("send to worker 99: error: {e}"),
                         Ok(()) => println!("send to worker 99: ok"),
                     }
-                    let answer = m.request(1, "your id?", Duration::from_secs(5)).await.expect("request to worker 1");
-                    println!("master asked worker 1, answer: {}", String::from_utf8_lossy(&answer));
+                    // From a task: this loop must go on reading events (the queue is bounded,
+                    // and worker 1 answers only after its 10,000 messages are taken).
+                    let handle = m.handle();
+                    tokio::spawn(async move {
+                        let answer = handle.request(1, "your id?", Duration::from_secs(20)).await;
+                        let answer = answer.expect("request to worker 1");
+                        println!("master asked worker 1, answer: {}", String::from_utf8_lossy(&answer));
+                    });
                 }
             }
             Event::Message { id, data, request: Some(request), .. } => {

@@ -1,0 +1,411 @@
+//! The sockets the master owns: binding them for workers (once per address, or once per worker
+//! id under `reuseport`), and closing them without resetting a client the kernel let in.
+//!
+//! Closing a TCP listening socket resets every client in its accept queue and every handshake
+//! still under way on it, so a socket is never just closed: it is drained ([`Draining`]).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use socket2::Socket;
+use tokio::io::unix::AsyncFd;
+use tokio::task::JoinHandle;
+
+use super::dispatch::{self, Dispatch};
+use crate::config::{Config, Policy};
+use crate::ipc::message::{Endpoint, ListenKey};
+use crate::log::log;
+use crate::messaging::Peer;
+use crate::sys;
+
+/// Longest wait for workers to empty a socket's accept queue (they take a full one in
+/// milliseconds; a hung worker must not hold the others' stop).
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+/// How long a closing socket waits for the handshakes under way on it when the kernel cannot
+/// list them (no `sock_diag`): a round trip on a local network, with room to spare.
+const HANDSHAKE_GRACE: Duration = Duration::from_millis(200);
+/// A moment for the kernel to finish what it was doing when a socket's state was read: a SYN
+/// racing with the filter entering the table of handshakes, a completed handshake leaving it
+/// and being counted in the accept queue.
+const SETTLE: Duration = Duration::from_millis(5);
+
+/// The master's sockets.
+pub(super) struct Listeners {
+    cfg: Arc<Config>,
+    dispatch: Arc<Dispatch>,
+    open: HashMap<ListenKey, Listener>,
+    /// Sockets by (endpoint, port-0 index, worker id under `reuseport` else 0).
+    by_addr: HashMap<(Endpoint, u32, u32), ListenKey>,
+    /// Under `reuseport`, the address the first socket of (endpoint, index) got, so that
+    /// every worker's socket binds the same port.
+    reuseport_addr: HashMap<(Endpoint, u32), SocketAddr>,
+    /// TCP sockets being closed. See [`Draining`].
+    draining: Vec<Draining>,
+    next_key: ListenKey,
+}
+
+/// A socket the master owns.
+struct Listener {
+    /// Bound address (none for Unix sockets).
+    addr: Option<SocketAddr>,
+    kind: Kind,
+    /// A Unix socket's file, removed when the master stops listening.
+    unix_path: Option<PathBuf>,
+}
+
+enum Kind {
+    /// The master accepts and dispatches connections.
+    Stream { socket: Arc<AsyncFd<Socket>>, task: JoinHandle<()> },
+    /// Workers get the socket itself and use it directly: UDP, and TCP under the `shared` and
+    /// `reuseport` policies.
+    Handed(Socket),
+}
+
+impl Listeners {
+    pub(super) fn new(cfg: Arc<Config>, dispatch: Arc<Dispatch>) -> Self {
+        Listeners {
+            cfg,
+            dispatch,
+            open: HashMap::new(),
+            by_addr: HashMap::new(),
+            reuseport_addr: HashMap::new(),
+            draining: Vec::new(),
+            next_key: 1,
+        }
+    }
+
+    /// The key and address of the socket for `endpoint` that worker `id` asked for, bound on
+    /// first use. With `stopping`, nothing new is bound.
+    pub(super) fn listen(
+        &mut self,
+        endpoint: Endpoint,
+        index: u32,
+        id: u32,
+        stopping: bool,
+    ) -> io::Result<(ListenKey, Option<SocketAddr>)> {
+        let index = if endpoint.is_port_zero() { index } else { 0 };
+        let reuseport = self.cfg.policy == Policy::ReusePort && !matches!(endpoint, Endpoint::Unix { .. });
+        let lookup = (endpoint, index, if reuseport { id } else { 0 });
+        if let Some(key) = self.by_addr.get(&lookup) {
+            return Ok((*key, self.open[key].addr));
+        }
+        if stopping {
+            return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
+        }
+        let key = self.next_key;
+        let group = (lookup.0.clone(), index);
+        let at = |addr: &SocketAddr| self.reuseport_addr.get(&group).copied().unwrap_or(*addr);
+        let (listener, shown) = match &lookup.0 {
+            Endpoint::Tcp(addr) => {
+                let socket = dispatch::bind_tcp(at(addr), self.cfg.backlog, reuseport)?;
+                let bound = socket.local_addr()?.as_socket();
+                let listener = if reuseport || self.cfg.policy == Policy::Shared {
+                    Listener { addr: bound, kind: Kind::Handed(socket), unix_path: None }
+                } else {
+                    self.stream_listener(socket, key, bound, None)?
+                };
+                (listener, format!("{}", bound.unwrap_or(*addr)))
+            }
+            Endpoint::Unix { path, mode } => {
+                let socket = crate::net::bind_unix(path, *mode, self.cfg.backlog)?;
+                (self.stream_listener(socket, key, None, Some(path.clone()))?, format!("unix:{}", path.display()))
+            }
+            Endpoint::Udp(addr) => {
+                let socket = dispatch::bind_udp(at(addr), reuseport)?;
+                let bound = socket.local_addr()?.as_socket();
+                let listener = Listener { addr: bound, kind: Kind::Handed(socket), unix_path: None };
+                (listener, format!("udp {}", bound.unwrap_or(*addr)))
+            }
+        };
+        self.next_key += 1;
+        if reuseport {
+            log!("listening on {shown} (SO_REUSEPORT socket of {})", Peer::from_wire(id));
+            if let Some(addr) = listener.addr {
+                self.reuseport_addr.entry(group).or_insert(addr);
+            }
+        } else {
+            log!("listening on {shown}");
+        }
+        let addr = listener.addr;
+        self.open.insert(key, listener);
+        self.by_addr.insert(lookup, key);
+        Ok((key, addr))
+    }
+
+    /// A duplicate of the socket `key`, for sockets workers use directly.
+    pub(super) fn shared_fd(&self, key: ListenKey) -> Option<OwnedFd> {
+        match &self.open.get(&key)?.kind {
+            Kind::Handed(socket) => socket.try_clone().ok().map(OwnedFd::from),
+            Kind::Stream { .. } => None,
+        }
+    }
+
+    /// The address socket `key` is bound to (none for Unix sockets).
+    pub(super) fn addr(&self, key: ListenKey) -> Option<SocketAddr> {
+        self.open.get(&key).and_then(|l| l.addr)
+    }
+
+    /// A worker id is gone for good (scaled down): close its own `reuseport` sockets, so the
+    /// kernel stops queueing clients on them. Its last process keeps its copy while it drains.
+    pub(super) fn close_own(&mut self, id: u32) {
+        let keys: Vec<_> =
+            self.by_addr.iter().filter(|((_, _, owner), _)| *owner == id).map(|(k, v)| (k.clone(), *v)).collect();
+        for (lookup, key) in keys {
+            self.by_addr.remove(&lookup);
+            if let Some(Listener { kind: kind @ Kind::Handed(_), .. }) = self.open.remove(&key) {
+                self.drain(key, kind);
+            }
+        }
+    }
+
+    /// Stops listening everywhere. With `drain`, the connections the kernel already completed
+    /// or is completing (closing a listening socket resets those) are served first (see
+    /// [`Draining`]); without, the sockets are closed with what they hold.
+    pub(super) fn close_all(&mut self, drain: bool) {
+        self.by_addr.clear();
+        self.reuseport_addr.clear();
+        if !drain {
+            for d in std::mem::take(&mut self.draining) {
+                d.kind.close(d.key, None);
+            }
+        }
+        let open: Vec<_> = self.open.drain().collect();
+        for (key, listener) in open {
+            if let Some(path) = &listener.unix_path {
+                let _ = std::fs::remove_file(path);
+            }
+            if drain {
+                self.drain(key, listener.kind);
+            } else {
+                listener.kind.close(key, None);
+            }
+        }
+    }
+
+    /// Whether the master still takes the last connections off a socket it is closing.
+    pub(super) fn master_draining(&self) -> bool {
+        self.draining.iter().any(|d| matches!(d.kind, Kind::Stream { .. }))
+    }
+
+    /// Whether one of these sockets is being drained.
+    pub(super) fn draining(&self, keys: &[ListenKey]) -> bool {
+        self.draining.iter().any(|d| keys.contains(&d.key))
+    }
+
+    /// When the draining sockets next need a look without anything else happening (`None`:
+    /// not before the next tick).
+    pub(super) fn wake_at(&self) -> Option<Instant> {
+        self.draining.iter().filter_map(Draining::wake_at).min()
+    }
+
+    /// Shuts down the draining sockets that no handshake can join any more and whose queue is
+    /// empty, or that no live worker accepts on any more (`accepted_on`), or that waited
+    /// [`DRAIN_LIMIT`]. One `sock_diag` dump per address family serves every socket that needs
+    /// its handshakes listed.
+    pub(super) fn step(&mut self, now: Instant, accepted_on: impl Fn(ListenKey) -> bool) {
+        let want: Vec<usize> = (0..self.draining.len()).filter(|i| self.draining[*i].wants_listing(now)).collect();
+        if !want.is_empty() {
+            let locals: Vec<SocketAddr> = want.iter().map(|i| self.draining[*i].local).collect();
+            let lists = sys::pending_handshakes(&locals);
+            for (n, i) in want.into_iter().enumerate() {
+                let listed = lists.as_ref().map(|l| l[n].as_slice()).map_err(|e| e.to_string());
+                self.draining[i].update(now, listed);
+            }
+        }
+        for d in std::mem::take(&mut self.draining) {
+            let handshaking = d.handshaking(now);
+            let (queued, accepted) = match &d.kind {
+                // The master's accept loop empties it; the last ones are swept on close.
+                Kind::Stream { .. } => (0, true),
+                Kind::Handed(socket) => {
+                    let queued = sys::accept_queue_len(socket).unwrap_or_else(|e| {
+                        log!("listener {}: cannot read its accept queue ({e})", d.key);
+                        0
+                    });
+                    (queued, accepted_on(d.key))
+                }
+            };
+            if handshaking || queued > 0 {
+                let why = if !accepted {
+                    "no worker accepts on it"
+                } else if now.duration_since(d.since) >= DRAIN_LIMIT {
+                    "it was not emptied in time"
+                } else {
+                    self.draining.push(d);
+                    continue;
+                };
+                let under_way = if handshaking { " and handshakes under way" } else { "" };
+                log!("listener {}: closing it with {queued} client(s) queued{under_way}: {why}", d.key);
+            }
+            d.kind.close(d.key, Some(&self.dispatch));
+        }
+    }
+
+    /// Starts draining a socket being closed, or closes it at once when it cannot be drained.
+    fn drain(&mut self, key: ListenKey, kind: Kind) {
+        match Draining::start(key, kind) {
+            Ok(d) => self.draining.push(d),
+            Err(kind) => kind.close(key, Some(&self.dispatch)),
+        }
+    }
+
+    fn stream_listener(
+        &self,
+        socket: Socket,
+        key: ListenKey,
+        addr: Option<SocketAddr>,
+        unix_path: Option<PathBuf>,
+    ) -> io::Result<Listener> {
+        let socket = Arc::new(sys::watch(socket)?);
+        let task = tokio::spawn(dispatch::accept_loop(socket.clone(), key, self.dispatch.clone()));
+        Ok(Listener { addr, kind: Kind::Stream { socket, task }, unix_path })
+    }
+}
+
+impl Drop for Listeners {
+    fn drop(&mut self) {
+        self.close_all(false);
+    }
+}
+
+/// A TCP listening socket being closed without resetting anyone. The kernel starts no new
+/// handshake on it ([`sys::stop_queueing`]); the handshakes already under way complete
+/// ([`sys::pending_handshakes`]); whoever accepts on it (the workers, or the master under
+/// `rr`) empties its queue; then it is shut down. A worker is not closed (`rr`) or told to
+/// disconnect (a socket it accepts on) before that. Given up, with what it holds, when no live
+/// worker accepts on it any more, or after [`DRAIN_LIMIT`] (a client that never answers the
+/// SYN-ACK holds the close that long).
+struct Draining {
+    key: ListenKey,
+    kind: Kind,
+    /// The socket's local address.
+    local: SocketAddr,
+    since: Instant,
+    handshakes: Handshakes,
+}
+
+/// The handshakes towards a draining socket's port that were under way when it stopped
+/// queueing, named by their kernel cookies.
+#[derive(Default)]
+enum Handshakes {
+    /// Listed once a SYN that raced with the filter has had time to enter the kernel's table.
+    #[default]
+    Unlisted,
+    /// Those still in the table.
+    Pending(Vec<u64>),
+    /// The last one was seen gone at this instant.
+    Done(Instant),
+    /// They cannot be listed (no `sock_diag`): they are given [`HANDSHAKE_GRACE`].
+    Unknown,
+}
+
+impl Draining {
+    /// Stops the kernel from starting handshakes on a TCP listener. Gives `kind` back when
+    /// there is nothing to drain (UDP, Unix sockets) or the kernel refused.
+    fn start(key: ListenKey, kind: Kind) -> Result<Draining, Kind> {
+        let Some(local) = kind.tcp_addr() else { return Err(kind) };
+        if let Err(e) = sys::stop_queueing(kind.socket()) {
+            log!("listener {key}: cannot stop queueing new clients ({e}); closing it with what it holds");
+            return Err(kind);
+        }
+        Ok(Draining { key, kind, local, since: Instant::now(), handshakes: Handshakes::Unlisted })
+    }
+
+    /// Whether the handshakes under way need listing now.
+    fn wants_listing(&self, now: Instant) -> bool {
+        now >= self.since + SETTLE && matches!(self.handshakes, Handshakes::Unlisted | Handshakes::Pending(_))
+    }
+
+    /// Takes in a listing of the handshakes under way towards this socket's port.
+    fn update(&mut self, now: Instant, listed: Result<&[u64], String>) {
+        self.handshakes = match (listed, std::mem::take(&mut self.handshakes)) {
+            (Err(e), _) => {
+                let key = self.key;
+                log!("listener {key}: cannot list the handshakes under way ({e}); giving them {HANDSHAKE_GRACE:?}");
+                Handshakes::Unknown
+            }
+            (Ok(pending), Handshakes::Pending(mut list)) => {
+                list.retain(|cookie| pending.contains(cookie));
+                if list.is_empty() { Handshakes::Done(now) } else { Handshakes::Pending(list) }
+            }
+            (Ok([]), _) => Handshakes::Done(now),
+            (Ok(pending), _) => Handshakes::Pending(pending.to_vec()),
+        };
+    }
+
+    /// Whether a handshake under way when the socket stopped queueing may still complete and
+    /// join its queue.
+    fn handshaking(&self, now: Instant) -> bool {
+        if now < self.since + SETTLE {
+            return true;
+        }
+        match self.handshakes {
+            Handshakes::Unlisted | Handshakes::Pending(_) => true,
+            // A completed handshake leaves the table a moment before its connection is counted
+            // in the queue.
+            Handshakes::Done(at) => now < at + SETTLE,
+            Handshakes::Unknown => now < self.since + HANDSHAKE_GRACE,
+        }
+    }
+
+    /// When [`handshaking`](Self::handshaking) can next change its answer without a
+    /// handshake completing (`None`: any time, it is polled).
+    fn wake_at(&self) -> Option<Instant> {
+        match self.handshakes {
+            Handshakes::Unlisted => Some(self.since + SETTLE),
+            Handshakes::Pending(_) => None,
+            Handshakes::Done(at) => Some(at + SETTLE),
+            Handshakes::Unknown => Some(self.since + HANDSHAKE_GRACE),
+        }
+    }
+}
+
+impl Kind {
+    fn socket(&self) -> &Socket {
+        match self {
+            Kind::Stream { socket, .. } => socket.get_ref(),
+            Kind::Handed(socket) => socket,
+        }
+    }
+
+    /// The local address of a TCP socket; `None` for UDP and Unix sockets.
+    fn tcp_addr(&self) -> Option<SocketAddr> {
+        let socket = self.socket();
+        let tcp = socket.r#type().ok()? == socket2::Type::STREAM;
+        tcp.then(|| socket.local_addr().ok()?.as_socket()).flatten()
+    }
+
+    /// Stops listening. With `sweep`, the master first takes the connections queued on a
+    /// socket it accepts on (a Unix socket refuses new clients once shut down and still hands
+    /// out its queue; a TCP socket resets its queue when shut down, so it is swept first). A
+    /// socket workers accept on is just shut down. Leaves the listening state (and its
+    /// `SO_REUSEPORT` group) now, not when the last copy, held by a worker or an aborted task,
+    /// is closed.
+    fn close(self, key: ListenKey, sweep: Option<&Dispatch>) {
+        let tcp = self.tcp_addr().is_some();
+        match self {
+            Kind::Stream { socket, task } => {
+                task.abort();
+                if let Some(dispatch) = sweep {
+                    if !tcp {
+                        let _ = socket.get_ref().shutdown(std::net::Shutdown::Both);
+                    }
+                    let n = dispatch::sweep(&socket, key, dispatch);
+                    if n > 0 {
+                        log!("took {n} last connection(s) from listener {key}");
+                    }
+                }
+                let _ = socket.get_ref().shutdown(std::net::Shutdown::Both);
+            }
+            Kind::Handed(socket) if tcp => {
+                let _ = socket.shutdown(std::net::Shutdown::Both);
+            }
+            Kind::Handed(_) => {}
+        }
+    }
+}

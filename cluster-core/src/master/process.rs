@@ -1,0 +1,226 @@
+//! One worker process: starting it from the binary on disk, reading its channel, killing it,
+//! and reporting it gone once it has exited and every message it sent has been read.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::decide::Status;
+use super::dispatch::{Dispatch, Serial};
+use super::relay;
+use super::{Event, Registry};
+use crate::ipc::message::{AGENT, PROTOCOL_VERSION, ProtocolError, Reassembly, ToMaster, Whole};
+use crate::ipc::{Channel, Receiver, RecvError};
+use crate::messaging::Calls;
+use crate::role::{AGENT_UNIQUE_ID, CHANNEL_FD, ENV_CHANNEL_FD, ENV_UNIQUE_ID};
+use crate::sys;
+
+/// How long the reader of an exited worker's channel may take to reach its end: it reads what
+/// is queued in microseconds, unless a descendant of the worker still holds the channel.
+const CHANNEL_GRACE: Duration = Duration::from_secs(1);
+
+/// What a worker's tasks report to the supervisor.
+pub(super) enum Report {
+    /// A message for the supervisor (acknowledgements go straight to the dispatch table).
+    Message { serial: Serial, msg: ToMaster },
+    /// The worker broke the protocol (its channel is still read until it closes).
+    Bad { serial: Serial, error: RecvError },
+    /// A user message for code in the master; `taken` says whether it was queued (false: no
+    /// code reads events), or gives it back when the queue is full.
+    User { serial: Serial, call: u32, data: bytes::Bytes, taken: oneshot::Sender<Result<bool, Event>> },
+    /// The worker exited and its channel is read to the end.
+    Gone { serial: Serial, status: Result<Status, String> },
+}
+
+/// What a new worker's tasks are connected to.
+pub(super) struct Links {
+    pub(super) dispatch: Arc<Dispatch>,
+    pub(super) reports: mpsc::UnboundedSender<Report>,
+    pub(super) registry: Registry,
+    pub(super) calls: Arc<Calls>,
+    /// The queue of events for code in the master, if any.
+    pub(super) events: Option<mpsc::Sender<Event>>,
+}
+
+/// Starts workers: the binary this master was started from, with its arguments.
+pub(super) struct Launcher {
+    exe: PathBuf,
+    argv0: OsString,
+    args: Vec<OsString>,
+}
+
+/// A running worker process.
+pub(super) struct Child {
+    pub(super) id: u32,
+    pub(super) pid: u32,
+    pub(super) channel: Arc<Channel>,
+    kill: Option<oneshot::Sender<()>>,
+}
+
+impl Child {
+    /// SIGKILLs the process, unless it has already been reaped (a pid is never signalled once
+    /// it may belong to another process).
+    pub(super) fn kill(&mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+    }
+}
+
+impl Launcher {
+    pub(super) fn new() -> io::Result<Launcher> {
+        let exe = std::env::current_exe()?;
+        let mut argv = std::env::args_os();
+        let argv0 = argv.next().unwrap_or_else(|| exe.clone().into_os_string());
+        Ok(Launcher { exe, argv0, args: argv.collect() })
+    }
+
+    /// Starts worker `id` (or the agent) as process `serial`, with its channel reader.
+    pub(super) fn spawn(&self, id: u32, serial: Serial, links: &Links) -> io::Result<Child> {
+        let (channel, child_end) = Channel::pair()?;
+        // Each start runs the binary on disk, so a reload picks up a new build.
+        let mut child = match self.command(&self.exe, id, child_end.as_raw_fd()).spawn() {
+            // The binary on disk vanished (a deploy in progress): fall back to the running one.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.command("/proc/self/exe".as_ref(), id, child_end.as_raw_fd()).spawn()?
+            }
+            other => other?,
+        };
+        drop(child_end);
+        let pid = child.id().unwrap_or(0);
+        let channel = Arc::new(channel);
+        links.dispatch.add_worker(serial, id, channel.clone());
+        let relay = relay::relay(id, serial, channel.clone(), links);
+        let reader =
+            tokio::spawn(read_loop(serial, channel.clone(), links.dispatch.clone(), links.reports.clone(), relay));
+        let (kill, killed) = oneshot::channel();
+        let (dispatch, reports) = (links.dispatch.clone(), links.reports.clone());
+        tokio::spawn(async move {
+            let status = wait(&mut child, killed).await;
+            // Every message it sent is read before it is reported gone (acknowledgements among
+            // them), but an end of stream that never comes is not waited for.
+            let mut reader = reader;
+            if tokio::time::timeout(CHANNEL_GRACE, &mut reader).await.is_err() {
+                reader.abort();
+            }
+            // Whatever it had not acknowledged goes to other workers.
+            dispatch.remove_worker(serial);
+            let _ = reports.send(Report::Gone { serial, status });
+        });
+        Ok(Child { id, pid, channel, kill: Some(kill) })
+    }
+
+    fn command(&self, exe: &Path, id: u32, channel: std::os::fd::RawFd) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(exe);
+        let unique = if id == AGENT { AGENT_UNIQUE_ID.to_string() } else { id.to_string() };
+        cmd.arg0(&self.argv0).args(&self.args).env(ENV_UNIQUE_ID, unique).env(ENV_CHANNEL_FD, CHANNEL_FD.to_string());
+        sys::prepare_worker_command(cmd.as_std_mut(), channel, CHANNEL_FD);
+        cmd
+    }
+}
+
+/// Waits for the child to exit, SIGKILLing it when asked. The child is reaped here and only
+/// here, so the kill can never reach a recycled pid.
+async fn wait(child: &mut tokio::process::Child, mut kill: oneshot::Receiver<()>) -> Result<Status, String> {
+    let mut asked = false;
+    loop {
+        tokio::select! {
+            status = child.wait() => {
+                return status
+                    .map(|s| Status { code: s.code(), signal: s.signal() })
+                    .map_err(|e| e.to_string());
+            }
+            sent = &mut kill, if !asked => {
+                asked = true;
+                if sent.is_ok() {
+                    let _ = child.start_kill();
+                }
+            }
+        }
+    }
+}
+
+/// Reads one worker's channel. Acknowledgements and listener changes go straight to the
+/// dispatch table (data path), user messages are reassembled (and relayed when they are for
+/// another worker); everything else goes to the supervisor. After a malformed message it
+/// keeps reading (datagram boundaries survive garbage) so that acknowledgements already sent
+/// are not lost, while the supervisor kills the worker.
+async fn read_loop(
+    serial: Serial,
+    channel: Arc<Channel>,
+    dispatch: Arc<Dispatch>,
+    reports: mpsc::UnboundedSender<Report>,
+    relay: mpsc::UnboundedSender<Whole>,
+) {
+    let mut rx = Receiver::new();
+    let mut fragments = Reassembly::default();
+    let mut hello = false;
+    let mut poisoned = false;
+    let bad = |poisoned: &mut bool, error: RecvError| {
+        if !std::mem::replace(poisoned, true) {
+            let _ = reports.send(Report::Bad { serial, error });
+        }
+    };
+    loop {
+        // A datagram whose descriptors were cut (this process had no room for what a worker
+        // handed back) is a protocol error like any other.
+        let received = rx.recv(&channel).await.and_then(|d| d.map(|d| d.whole().map_err(RecvError::from)).transpose());
+        let (data, fds) = match received {
+            Ok(Some(message)) => message,
+            Ok(None) => break,
+            Err(RecvError::Protocol(e)) => {
+                bad(&mut poisoned, e.into());
+                continue;
+            }
+            // A worker that dies with messages unread in its queue makes the kernel report
+            // ECONNRESET once, *before* the datagrams still queued for us (acknowledgements
+            // among them): keep reading until the real end of stream.
+            Err(RecvError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => continue,
+            Err(error) => {
+                bad(&mut poisoned, error);
+                break;
+            }
+        };
+        let msg = match ToMaster::decode(data, fds) {
+            Ok(ToMaster::Hello { version, .. }) if !hello && version != PROTOCOL_VERSION => {
+                Err(ProtocolError::Version { peer: version })
+            }
+            Ok(msg) if !hello && !matches!(msg, ToMaster::Hello { .. }) => Err(ProtocolError::NotHello(msg.name())),
+            Ok(ToMaster::UserStart { to, call, total, data }) => fragments.start(to, call, total, data).map(whole),
+            Ok(ToMaster::UserMore(data)) => fragments.more(data).map(whole),
+            Ok(msg) => Ok(Some(msg)),
+            Err(e) => Err(e),
+        };
+        match msg {
+            Ok(None) => {}
+            Ok(Some(ToMaster::Accepted { ids, closed })) => dispatch.accepted(serial, &ids, closed),
+            Ok(Some(ToMaster::Refused { ids })) => dispatch.refused(serial, &ids),
+            Ok(Some(ToMaster::Returned { key, conns })) => dispatch.returned(serial, key, conns),
+            Ok(Some(ToMaster::Busy { ids })) => dispatch.busy(serial, &ids),
+            Ok(Some(ToMaster::Closed { count })) => dispatch.closed(serial, count),
+            Ok(_) if poisoned => {}
+            Ok(Some(ToMaster::User { to, call, data })) => drop(relay.send((to, call, data))),
+            Ok(Some(msg)) => {
+                hello = true;
+                match &msg {
+                    ToMaster::Listening { key } => dispatch.listening(serial, *key),
+                    ToMaster::Unlisten { key } => dispatch.unlisten(serial, *key),
+                    _ => {}
+                }
+                let _ = reports.send(Report::Message { serial, msg });
+            }
+            Err(e) => bad(&mut poisoned, e.into()),
+        }
+    }
+}
+
+/// A reassembled user message, as if it had come in one datagram.
+fn whole(message: Option<Whole>) -> Option<ToMaster> {
+    message.map(|(to, call, data)| ToMaster::User { to, call, data })
+}
