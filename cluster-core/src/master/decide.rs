@@ -562,7 +562,8 @@ impl Core {
                 // Its replacement is on the way and takes over when ready.
                 slot.restarts += 1;
             } else {
-                let unstable = p.ready_at.is_none() || uptime < self.cfg.min_uptime;
+                // A process asked to stop (the agent, on a reload) did not crash.
+                let unstable = !retired && (p.ready_at.is_none() || uptime < self.cfg.min_uptime);
                 self.schedule_restart(p.id, unstable, now, out);
             }
         }

@@ -1,1 +1,591 @@
+//! Table tests of the decision core on a fake clock: each case records facts, moves the clock,
+//! and checks the actions. No process, socket or real time is involved.
 
+use std::collections::HashMap;
+
+use super::*;
+
+const MS: Duration = Duration::from_millis(1);
+
+#[derive(Default)]
+struct FakeWorld {
+    backlog: usize,
+    inflight: HashMap<Serial, usize>,
+    handled: HashMap<Serial, u64>,
+    master_draining: bool,
+    draining: Vec<ListenKey>,
+    rss: HashMap<u32, u64>,
+}
+
+impl World for FakeWorld {
+    fn backlog_empty(&self) -> bool {
+        self.backlog == 0
+    }
+    fn inflight(&self, serial: Serial) -> usize {
+        self.inflight.get(&serial).copied().unwrap_or(0)
+    }
+    fn handled(&self, serial: Serial) -> u64 {
+        self.handled.get(&serial).copied().unwrap_or(0)
+    }
+    fn master_draining(&self) -> bool {
+        self.master_draining
+    }
+    fn draining(&self, keys: &[ListenKey]) -> bool {
+        keys.iter().any(|k| self.draining.contains(k))
+    }
+    fn rss(&self, pid: u32) -> Option<u64> {
+        self.rss.get(&pid).copied()
+    }
+}
+
+/// The decision core driven the way the supervisor drives it: every `Spawn` succeeds (pid =
+/// 1000 + serial) unless `fail_spawns`, and rounds repeat until no action is left.
+struct Sim {
+    core: Core,
+    t0: Instant,
+    now: Instant,
+    world: FakeWorld,
+    fail_spawns: bool,
+}
+
+fn cfg(workers: usize) -> Config {
+    Config {
+        workers,
+        heartbeat_timeout: Some(Duration::from_secs(1)),
+        kill_timeout: Duration::from_secs(5),
+        ready_timeout: Duration::from_secs(2),
+        ..Config::default()
+    }
+}
+
+impl Sim {
+    fn new(cfg: Config) -> Sim {
+        let now = Instant::now();
+        Sim { core: Core::new(Arc::new(cfg), 0), t0: now, now, world: FakeWorld::default(), fail_spawns: false }
+    }
+
+    /// Starts a cluster and makes every first worker ready.
+    fn started(cfg: Config) -> Sim {
+        let mut sim = Sim::new(cfg);
+        for (serial, _) in spawns(&sim.step()) {
+            sim.ready(serial);
+        }
+        sim
+    }
+
+    fn step(&mut self) -> Vec<Action> {
+        let mut all = Vec::new();
+        for _ in 0..8 {
+            let actions = self.core.reconcile(self.now, &self.world);
+            if actions.is_empty() {
+                break;
+            }
+            for action in &actions {
+                if let Action::Spawn { serial, .. } = action {
+                    let fact = if self.fail_spawns {
+                        Fact::SpawnFailed("no such file".into())
+                    } else {
+                        Fact::Spawned(1000 + *serial as u32)
+                    };
+                    self.core.record(*serial, fact, self.now);
+                }
+            }
+            all.extend(actions);
+        }
+        all
+    }
+
+    fn fact(&mut self, serial: Serial, fact: Fact) -> Vec<Action> {
+        self.core.record(serial, fact, self.now);
+        self.step()
+    }
+
+    fn cmd(&mut self, command: Command) -> Vec<Action> {
+        self.core.command(command);
+        self.step()
+    }
+
+    /// Moves the clock in ticks, as the supervisor's timer does; every process stays heard
+    /// from unless `silent`.
+    fn advance(&mut self, by: Duration, silent: &[Serial]) -> Vec<Action> {
+        let end = self.now + by;
+        let mut all = Vec::new();
+        while self.now < end {
+            self.now = (self.now + TICK).min(end);
+            let alive: Vec<Serial> = self.core.procs.keys().copied().filter(|s| !silent.contains(s)).collect();
+            for serial in alive {
+                self.core.record(serial, Fact::Heard, self.now);
+            }
+            all.extend(self.step());
+        }
+        all
+    }
+
+    fn ready(&mut self, serial: Serial) -> Vec<Action> {
+        let mut out = self.fact(serial, Fact::Hello);
+        out.extend(self.fact(serial, Fact::Listening(1)));
+        out
+    }
+
+    fn exit(&mut self, serial: Serial, code: i32) -> Vec<Action> {
+        self.fact(serial, Fact::Exited(Ok(Status { code: Some(code), signal: None })))
+    }
+
+    fn current(&self, id: u32) -> Serial {
+        self.core.slots[&id].current.expect("a current process")
+    }
+
+    fn life(&self, serial: Serial) -> Option<Life> {
+        self.core.procs.get(&serial).map(|p| p.life)
+    }
+}
+
+fn spawns(actions: &[Action]) -> Vec<(Serial, u32)> {
+    actions
+        .iter()
+        .filter_map(|a| if let Action::Spawn { serial, id } = a { Some((*serial, *id)) } else { None })
+        .collect()
+}
+
+fn kills(actions: &[Action]) -> Vec<Serial> {
+    actions.iter().filter_map(|a| if let Action::Kill(s) = a { Some(*s) } else { None }).collect()
+}
+
+fn closes(actions: &[Action]) -> Vec<Serial> {
+    actions.iter().filter_map(|a| if let Action::Close(s) = a { Some(*s) } else { None }).collect()
+}
+
+fn disconnects(actions: &[Action]) -> Vec<Serial> {
+    actions.iter().filter_map(|a| if let Action::Disconnect(s) = a { Some(*s) } else { None }).collect()
+}
+
+fn events(actions: &[Action]) -> Vec<&Event> {
+    actions.iter().filter_map(|a| if let Action::Emit(e) = a { Some(e) } else { None }).collect()
+}
+
+fn crash_delays(actions: &[Action]) -> Vec<Duration> {
+    events(actions)
+        .into_iter()
+        .filter_map(|e| if let Event::CrashLoop { delay, .. } = e { Some(*delay) } else { None })
+        .collect()
+}
+
+fn exit_code(actions: &[Action]) -> Option<i32> {
+    actions.iter().find_map(|a| if let Action::Exit(code) = a { Some(*code) } else { None })
+}
+
+fn has(actions: &[Action], f: impl Fn(&Event) -> bool) -> bool {
+    events(actions).into_iter().any(f)
+}
+
+// ----- start, readiness, routing -----
+
+#[test]
+fn first_start_spawns_every_worker_and_routes_each_once_it_says_hello() {
+    let mut sim = Sim::new(cfg(3));
+    let out = sim.step();
+    assert_eq!(spawns(&out), [(1, 1), (2, 2), (3, 3)]);
+    assert!(!out.iter().any(|a| matches!(a, Action::Route { .. })), "no route before hello");
+    let out = sim.fact(1, Fact::Hello);
+    assert!(matches!(out[..], [Action::Route { id: 1, to: Some(1) }]), "{out:?}");
+    let out = sim.fact(1, Fact::Listening(1));
+    assert!(has(&out, |e| matches!(e, Event::Ready { id: 1, pid: 1001 })), "{out:?}");
+}
+
+#[test]
+fn with_wait_ready_listening_is_not_enough() {
+    let mut sim = Sim::new(Config { wait_ready: true, ..cfg(1) });
+    sim.step();
+    assert!(events(&sim.ready(1)).is_empty());
+    assert!(has(&sim.fact(1, Fact::SaidReady), |e| matches!(e, Event::Ready { .. })));
+}
+
+#[test]
+fn the_agent_is_ready_once_it_says_hello() {
+    let mut sim = Sim::new(Config { agent: true, ..cfg(1) });
+    let out = sim.step();
+    assert_eq!(spawns(&out), [(1, 1), (2, AGENT_ID)]);
+    assert!(has(&sim.fact(2, Fact::Hello), |e| matches!(e, Event::Ready { id: AGENT_ID, .. })));
+}
+
+// ----- crashes and backoff -----
+
+#[test]
+fn a_stable_worker_that_dies_is_replaced_at_once() {
+    let mut sim = Sim::started(cfg(2));
+    sim.advance(Duration::from_secs(2), &[]);
+    let out = sim.exit(1, 1);
+    assert_eq!(spawns(&out), [(3, 1)]);
+    assert!(crash_delays(&out).is_empty());
+    assert_eq!(sim.core.slots[&1].restarts, 1);
+}
+
+#[test]
+fn a_worker_dying_young_backs_off_doubling_to_the_cap() {
+    let mut sim = Sim::new(Config { restart_delay_max: Duration::from_millis(400), ..cfg(1) });
+    sim.step();
+    let mut delays = Vec::new();
+    let mut serial = 1;
+    for _ in 0..5 {
+        let out = sim.exit(serial, 3);
+        delays.extend(crash_delays(&out));
+        assert!(spawns(&out).is_empty(), "not restarted at once");
+        let out = sim.advance(delays.last().copied().unwrap(), &[]);
+        serial = spawns(&out)[0].0;
+    }
+    assert_eq!(delays, [100 * MS, 200 * MS, 400 * MS, 400 * MS, 400 * MS]);
+}
+
+#[test]
+fn a_restart_is_not_early() {
+    let mut sim = Sim::new(cfg(1));
+    sim.step();
+    sim.exit(1, 3);
+    assert!(spawns(&sim.advance(90 * MS, &[])).is_empty());
+    assert_eq!(spawns(&sim.advance(10 * MS, &[])), [(2, 1)]);
+    assert!(sim.core.next_wake(sim.t0) <= sim.t0 + TICK);
+}
+
+#[test]
+fn a_stable_run_resets_the_backoff() {
+    let mut sim = Sim::new(cfg(1));
+    sim.step();
+    sim.exit(1, 3);
+    sim.advance(100 * MS, &[]);
+    sim.exit(2, 3);
+    let serial = spawns(&sim.advance(200 * MS, &[]))[0].0;
+    sim.ready(serial);
+    sim.advance(Duration::from_secs(2), &[]);
+    let out = sim.exit(serial, 1);
+    assert_eq!(spawns(&out).len(), 1, "stable: at once");
+    let young = spawns(&out)[0].0;
+    assert_eq!(crash_delays(&sim.exit(young, 3)), [100 * MS], "the next crash starts from the first delay");
+}
+
+#[test]
+fn a_worker_that_cannot_be_spawned_backs_off() {
+    let mut sim = Sim::new(cfg(1));
+    sim.fail_spawns = true;
+    let out = sim.step();
+    assert_eq!(spawns(&out).len(), 1);
+    assert_eq!(crash_delays(&out), [100 * MS]);
+    assert!(!has(&out, |e| matches!(e, Event::Exit(_))), "never ran: no exit event");
+    sim.fail_spawns = false;
+    assert_eq!(spawns(&sim.advance(100 * MS, &[])).len(), 1);
+}
+
+#[test]
+fn a_wait_error_is_not_reported_as_a_clean_exit() {
+    let mut sim = Sim::started(cfg(1));
+    let out = sim.fact(1, Fact::Exited(Err("ECHILD".into())));
+    let Some(Event::Exit(info)) = events(&out).into_iter().find(|e| matches!(e, Event::Exit(_))) else { panic!() };
+    assert_eq!((info.code, info.signal), (None, None));
+    assert_eq!(info.reason, Some(ExitReason::WaitFailed("ECHILD".into())));
+}
+
+#[test]
+fn a_panic_is_the_exit_reason() {
+    let mut sim = Sim::started(cfg(1));
+    sim.fact(1, Fact::Panicked("boom".into()));
+    let out = sim.exit(1, 101);
+    assert!(has(&out, |e| matches!(e, Event::Exit(i) if i.reason == Some(ExitReason::Panic("boom".into())))));
+}
+
+// ----- liveness and protocol errors -----
+
+#[test]
+fn a_silent_worker_is_killed_then_replaced() {
+    let mut sim = Sim::started(cfg(2));
+    let out = sim.advance(Duration::from_millis(1200), &[1]);
+    assert_eq!(kills(&out), [1]);
+    assert_eq!(sim.life(1), Some(Life::Killed { retired: false }));
+    let out = sim.fact(1, Fact::Exited(Ok(Status { code: None, signal: Some(9) })));
+    assert!(has(&out, |e| matches!(e, Event::Exit(i) if i.reason == Some(ExitReason::MissedHeartbeats))));
+    assert_eq!(spawns(&out), [(3, 1)]);
+}
+
+#[test]
+fn a_suspended_master_restarts_the_heartbeat_clocks() {
+    let mut sim = Sim::started(cfg(1));
+    sim.now += Duration::from_secs(3);
+    assert!(kills(&sim.step()).is_empty());
+    assert!(kills(&sim.advance(Duration::from_millis(500), &[])).is_empty());
+}
+
+#[test]
+fn a_protocol_error_kills_the_worker_once() {
+    let mut sim = Sim::started(cfg(2));
+    assert_eq!(kills(&sim.fact(2, Fact::ProtocolError("unknown message tag 0x7f".into()))), [2]);
+    assert!(kills(&sim.fact(2, Fact::ProtocolError("again".into()))).is_empty());
+    let out = sim.exit(2, 0);
+    assert!(has(
+        &out,
+        |e| matches!(e, Event::Exit(i) if matches!(&i.reason, Some(ExitReason::ProtocolError(m)) if m.contains("0x7f")))
+    ));
+}
+
+// ----- reloads -----
+
+#[test]
+fn a_reload_replaces_one_worker_at_a_time_new_one_first() {
+    let mut sim = Sim::started(cfg(2));
+    let out = sim.cmd(Command::Reload);
+    assert_eq!(spawns(&out), [(3, 1)]);
+    assert!(closes(&out).is_empty(), "nothing retires before its replacement is ready");
+    sim.fact(3, Fact::Hello);
+    let out = sim.fact(3, Fact::Listening(1));
+    assert_eq!(closes(&out), [1]);
+    assert_eq!(spawns(&out), [(4, 2)]);
+    assert_eq!(disconnects(&out), [1]);
+    let out = sim.ready(4);
+    assert_eq!(closes(&out), [2]);
+    assert!(has(&out, |e| matches!(e, Event::ReloadDone { replaced: 2, .. })));
+}
+
+#[test]
+fn a_reload_with_concurrency_two_starts_two_at_once() {
+    let mut sim = Sim::started(Config { reload_concurrency: 2, ..cfg(3) });
+    assert_eq!(spawns(&sim.cmd(Command::Reload)), [(4, 1), (5, 2)]);
+    assert_eq!(spawns(&sim.ready(4)), [(6, 3)]);
+}
+
+#[test]
+fn a_new_worker_dying_before_ready_abandons_the_reload() {
+    let mut sim = Sim::started(cfg(2));
+    sim.cmd(Command::Reload);
+    let out = sim.exit(3, 3);
+    assert!(has(&out, |e| matches!(e, Event::ReloadAbandoned { id: 1, .. })));
+    assert!(closes(&out).is_empty() && spawns(&out).is_empty(), "the old workers keep serving: {out:?}");
+    assert_eq!((sim.current(1), sim.current(2)), (1, 2));
+}
+
+#[test]
+fn a_new_worker_late_to_be_ready_is_killed_and_abandons_the_reload() {
+    let mut sim = Sim::started(cfg(2));
+    sim.cmd(Command::Reload);
+    sim.fact(3, Fact::Hello);
+    let out = sim.advance(Duration::from_secs(2), &[]);
+    assert_eq!(kills(&out), [3]);
+    assert!(has(&out, |e| matches!(e, Event::ReloadAbandoned { id: 1, .. })));
+    let out = sim.exit(3, 0);
+    assert!(has(&out, |e| matches!(e, Event::Exit(i) if i.reason == Some(ExitReason::NotReady))));
+    assert!(spawns(&out).is_empty());
+}
+
+#[test]
+fn messages_go_to_the_old_worker_until_its_replacement_is_ready() {
+    let mut sim = Sim::started(cfg(1));
+    sim.cmd(Command::Reload);
+    let out = sim.fact(2, Fact::Hello);
+    assert!(!out.iter().any(|a| matches!(a, Action::Route { .. })), "the new one said hello: {out:?}");
+    // It misses the ready timeout: the old one keeps its route through the incoming's death.
+    sim.advance(Duration::from_secs(2), &[]);
+    let out = sim.exit(2, 0);
+    assert!(!out.iter().any(|a| matches!(a, Action::Route { .. })), "{out:?}");
+    assert_eq!(sim.core.slots[&1].routed, Some(1));
+}
+
+#[test]
+fn a_sighup_during_a_reload_queues_one_more() {
+    let mut sim = Sim::started(cfg(1));
+    sim.cmd(Command::Reload);
+    assert!(spawns(&sim.cmd(Command::Reload)).is_empty());
+    assert!(spawns(&sim.cmd(Command::Reload)).is_empty(), "one more, not two");
+    let out = sim.ready(2);
+    assert!(has(&out, |e| matches!(e, Event::ReloadDone { .. })));
+    assert_eq!(spawns(&out), [(3, 1)], "the queued reload starts");
+    let out = sim.ready(3);
+    assert!(has(&out, |e| matches!(e, Event::ReloadDone { .. })));
+    assert!(spawns(&out).is_empty());
+}
+
+#[test]
+fn a_reload_restarts_the_agent_never_running_two() {
+    let mut sim = Sim::started(Config { agent: true, ..cfg(1) });
+    let agent = sim.current(AGENT_ID);
+    let out = sim.cmd(Command::Reload);
+    assert_eq!(closes(&out), [agent]);
+    assert!(!spawns(&out).iter().any(|(_, id)| *id == AGENT_ID), "not while the old one runs");
+    let out = sim.exit(agent, 0);
+    assert_eq!(spawns(&out).iter().filter(|(_, id)| *id == AGENT_ID).count(), 1);
+}
+
+#[test]
+fn scaling_up_during_a_reload_starts_the_new_worker_at_once() {
+    let mut sim = Sim::started(cfg(1));
+    sim.cmd(Command::Reload);
+    assert_eq!(spawns(&sim.cmd(Command::SetWorkers(2))), [(3, 2)]);
+    sim.ready(3);
+    assert!(has(&sim.ready(2), |e| matches!(e, Event::ReloadDone { replaced: 1, .. })));
+}
+
+#[test]
+fn scaling_down_during_a_reload_retires_the_removed_worker_and_finishes() {
+    let mut sim = Sim::started(cfg(2));
+    sim.cmd(Command::Reload);
+    let out = sim.cmd(Command::SetWorkers(1));
+    assert!(out.iter().any(|a| matches!(a, Action::CloseSockets(2))));
+    assert_eq!(closes(&out), [2]);
+    assert!(has(&sim.ready(3), |e| matches!(e, Event::ReloadDone { replaced: 1, .. })));
+    assert!(!sim.core.slots.contains_key(&2));
+}
+
+#[test]
+fn scaling_never_goes_below_one_and_the_same_count_does_nothing() {
+    let mut sim = Sim::started(cfg(1));
+    assert!(sim.cmd(Command::SetWorkers(0)).is_empty());
+    assert!(sim.cmd(Command::SetWorkers(1)).is_empty());
+    assert_eq!(sim.core.worker_count(), 1);
+}
+
+// ----- limits -----
+
+#[test]
+fn a_worker_over_its_connection_limit_is_replaced_new_one_first() {
+    let mut sim = Sim::started(Config { max_connections: Some(10), ..cfg(1) });
+    sim.world.handled.insert(1, 10);
+    let out = sim.advance(TICK, &[]);
+    assert_eq!(spawns(&out), [(2, 1)]);
+    assert!(closes(&out).is_empty());
+    assert_eq!(closes(&sim.ready(2)), [1]);
+}
+
+#[test]
+fn a_worker_over_its_memory_limit_is_replaced() {
+    let mut sim = Sim::started(Config { max_rss: Some(1 << 20), ..cfg(1) });
+    sim.world.rss.insert(1001, 2 << 20);
+    assert_eq!(spawns(&sim.advance(RSS_CHECK, &[])), [(2, 1)], "checked once a second");
+}
+
+#[test]
+fn a_failed_limit_replacement_backs_off_instead_of_retrying_every_tick() {
+    let mut sim = Sim::started(Config { max_connections: Some(10), ..cfg(1) });
+    sim.world.handled.insert(1, 10);
+    sim.fail_spawns = true;
+    let out = sim.advance(Duration::from_millis(550), &[]);
+    // Tries at 0.1 s, then after 100 ms, then after 200 ms: 3 in 550 ms, not 5.
+    assert_eq!(spawns(&out).len(), 3, "{out:?}");
+    assert_eq!(sim.current(1), 1, "the old worker keeps serving");
+}
+
+// ----- retiring -----
+
+#[test]
+fn a_retiring_worker_is_disconnected_once_it_acknowledged_everything() {
+    let mut sim = Sim::started(cfg(1));
+    sim.world.inflight.insert(1, 3);
+    let out = sim.cmd(Command::Reload);
+    let out = [out, sim.ready(2)].concat();
+    assert_eq!(closes(&out), [1]);
+    assert!(disconnects(&out).is_empty());
+    sim.world.inflight.clear();
+    let out = sim.advance(FAST_TICK, &[]);
+    assert_eq!(disconnects(&out), [1]);
+    assert!(has(&out, |e| matches!(e, Event::Disconnect { id: 1, .. })));
+}
+
+#[test]
+fn a_worker_accepting_on_a_draining_socket_is_not_disconnected_yet() {
+    let mut sim = Sim::started(cfg(2));
+    sim.world.draining = vec![1];
+    let out = sim.cmd(Command::SetWorkers(1));
+    assert_eq!(closes(&out), [2]);
+    assert!(disconnects(&out).is_empty());
+    sim.world.draining.clear();
+    assert_eq!(disconnects(&sim.advance(FAST_TICK, &[])), [2]);
+}
+
+#[test]
+fn a_retiring_worker_still_running_at_the_kill_timeout_is_killed() {
+    let mut sim = Sim::started(cfg(1));
+    sim.cmd(Command::Reload);
+    sim.ready(2);
+    let out = sim.advance(Duration::from_secs(5), &[]);
+    assert_eq!(kills(&out), [1]);
+    let out = sim.exit(1, 0);
+    assert!(has(
+        &out,
+        |e| matches!(e, Event::Exit(i) if i.after_disconnect && i.reason == Some(ExitReason::KillTimeout))
+    ));
+}
+
+// ----- stopping -----
+
+#[test]
+fn a_graceful_stop_serves_the_master_s_last_connections_before_closing_workers() {
+    let mut sim = Sim::started(cfg(2));
+    sim.world.master_draining = true;
+    let out = sim.cmd(Command::Stop(StopKind::Graceful));
+    assert!(out.iter().any(|a| matches!(a, Action::StopListening { drain: true })));
+    assert!(closes(&out).is_empty(), "the master still hands out its last connections");
+    sim.world.master_draining = false;
+    sim.world.backlog = 2;
+    assert!(closes(&sim.advance(FAST_TICK, &[])).is_empty(), "connections wait in the master");
+    sim.world.backlog = 0;
+    let out = sim.advance(FAST_TICK, &[]);
+    assert_eq!((closes(&out), disconnects(&out)), (vec![1, 2], vec![1, 2]));
+    sim.exit(1, 0);
+    assert_eq!(exit_code(&sim.exit(2, 0)), Some(0));
+}
+
+#[test]
+fn a_stop_during_a_reload_cancels_it_and_starts_nothing() {
+    let mut sim = Sim::started(cfg(2));
+    sim.cmd(Command::Reload);
+    let out = sim.cmd(Command::Stop(StopKind::Graceful));
+    assert!(sim.core.reload.is_none());
+    assert!(spawns(&out).is_empty());
+    let out = sim.ready(3);
+    assert!(closes(&out).is_empty() || !has(&out, |e| matches!(e, Event::ReloadDone { .. })));
+    assert!(spawns(&sim.advance(Duration::from_secs(1), &[])).is_empty());
+    for serial in [1, 2, 3] {
+        sim.exit(serial, 0);
+    }
+    assert_eq!(sim.core.procs.len(), 0);
+}
+
+#[test]
+fn a_stop_while_a_worker_is_in_backoff_does_not_restart_it() {
+    let mut sim = Sim::started(cfg(2));
+    sim.exit(2, 3);
+    sim.cmd(Command::Stop(StopKind::Graceful));
+    assert!(spawns(&sim.advance(Duration::from_secs(1), &[])).is_empty());
+    assert_eq!(exit_code(&sim.exit(1, 0)), Some(0));
+}
+
+#[test]
+fn a_worker_exit_that_arrives_with_the_stop_starts_no_replacement() {
+    // Every process of the group got SIGTERM at once: the worker's exit and the stop are
+    // recorded before the next step.
+    let mut sim = Sim::started(cfg(2));
+    sim.core.command(Command::Stop(StopKind::Graceful));
+    let out = sim.exit(1, 0);
+    assert!(spawns(&out).is_empty(), "{out:?}");
+}
+
+#[test]
+fn a_fast_stop_kills_everything_and_exits_zero_once_they_are_gone() {
+    let mut sim = Sim::started(cfg(2));
+    let out = sim.cmd(Command::Stop(StopKind::Fast));
+    assert_eq!(kills(&out), [1, 2]);
+    assert!(out.iter().any(|a| matches!(a, Action::StopListening { drain: false })));
+    sim.exit(1, 0);
+    assert_eq!(exit_code(&sim.exit(2, 0)), Some(0));
+}
+
+#[test]
+fn a_second_sigint_aborts_with_130() {
+    let mut sim = Sim::started(cfg(1));
+    sim.cmd(Command::Stop(StopKind::Graceful));
+    let out = sim.cmd(Command::Stop(StopKind::Abort));
+    assert_eq!((kills(&out), exit_code(&out)), (vec![1], Some(130)));
+}
+
+#[test]
+fn status_shows_backoff_and_states() {
+    let mut sim = Sim::started(cfg(2));
+    sim.exit(2, 3);
+    let status = sim.core.status(sim.now, &sim.world);
+    let states: Vec<_> = status.iter().map(|s| (s.id, s.state, s.restart_in)).collect();
+    assert_eq!(states, [(1, WorkerState::Ready, None), (2, WorkerState::Backoff, Some(100 * MS))]);
+}
