@@ -1,18 +1,15 @@
-//! The cluster's settings and the builder that makes them.
+//! The cluster's settings: plain data, filled in by the builder (`builder.rs`) and the
+//! `CLUSTER_*` environment variables.
 
-use std::future::Future;
 use std::time::Duration;
 
-use crate::log::log;
-use crate::master::{self, Master, MasterHook};
-use crate::role::{self, Role, Start, StartError};
+use crate::role::StartError;
 use crate::role::{ENV_BALANCER, ENV_MAX_WORKER_CONNECTIONS, ENV_SCHED_POLICY, ENV_WINDOW};
 use crate::role::{
     ENV_HEARTBEAT_TIMEOUT_MS, ENV_KILL_TIMEOUT_MS, ENV_MAX_CONNECTIONS, ENV_MAX_CONNECTIONS_JITTER, ENV_MAX_RSS_MB,
     ENV_MIN_UPTIME_MS, ENV_READY_TIMEOUT_MS, ENV_RELOAD_CONCURRENCY, ENV_RESTART_DELAY_MAX_MS, ENV_RESTART_DELAY_MS,
     ENV_WAIT_READY,
 };
-use crate::worker;
 
 /// Settings shared by the master and its workers.
 #[derive(Debug, Clone)]
@@ -41,7 +38,8 @@ pub(crate) struct Config {
     pub(crate) max_worker_connections: Option<u64>,
 }
 
-/// How connections reach workers (SPEC §3); `CLUSTER_SCHED_POLICY` overrides the code.
+/// How connections reach workers (README, "Scheduling: policies and balancers");
+/// `CLUSTER_SCHED_POLICY` overrides the code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Policy {
@@ -108,7 +106,7 @@ impl Config {
     }
 
     /// Applies the `CLUSTER_*` environment variables, which override the code's settings.
-    fn apply_env(&mut self) -> Result<(), StartError> {
+    pub(crate) fn apply_env(&mut self) -> Result<(), StartError> {
         fn var<T: std::str::FromStr>(name: &'static str) -> Result<Option<T>, StartError> {
             match std::env::var_os(name) {
                 None => Ok(None),
@@ -192,295 +190,5 @@ impl Default for Config {
             balancer: Balancer::RoundRobin,
             max_worker_connections: None,
         }
-    }
-}
-
-/// Entry point of the builder API: `Cluster::builder().workers(4).run(async { … })`.
-#[derive(Debug)]
-pub struct Cluster;
-
-impl Cluster {
-    /// A builder with the defaults.
-    pub fn builder() -> Builder {
-        Builder { cfg: Config::default(), master: None, agent: None }
-    }
-}
-
-/// Configures and starts a cluster. See [`Builder::run`].
-pub struct Builder {
-    cfg: Config,
-    master: Option<MasterHook>,
-    agent: Option<AgentMain>,
-}
-
-/// The agent's code.
-type AgentMain = Box<dyn FnOnce() -> std::pin::Pin<Box<dyn Future<Output = ()>>>>;
-
-impl Default for Builder {
-    fn default() -> Self {
-        Cluster::builder()
-    }
-}
-
-impl std::fmt::Debug for Builder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Builder")
-            .field("cfg", &self.cfg)
-            .field("master", &self.master.is_some())
-            .field("agent", &self.agent.is_some())
-            .finish()
-    }
-}
-
-impl Builder {
-    /// Number of workers (default: available parallelism). `CLUSTER_WORKERS` overrides it;
-    /// `0` runs the application in this one process, with no master.
-    pub fn workers(mut self, n: usize) -> Self {
-        self.cfg.workers = n;
-        self
-    }
-
-    /// How long a stopping worker may take to finish its connections before it is killed
-    /// (default 30 s).
-    pub fn kill_timeout(mut self, timeout: Duration) -> Self {
-        self.cfg.kill_timeout = timeout;
-        self
-    }
-
-    /// Listen backlog of the master's sockets (default 1024).
-    pub fn backlog(mut self, backlog: i32) -> Self {
-        self.cfg.backlog = backlog;
-        self
-    }
-
-    /// Most connections handed to one worker and not yet accepted by it (default 64; env
-    /// `CLUSTER_WINDOW`).
-    pub fn window(mut self, window: usize) -> Self {
-        self.cfg.window = window.max(1);
-        self
-    }
-
-    /// How connections reach workers (default [`Policy::Rr`]; env `CLUSTER_SCHED_POLICY` =
-    /// `rr` | `shared` | `reuseport`).
-    pub fn policy(mut self, policy: Policy) -> Self {
-        self.cfg.policy = policy;
-        self
-    }
-
-    /// Which worker gets each connection under `rr` (default [`Balancer::RoundRobin`]; env
-    /// `CLUSTER_BALANCER` = `round-robin` | `least-connections` | `sticky`).
-    pub fn balancer(mut self, balancer: Balancer) -> Self {
-        self.cfg.balancer = balancer;
-        self
-    }
-
-    /// Most open connections per worker under `rr` (like actix's `max_concurrent_connections`;
-    /// default: no limit). A worker at the limit gets no more until some close; when all are,
-    /// the master stops accepting and the kernel's backlog holds new clients.
-    pub fn max_worker_connections(mut self, n: Option<u64>) -> Self {
-        self.cfg.max_worker_connections = n.filter(|n| *n > 0);
-        self
-    }
-
-    /// Runs each worker on a multi-threaded runtime with `n` threads. By default a worker runs
-    /// a single-threaded runtime: the cluster gives parallelism with processes.
-    pub fn worker_threads(mut self, n: usize) -> Self {
-        self.cfg.worker_threads = Some(n.max(1));
-        self
-    }
-
-    /// Whether a panic anywhere in a worker ends that worker (reported to the master, which
-    /// replaces it), as an uncaught exception ends a Node worker. Default `true`. With `false`,
-    /// tokio's behaviour applies: a panicking task ends alone.
-    pub fn exit_on_panic(mut self, exit: bool) -> Self {
-        self.cfg.exit_on_panic = exit;
-        self
-    }
-
-    /// How long a new worker may take to become ready (listening on every address its
-    /// predecessor listened on, or [`ready`](crate::worker::ready) with
-    /// [`wait_ready`](Self::wait_ready)) during a reload before the reload is abandoned
-    /// (default 30 s).
-    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
-        self.cfg.ready_timeout = timeout;
-        self
-    }
-
-    /// Whether a worker is ready only once it calls [`worker::ready`](crate::worker::ready)
-    /// (PM2's `wait_ready`), rather than once it listens (default `false`).
-    pub fn wait_ready(mut self, wait: bool) -> Self {
-        self.cfg.wait_ready = wait;
-        self
-    }
-
-    /// A worker whose runtime sends no heartbeat for this long is killed and replaced
-    /// (default 30 s; `None` turns liveness checks off).
-    pub fn heartbeat_timeout(mut self, timeout: Option<Duration>) -> Self {
-        self.cfg.heartbeat_timeout = timeout.filter(|t| !t.is_zero());
-        self
-    }
-
-    /// A worker that dies before it is ready, or sooner than this after it started, is
-    /// unstable: it is restarted with backoff (default 1 s).
-    pub fn min_uptime(mut self, uptime: Duration) -> Self {
-        self.cfg.min_uptime = uptime;
-        self
-    }
-
-    /// Backoff of unstable restarts: the first delay, doubled at each further unstable exit
-    /// up to `max` (defaults 100 ms and 30 s). A stable run resets it.
-    pub fn restart_delay(mut self, first: Duration, max: Duration) -> Self {
-        self.cfg.restart_delay = first;
-        self.cfg.restart_delay_max = max.max(first);
-        self
-    }
-
-    /// Replaces a worker gracefully once its resident memory exceeds `bytes` (checked every
-    /// second; default: no limit).
-    pub fn max_rss(mut self, bytes: Option<u64>) -> Self {
-        self.cfg.max_rss = bytes;
-        self
-    }
-
-    /// Replaces a worker gracefully after it accepted about `n` connections, plus a random
-    /// `0..=jitter` per worker so that workers do not all restart at once (gunicorn's
-    /// `max_requests`; default: no limit).
-    pub fn max_connections(mut self, n: Option<u64>, jitter: u64) -> Self {
-        self.cfg.max_connections = n.filter(|n| *n > 0);
-        self.cfg.max_connections_jitter = jitter;
-        self
-    }
-
-    /// How many workers a rolling reload replaces at a time (default 1).
-    pub fn reload_concurrency(mut self, n: usize) -> Self {
-        self.cfg.reload_concurrency = n.max(1);
-        self
-    }
-
-    /// Runs `hook` in the master beside the supervisor, with a [`Master`] handle for worker
-    /// events and messages.
-    pub fn master<F, Fut>(mut self, hook: F) -> Self
-    where
-        F: FnOnce(Master) -> Fut + Send + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        self.master = Some(Box::new(move |m| Box::pin(hook(m))));
-        self
-    }
-
-    /// Runs an **agent** beside the workers (Egg.js's agent): one extra process of this binary
-    /// that runs `agent` instead of the application. It gets no connections; it is for
-    /// singleton work (schedules, one long-lived connection to an outside service) and talks
-    /// to the workers with messages ([`worker::send_to`](crate::worker::send_to),
-    /// [`worker::broadcast`](crate::worker::broadcast), [`worker::recv`](crate::worker::recv),
-    /// which work in the agent too; workers reach it with
-    /// [`worker::send_to_agent`](crate::worker::send_to_agent)). The master supervises it
-    /// like a worker: heartbeats, restart with backoff when it crashes, and a graceful stop
-    /// ([`worker::shutdown`](crate::worker::shutdown) resolves). A reload stops it, then
-    /// starts the new build: there is never more than one agent at a time.
-    ///
-    /// The agent runs on a single-threaded runtime; when `agent` returns, its process exits
-    /// (and is restarted unless the cluster is stopping). With `CLUSTER_WORKERS=0` (no master)
-    /// there is no agent.
-    pub fn agent<F, Fut>(mut self, agent: F) -> Self
-    where
-        F: FnOnce() -> Fut + 'static,
-        Fut: Future<Output = ()> + 'static,
-    {
-        self.agent = Some(Box::new(move || Box::pin(agent())));
-        self.cfg.agent = true;
-        self
-    }
-
-    /// Runs the cluster. `body` is the application: it runs in every worker (and, with
-    /// `CLUSTER_WORKERS=0`, in this process). In the master it is never polled: the master
-    /// supervises until it is stopped, then exits the process.
-    ///
-    /// Call it from a plain `fn main`, before any other thread starts.
-    pub fn run<F: Future>(mut self, body: F) -> F::Output {
-        let start = match self.cfg.apply_env().and_then(|()| role::detect(self.cfg.workers, self.agent.is_some())) {
-            Ok(start) => start,
-            Err(e) => {
-                eprintln!("cluster: {e}");
-                std::process::exit(2);
-            }
-        };
-        match start {
-            Start::Master { workers } => {
-                let _ = ROLE.set(Role::Master);
-                let cfg = Config { workers, ..self.cfg };
-                std::process::exit(master::run(cfg, self.master));
-            }
-            Start::Agent { channel } => {
-                let _ = ROLE.set(Role::Agent);
-                let agent = self.agent.expect("role::detect checks that there is an agent");
-                runtime(None).block_on(async move {
-                    if let Err(e) = worker::start(crate::ipc::message::AGENT, channel, &self.cfg).await {
-                        eprintln!("cluster: agent: cannot reach the master: {e}");
-                        std::process::exit(2);
-                    }
-                    agent().await;
-                    if worker::is_shutting_down() {
-                        drain_tasks(self.cfg.kill_timeout).await;
-                    }
-                });
-                std::process::exit(0);
-            }
-            Start::Standalone => {
-                let _ = ROLE.set(Role::Standalone);
-                runtime(Some(self.cfg.worker_threads.unwrap_or(0))).block_on(body)
-            }
-            Start::Worker { id, channel } => {
-                let _ = ROLE.set(Role::Worker { id });
-                let rt = runtime(self.cfg.worker_threads);
-                rt.block_on(async move {
-                    if let Err(e) = worker::start(id, channel, &self.cfg).await {
-                        eprintln!("cluster: worker {id}: cannot reach the master: {e}");
-                        std::process::exit(2);
-                    }
-                    let output = body.await;
-                    if worker::is_shutting_down() {
-                        drain_tasks(self.cfg.kill_timeout).await;
-                    }
-                    output
-                })
-            }
-        }
-    }
-}
-
-static ROLE: std::sync::OnceLock<Role> = std::sync::OnceLock::new();
-
-/// The role of this process (`Standalone` if no cluster was started).
-pub fn role() -> Role {
-    ROLE.get().copied().unwrap_or(Role::Standalone)
-}
-
-/// `threads`: `None` for a current-thread runtime, `Some(0)` for one thread per core.
-fn runtime(threads: Option<usize>) -> tokio::runtime::Runtime {
-    let built = match threads {
-        None => tokio::runtime::Builder::new_current_thread().enable_all().build(),
-        Some(n) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            if n > 0 {
-                b.worker_threads(n);
-            }
-            b.enable_all().build()
-        }
-    };
-    built.unwrap_or_else(|e| {
-        log!("cannot build a tokio runtime: {e}");
-        std::process::exit(1)
-    })
-}
-
-/// After the application returned because the worker is stopping, lets tasks it spawned
-/// (connections still being served) finish, as a Node worker's event loop drains. The
-/// master kills the worker at its kill timeout anyway.
-async fn drain_tasks(limit: Duration) {
-    let deadline = tokio::time::Instant::now() + limit;
-    let metrics = tokio::runtime::Handle::current().metrics();
-    while metrics.num_alive_tasks() > worker::own_tasks() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -30,6 +30,7 @@
 //! processes), [`Cluster`] (the builder behind the macro).
 #![warn(missing_docs)]
 
+mod builder;
 mod config;
 mod ipc;
 mod log;
@@ -40,8 +41,9 @@ mod role;
 mod sys;
 pub mod worker;
 
+pub use builder::{Builder, Cluster, role};
 pub use cluster_macros::main;
-pub use config::{Balancer, Builder, Cluster, Policy, role};
+pub use config::{Balancer, Policy};
 pub use ipc::message::MAX_USER_MESSAGE;
 pub use ipc::{ProtocolError, RecvError};
 pub use master::Master;
@@ -64,6 +66,6 @@ pub mod env {
 /// Used by `#[cluster::main]`; not a public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::config::Builder;
+    pub use crate::builder::Builder;
     pub use crate::ipc::bench as ipc_bench;
 }

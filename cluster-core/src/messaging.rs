@@ -17,6 +17,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use tokio::sync::oneshot;
 
 use crate::ipc::Channel;
@@ -153,7 +154,7 @@ pub struct Request {
 #[derive(Clone)]
 enum Route {
     /// Answer from a worker or the agent: through this process's channel to `to`.
-    FromClient { to: Peer },
+    FromClient { to: Peer, via: Arc<dyn Replier> },
     /// Answer from the master: straight down this worker's channel.
     FromMaster(Arc<Channel>),
 }
@@ -165,8 +166,8 @@ impl fmt::Debug for Request {
 }
 
 impl Request {
-    pub(crate) fn from_client(call: u32, to: Peer) -> Self {
-        Request { call, route: Route::FromClient { to } }
+    pub(crate) fn from_client(call: u32, to: Peer, via: Arc<dyn Replier>) -> Self {
+        Request { call, route: Route::FromClient { to, via } }
     }
 
     pub(crate) fn from_master(call: u32, channel: Arc<Channel>) -> Self {
@@ -179,10 +180,17 @@ impl Request {
         check_size(&data)?;
         let call = self.call | REPLY;
         match &self.route {
-            Route::FromClient { to } => crate::worker::send_call(*to, call, data).await,
+            Route::FromClient { to, via } => via.clone().reply(*to, call, data).await,
             Route::FromMaster(channel) => Ok(channel.send_user(USER_TO_WORKER, 0, call, &data, || {}).await?),
         }
     }
+}
+
+/// What a worker's or the agent's reply goes through (its channel client), so that this
+/// module needs nothing of the worker's.
+pub(crate) trait Replier: Send + Sync {
+    /// Sends `data` as the reply `call` to `to`.
+    fn reply(self: Arc<Self>, to: Peer, call: u32, data: Bytes) -> BoxFuture<'static, Result<(), SendError>>;
 }
 
 pub(crate) fn check_size(data: &[u8]) -> Result<(), SendError> {

@@ -3,9 +3,9 @@
 
 mod decide;
 mod dispatch;
+mod events;
 mod listeners;
 mod process;
-mod relay;
 mod supervisor;
 
 use std::collections::HashMap;
@@ -328,7 +328,7 @@ pub(crate) fn run(cfg: Config, hook: Option<MasterHook>) -> i32 {
         let registry = Registry::default();
         let calls = Arc::new(Calls::default());
         let (asks_tx, asks) = mpsc::unbounded_channel();
-        let (events, receiver) = relay::Events::new(hook.is_some());
+        let (events, receiver) = events::Events::new(hook.is_some());
         if let (Some(hook), Some(events)) = (hook, receiver) {
             let handle = Handle { registry: registry.clone(), calls: calls.clone(), asks: asks_tx };
             let master = Master { handle, events };

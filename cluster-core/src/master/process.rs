@@ -1,5 +1,6 @@
-//! One worker process: starting it from the binary on disk, reading its channel, killing it,
-//! and reporting it gone once it has exited and every message it sent has been read.
+//! One worker process: starting it from the binary on disk, reading its channel and relaying
+//! its messages, killing it, and reporting it gone once it has exited and every message it
+//! sent has been read.
 
 use std::ffi::OsString;
 use std::io;
@@ -9,15 +10,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use tokio::sync::{mpsc, oneshot};
 
 use super::decide::Status;
 use super::dispatch::{Dispatch, Serial};
-use super::relay;
 use super::{Event, Registry};
-use crate::ipc::message::{AGENT, PROTOCOL_VERSION, ProtocolError, Reassembly, ToMaster, Whole};
+use crate::ipc::message::{
+    AGENT, ALL_WORKERS, PROTOCOL_VERSION, ProtocolError, Reassembly, ToMaster, USER_TO_WORKER, Whole, encode,
+};
 use crate::ipc::{Channel, Receiver, RecvError};
-use crate::messaging::Calls;
+use crate::log::log;
+use crate::messaging::{self, Calls, Peer};
 use crate::role::{AGENT_UNIQUE_ID, CHANNEL_FD, ENV_CHANNEL_FD, ENV_UNIQUE_ID};
 use crate::sys;
 
@@ -96,7 +100,7 @@ impl Launcher {
         let pid = child.id().unwrap_or(0);
         let channel = Arc::new(channel);
         links.dispatch.add_worker(serial, id, channel.clone());
-        let relay = relay::relay(id, serial, channel.clone(), links);
+        let relay = relay(id, serial, channel.clone(), links);
         let reader =
             tokio::spawn(read_loop(serial, channel.clone(), links.dispatch.clone(), links.reports.clone(), relay));
         let (kill, killed) = oneshot::channel();
@@ -144,6 +148,63 @@ async fn wait(child: &mut tokio::process::Child, mut kill: oneshot::Receiver<()>
             }
         }
     }
+}
+
+/// Carries the user messages process `from` (`serial`) sends, in order, without holding up the
+/// reading of its channel (acknowledgements): to other processes, to code in the master, or
+/// as replies to the master's requests. After each one, tells the sender whether it was handed
+/// over, which also paces a sender to the pace of its recipient.
+pub(super) fn relay(from: u32, serial: Serial, sender: Arc<Channel>, links: &Links) -> mpsc::UnboundedSender<Whole> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Whole>();
+    let (registry, reports, calls) = (links.registry.clone(), links.reports.clone(), links.calls.clone());
+    let events = links.events.clone();
+    tokio::spawn(async move {
+        let mut receipt = BytesMut::new();
+        while let Some((to, call, data)) = rx.recv().await {
+            let delivered = match to {
+                0 if messaging::is_reply(call) => calls.complete(call, data),
+                0 => {
+                    // Through the supervisor, so that events stay in order (a worker's `Online`
+                    // before its first message); when the queue is full, the message comes
+                    // back and this sender waits for room.
+                    let (taken, verdict) = oneshot::channel();
+                    let _ = reports.send(Report::User { serial, call, data, taken });
+                    match (verdict.await, &events) {
+                        (Ok(Ok(taken)), _) => taken,
+                        (Ok(Err(event)), Some(events)) => events.send(event).await.is_ok(),
+                        _ => false,
+                    }
+                }
+                _ => deliver(from, to, call, &data, &registry).await,
+            };
+            receipt.clear();
+            encode::relayed(&mut receipt, delivered);
+            if sender.send(&receipt).await.is_err() {
+                return;
+            }
+        }
+    });
+    tx
+}
+
+/// Hands a message to worker `to`, the agent, or every worker but the sender; true if any got it.
+async fn deliver(from: u32, to: u32, call: u32, data: &[u8], registry: &Registry) -> bool {
+    let targets: Vec<(u32, Arc<Channel>)> = {
+        let registry = registry.lock().unwrap();
+        if to == ALL_WORKERS {
+            registry.iter().filter(|(id, _)| **id != AGENT && **id != from).map(|(id, c)| (*id, c.clone())).collect()
+        } else {
+            registry.get(&to).map(|c| (to, c.clone())).into_iter().collect()
+        }
+    };
+    let mut delivered = false;
+    for (id, channel) in targets {
+        match channel.send_user(USER_TO_WORKER, from, call, data, || {}).await {
+            Ok(()) => delivered = true,
+            Err(e) => log!("message from {} to {} dropped: {e}", Peer::from_wire(from), Peer::from_wire(id)),
+        }
+    }
+    delivered
 }
 
 /// Reads one worker's channel. Acknowledgements and listener changes go straight to the

@@ -18,9 +18,9 @@ use tokio::time::sleep_until;
 
 use super::decide::{Action, Command, Core, Fact, StopKind, World};
 use super::dispatch::{Dispatch, Serial};
+use super::events::Events;
 use super::listeners::Listeners;
 use super::process::{Child, Launcher, Links, Report};
-use super::relay::Events;
 use super::{Event, Registry, WorkerStatus};
 use crate::config::Config;
 use crate::ipc::Channel;

@@ -6,19 +6,14 @@
 //! one from a local buffer. What is acknowledged but not yet handed out goes back to the
 //! master, descriptors and all, if the listener is dropped or the worker panics.
 
-use std::collections::VecDeque;
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::BytesMut;
 
 use crate::ipc::message::{ListenKey, MAX_FDS, NewConn, accepted};
-use crate::worker::{Client, ConnQueue};
-
-/// Acknowledged connections not yet handed to user code. Shared with the client, so the panic
-/// hook can give them back.
-pub(crate) type Unserved = Arc<Mutex<VecDeque<NewConn>>>;
+use crate::worker::client::{Client, ConnQueue, Unserved};
 
 pub(crate) struct Proxy {
     client: Arc<Client>,

@@ -8,7 +8,7 @@ use tokio::net::{TcpStream, ToSocketAddrs, lookup_host};
 
 use super::proxy::{Proxy, is_closed};
 use crate::ipc::message::{Endpoint, ListenKey};
-use crate::worker;
+use crate::worker::client;
 
 /// A TCP listener that works the same in a worker, in a single process and in the master.
 ///
@@ -53,7 +53,7 @@ impl std::fmt::Debug for Own {
 
 impl Drop for Own {
     fn drop(&mut self) {
-        if let Some(client) = worker::client() {
+        if let Some(client) = client::client() {
             client.send_unlisten(self.key);
         }
     }
@@ -63,7 +63,7 @@ impl TcpListener {
     /// Binds (or, in a worker, asks the master to bind) a listener on the first address
     /// `addr` resolves to that works.
     pub async fn bind(addr: impl ToSocketAddrs) -> io::Result<TcpListener> {
-        let Some(client) = worker::client() else {
+        let Some(client) = client::client() else {
             return Ok(TcpListener { inner: Inner::Direct(tokio::net::TcpListener::bind(addr).await?) });
         };
         let mut last = None;
@@ -83,7 +83,9 @@ impl TcpListener {
                 listener.set_nonblocking(true)?;
                 let listener = tokio::net::TcpListener::from_std(listener)?;
                 client.send_listening(bound.key).await?;
-                let own = Own { listener, key: bound.key, stop: Some(Box::pin(worker::shutdown())) };
+                let stopping = client.clone();
+                let stop = Some(Box::pin(async move { stopping.stopped().await }) as Pin<Box<_>>);
+                let own = Own { listener, key: bound.key, stop };
                 return Ok(TcpListener { inner: Inner::Own(own) });
             }
             let queue = client.attach(bound.key, &shown).await?;
@@ -164,7 +166,7 @@ impl axum::serve::Listener for TcpListener {
         loop {
             match TcpListener::accept(self).await {
                 Ok(conn) => return conn,
-                // axum stops through `with_graceful_shutdown(cluster::worker::shutdown())`.
+                // axum stops through `with_graceful_shutdown(cluster::client::shutdown())`.
                 Err(e) if is_closed(&e) => std::future::pending::<()>().await,
                 Err(e) if is_connection_error(&e) => {}
                 Err(e) => {

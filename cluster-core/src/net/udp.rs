@@ -3,7 +3,7 @@ use std::io;
 use tokio::net::{ToSocketAddrs, lookup_host};
 
 use crate::ipc::message::Endpoint;
-use crate::worker;
+use crate::worker::client;
 
 /// Role-transparent UDP.
 ///
@@ -20,7 +20,7 @@ impl UdpSocket {
     /// Binds (or, in a worker, gets from the master) a UDP socket on the first address `addr`
     /// resolves to that works.
     pub async fn bind(addr: impl ToSocketAddrs) -> io::Result<tokio::net::UdpSocket> {
-        let Some(client) = worker::client() else { return tokio::net::UdpSocket::bind(addr).await };
+        let Some(client) = client::client() else { return tokio::net::UdpSocket::bind(addr).await };
         let mut last = None;
         for addr in lookup_host(addr).await? {
             match client.bind(Endpoint::Udp(addr)).await {

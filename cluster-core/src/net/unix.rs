@@ -8,7 +8,7 @@ use tokio::net::unix::SocketAddr;
 
 use super::proxy::Proxy;
 use crate::ipc::message::Endpoint;
-use crate::worker;
+use crate::worker::client;
 
 /// Longest path that fits `sun_path` with its terminating NUL.
 const SUN_PATH_MAX: usize = 107;
@@ -43,7 +43,7 @@ impl UnixListener {
     pub async fn bind_with_mode(path: impl AsRef<Path>, mode: Option<u32>) -> io::Result<UnixListener> {
         let path = path.as_ref().to_path_buf();
         check_len(&path)?;
-        let inner = match worker::client() {
+        let inner = match client::client() {
             Some(client) => {
                 let (key, _, queue) = client.listen(Endpoint::Unix { path: path.clone(), mode }).await?;
                 Inner::Cluster(Proxy::new(client.clone(), key, queue))

@@ -1,0 +1,614 @@
+//! The worker's channel client: one task reads the master's messages and routes each one:
+//! listen replies to the waiting `bind`, new connections to the queue of their listener,
+//! user messages to `worker::recv`, and `disconnect` to the shutdown signal. It also sends
+//! heartbeats and close counts, and gives back connections it cannot serve.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::Config;
+use crate::ipc::message::{
+    self, AGENT, ALL_WORKERS, Bound, ConnId, Endpoint, ListenKey, ListenResult, NewConn, PROTOCOL_VERSION, Reassembly,
+    ToMaster, ToWorker, Whole,
+};
+use crate::ipc::{Channel, Receiver, RecvError};
+use crate::messaging::{self, Calls, Message, Peer, Replier, Request, SendError};
+use crate::sys;
+
+/// Acknowledged connections not yet handed to user code, per listener. Shared with the
+/// client, so the panic hook can give them back.
+pub(crate) type Unserved = Arc<Mutex<VecDeque<NewConn>>>;
+
+/// The queue of connections the master handed to one listener.
+pub(crate) type ConnQueue = mpsc::UnboundedReceiver<NewConn>;
+
+/// How long a worker whose master vanished keeps draining before it exits.
+const ORPHAN_GRACE: Duration = Duration::from_secs(5);
+
+/// This worker's connection to its master.
+pub(crate) struct Client {
+    pub(super) id: u32,
+    pub(crate) channel: Channel,
+    state: Mutex<State>,
+    shutdown: watch::Sender<bool>,
+    pub(super) messages: tokio::sync::Mutex<mpsc::UnboundedReceiver<Message>>,
+    /// Requests this process waits on.
+    pub(super) calls: Calls,
+    /// One per message sent through the master to another process, in sending order: told
+    /// whether the master could hand it over.
+    receipts: Mutex<VecDeque<oneshot::Sender<bool>>>,
+    /// Connections acknowledged to the master and not yet seen closed, when it counts closes.
+    open_conns: Option<Mutex<OpenConns>>,
+    /// Per listener, connections acknowledged but not yet handed to user code.
+    unserved: Mutex<Vec<(ListenKey, Unserved)>>,
+}
+
+struct State {
+    next_req: u32,
+    replies: HashMap<u32, oneshot::Sender<ListenResult>>,
+    listeners: HashMap<ListenKey, mpsc::UnboundedSender<NewConn>>,
+    /// Port-0 binds per address so far: the n-th port-0 bind of every worker shares a port.
+    port0: HashMap<Endpoint, u32>,
+    messages: mpsc::UnboundedSender<Message>,
+}
+
+static CLIENT: OnceLock<Arc<Client>> = OnceLock::new();
+
+/// The client of this process, if it is a worker.
+pub(crate) fn client() -> Option<&'static Arc<Client>> {
+    CLIENT.get()
+}
+
+/// Connects to the master over the inherited channel and says hello. Needs a runtime.
+pub(crate) async fn start(id: u32, channel: OwnedFd, cfg: &Config) -> io::Result<&'static Arc<Client>> {
+    let channel = Channel::from_fd(channel)?;
+    let (messages_tx, messages_rx) = mpsc::unbounded_channel();
+    let client = Arc::new(Client {
+        id,
+        channel,
+        state: Mutex::new(State {
+            next_req: 0,
+            replies: HashMap::new(),
+            listeners: HashMap::new(),
+            port0: HashMap::new(),
+            messages: messages_tx,
+        }),
+        shutdown: watch::Sender::new(false),
+        messages: tokio::sync::Mutex::new(messages_rx),
+        calls: Calls::default(),
+        receipts: Mutex::default(),
+        open_conns: cfg.counts_closes().then(Mutex::default),
+        unserved: Mutex::default(),
+    });
+    let client = CLIENT.get_or_init(|| client);
+    install_panic_hook(cfg.exit_on_panic);
+    client.send(&ToMaster::Hello { version: PROTOCOL_VERSION, pid: sys::getpid() }).await?;
+    spawn_own(read_loop(client.clone()));
+    if let Some(every) = cfg.heartbeat_interval() {
+        spawn_own(heartbeat(client.clone(), every));
+    }
+    if client.open_conns.is_some() {
+        spawn_own(report_closes(client.clone()));
+    }
+    Ok(client)
+}
+
+/// Tasks of the framework alive in this worker's runtime (the rest belong to the application).
+static OWN_TASKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many tasks of the runtime are the framework's own.
+pub(crate) fn own_tasks() -> usize {
+    OWN_TASKS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn spawn_own(task: impl std::future::Future<Output = ()> + Send + 'static) {
+    struct Alive;
+    impl Drop for Alive {
+        fn drop(&mut self) {
+            OWN_TASKS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    OWN_TASKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let alive = Alive;
+    tokio::spawn(async move {
+        let _alive = alive;
+        task.await
+    });
+}
+
+/// Tells the master this worker's runtime still runs: a task of that runtime sends it, so a
+/// blocked runtime (a busy loop, a blocking call) goes silent and gets replaced.
+async fn heartbeat(client: Arc<Client>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // Best effort: a full channel means the master is busy, not that we are dead.
+        let mut out = BytesMut::new();
+        ToMaster::Heartbeat.encode(&mut out);
+        if let Err(e) = client.channel.try_send_with_fds(&out, crate::ipc::NO_FDS)
+            && e.kind() != io::ErrorKind::WouldBlock
+        {
+            return;
+        }
+    }
+}
+
+/// How often a worker looks for connections user code closed (least-connections, caps).
+const CLOSE_CHECK: Duration = Duration::from_millis(20);
+
+/// Connections this worker owns, for counting closes without a hook on the streams.
+#[derive(Default)]
+struct OpenConns {
+    /// By descriptor number: the socket's inode once a sweep has seen it (a number can be
+    /// reused after a close; an inode is not).
+    fds: HashMap<RawFd, Option<u64>>,
+    /// Closes noticed and not yet reported.
+    closed: u32,
+}
+
+impl OpenConns {
+    /// A connection is acknowledged on `fd`. If that number was still tracked, its previous
+    /// connection is closed (the kernel reuses a number only once it is free): no syscall.
+    fn track(&mut self, fd: RawFd) {
+        if self.fds.insert(fd, None).is_some() {
+            self.closed += 1;
+        }
+    }
+
+    /// Finds the tracked connections closed since the last sweep: one `fstat` each.
+    fn sweep(&mut self) -> u32 {
+        let before = self.fds.len();
+        self.fds.retain(|fd, seen| match (sys::inode(*fd), *seen) {
+            (None, _) => false,
+            (Some(now), Some(then)) if now != then => false,
+            (now, _) => {
+                *seen = now;
+                true
+            }
+        });
+        std::mem::take(&mut self.closed) + (before - self.fds.len()) as u32
+    }
+}
+
+/// Tells the master, in batches, how many of the connections it handed over are closed.
+async fn report_closes(client: Arc<Client>) {
+    let Some(open) = &client.open_conns else { return };
+    let mut tick = tokio::time::interval(CLOSE_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let closed = open.lock().unwrap().sweep();
+        if closed > 0 && client.send(&ToMaster::Closed { count: closed }).await.is_err() {
+            return;
+        }
+    }
+}
+
+impl Client {
+    /// Notes connections about to be acknowledged, if the master counts closes; returns the
+    /// closes noticed since the last report, for the master (with the acknowledgement).
+    pub(crate) fn track(&self, conns: &[NewConn]) -> u32 {
+        let Some(open) = &self.open_conns else { return 0 };
+        let mut open = open.lock().unwrap();
+        for conn in conns {
+            open.track(conn.fd.as_raw_fd());
+        }
+        std::mem::take(&mut open.closed)
+    }
+
+    /// Acknowledged connections go back to the master: they were not closed by user code.
+    fn untrack(&self, conns: &[NewConn]) {
+        if let Some(open) = &self.open_conns {
+            let mut open = open.lock().unwrap();
+            for conn in conns {
+                open.fds.remove(&conn.fd.as_raw_fd());
+            }
+        }
+    }
+
+    pub(super) async fn send(&self, msg: &ToMaster) -> io::Result<()> {
+        let mut out = BytesMut::new();
+        msg.encode(&mut out);
+        self.channel.send(&out).await
+    }
+
+    /// Sends from code that cannot await (drop glue): now if the socket has room, else from a
+    /// task. Errors mean the master is gone, and then nobody is left to tell.
+    fn send_soon(self: &Arc<Self>, msg: ToMaster) {
+        let mut out = BytesMut::new();
+        msg.encode(&mut out);
+        if let Err(e) = self.channel.try_send_with_fds(&out, crate::ipc::NO_FDS)
+            && e.kind() == io::ErrorKind::WouldBlock
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let client = self.clone();
+            rt.spawn(async move { client.channel.send(&out).await });
+        }
+    }
+
+    /// Asks the master to bind `endpoint` (or find its socket already bound).
+    pub(crate) async fn bind(self: &Arc<Self>, endpoint: Endpoint) -> io::Result<Bound> {
+        if self.id == AGENT {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "the cluster agent gets no connections and binds no shared socket ({endpoint}); listen in the workers"
+                ),
+            ));
+        }
+        let (tx, rx) = oneshot::channel();
+        let (req, index) = {
+            let mut state = self.state.lock().unwrap();
+            let req = state.next_req;
+            state.next_req = state.next_req.wrapping_add(1);
+            state.replies.insert(req, tx);
+            let index = if endpoint.is_port_zero() {
+                let n = state.port0.entry(endpoint.clone()).or_default();
+                *n += 1;
+                *n - 1
+            } else {
+                0
+            };
+            (req, index)
+        };
+        self.send(&ToMaster::Listen { req, endpoint, index }).await?;
+        rx.await
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "cluster master went away during bind"))?
+            .map_err(io::Error::from_raw_os_error)
+    }
+
+    /// Binds a stream endpoint and starts taking its connections: returns the key, the bound
+    /// address (none for Unix sockets) and the queue the master's connections arrive on.
+    pub(crate) async fn listen(
+        self: &Arc<Self>,
+        endpoint: Endpoint,
+    ) -> io::Result<(ListenKey, Option<SocketAddr>, ConnQueue)> {
+        let shown = endpoint.to_string();
+        let Bound { key, addr, .. } = self.bind(endpoint).await?;
+        Ok((key, addr, self.attach(key, &shown).await?))
+    }
+
+    /// Starts taking the master's connections for socket `key`.
+    pub(crate) async fn attach(self: &Arc<Self>, key: ListenKey, shown: &str) -> io::Result<ConnQueue> {
+        let (tx, queue) = mpsc::unbounded_channel();
+        {
+            let mut state = self.state.lock().unwrap();
+            if state.listeners.contains_key(&key) {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("this worker already listens on {shown}"),
+                ));
+            }
+            state.listeners.insert(key, tx);
+        }
+        self.send_listening(key).await?;
+        Ok(queue)
+    }
+
+    /// Tells the master this worker now uses socket `key` (it is part of being ready).
+    pub(crate) async fn send_listening(&self, key: ListenKey) -> io::Result<()> {
+        self.send(&ToMaster::Listening { key }).await
+    }
+
+    /// This worker stopped using a socket it accepts on itself.
+    pub(crate) fn send_unlisten(self: &Arc<Self>, key: ListenKey) {
+        self.send_soon(ToMaster::Unlisten { key });
+    }
+
+    /// A listener for `key` starts: the buffer for what it acknowledged and has not handed out.
+    pub(crate) fn register_unserved(&self, key: ListenKey) -> Unserved {
+        let unserved = Unserved::default();
+        self.unserved.lock().unwrap().push((key, unserved.clone()));
+        unserved
+    }
+
+    /// A listener was dropped: tell the master, refuse what it had not acknowledged, and give
+    /// back what it had acknowledged but not handed out.
+    pub(crate) fn unlisten(
+        self: &Arc<Self>,
+        key: ListenKey,
+        mut queue: ConnQueue,
+        pending: Vec<NewConn>,
+        mut unserved: VecDeque<NewConn>,
+    ) {
+        self.state.lock().unwrap().listeners.remove(&key);
+        self.unserved.lock().unwrap().retain(|(k, _)| *k != key);
+        self.send_soon(ToMaster::Unlisten { key });
+        queue.close();
+        // Tracked when their acknowledgement was written, never sent.
+        self.untrack(&pending);
+        let mut ids: Vec<ConnId> = pending.into_iter().map(|c| c.id).collect();
+        while let Ok(conn) = queue.try_recv() {
+            ids.push(conn.id);
+        }
+        for chunk in ids.chunks(message::MAX_FDS) {
+            self.send_soon(ToMaster::Refused { ids: chunk.to_vec() });
+        }
+        while !unserved.is_empty() {
+            let n = unserved.len().min(message::MAX_FDS);
+            self.give_back(key, unserved.drain(..n).collect());
+        }
+    }
+
+    /// Hands acknowledged connections back to the master with their descriptors: now if the
+    /// socket has room, else from a task.
+    fn give_back(self: &Arc<Self>, key: ListenKey, conns: Vec<NewConn>) {
+        self.untrack(&conns);
+        let out = encode_returned(key, &conns);
+        let fds: Vec<_> = conns.iter().map(|c| c.fd.as_fd()).collect();
+        if let Err(e) = self.channel.try_send_with_fds(&out, &fds)
+            && e.kind() == io::ErrorKind::WouldBlock
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            drop(fds);
+            let client = self.clone();
+            rt.spawn(async move {
+                let fds: Vec<_> = conns.iter().map(|c| c.fd.as_fd()).collect();
+                client.channel.send_with_fds(&out, &fds).await
+            });
+        }
+    }
+
+    /// From the panic hook of a worker about to exit: gives back every acknowledged connection
+    /// user code has not taken, without blocking or waiting for locks.
+    fn give_back_now(&self) {
+        let Ok(registry) = self.unserved.try_lock() else { return };
+        for (key, unserved) in registry.iter() {
+            let Ok(mut unserved) = unserved.try_lock() else { continue };
+            while !unserved.is_empty() {
+                let n = unserved.len().min(message::MAX_FDS);
+                let conns: Vec<NewConn> = unserved.drain(..n).collect();
+                let fds: Vec<_> = conns.iter().map(|c| c.fd.as_fd()).collect();
+                let _ = self.channel.try_send_with_fds(&encode_returned(*key, &conns), &fds);
+            }
+        }
+    }
+
+    fn handle(self: &Arc<Self>, msg: ToWorker) {
+        match msg {
+            ToWorker::NewConn { key, conns } => {
+                let state = self.state.lock().unwrap();
+                let mut refused = Vec::new();
+                for conn in conns {
+                    match state.listeners.get(&key) {
+                        Some(queue) => {
+                            if let Err(mpsc::error::SendError(conn)) = queue.send(conn) {
+                                refused.push(conn.id);
+                            }
+                        }
+                        None => refused.push(conn.id),
+                    }
+                }
+                drop(state);
+                if !refused.is_empty() {
+                    self.send_soon(ToMaster::Refused { ids: refused });
+                }
+            }
+            ToWorker::ListenReply { req, result } => {
+                if let Some(reply) = self.state.lock().unwrap().replies.remove(&req) {
+                    let _ = reply.send(result);
+                }
+            }
+            ToWorker::Disconnect => self.begin_shutdown(),
+            ToWorker::User { from, call, data } => {
+                if messaging::is_reply(call) {
+                    self.calls.complete(call, data);
+                    return;
+                }
+                let from = Peer::from_wire(from);
+                let request = (call != 0).then(|| Request::from_client(call, from, self.clone()));
+                let _ = self.state.lock().unwrap().messages.send(Message { from, data, request });
+            }
+            ToWorker::Relayed { delivered } => {
+                if let Some(receipt) = self.receipts.lock().unwrap().pop_front() {
+                    let _ = receipt.send(delivered);
+                }
+            }
+            // Reassembled by the reader before they get here.
+            ToWorker::UserStart { .. } | ToWorker::UserMore(_) => {}
+        }
+    }
+
+    /// Resolves once this process is asked to stop (or the master is gone).
+    pub(crate) async fn stopped(&self) {
+        let mut rx = self.shutdown.subscribe();
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+
+    /// Whether this process was asked to stop.
+    pub(crate) fn is_stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Stops accepting: listeners return what is already queued, then report closed, and the
+    /// shutdown signal fires.
+    fn begin_shutdown(&self) {
+        self.state.lock().unwrap().listeners.clear();
+        self.shutdown.send_replace(true);
+    }
+}
+
+/// A `returned` message for `conns`; their descriptors go with it, in this order.
+fn encode_returned(key: ListenKey, conns: &[NewConn]) -> BytesMut {
+    let mut out = BytesMut::new();
+    message::returned(&mut out, key, conns);
+    out
+}
+
+/// Reads the master's messages. Also turns SIGINT / SIGTERM sent to the worker itself (a
+/// terminal's Ctrl-C reaches the whole process group) into a graceful stop, so in-flight
+/// requests finish; the master's kill timeout still bounds it.
+async fn read_loop(client: Arc<Client>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut rx = Receiver::new();
+    let mut fragments = Reassembly::default();
+    let (mut term, mut int) = (signal(SignalKind::terminate()).ok(), signal(SignalKind::interrupt()).ok());
+    let mut out_of_fds = false;
+    loop {
+        let received = tokio::select! {
+            received = rx.recv(&client.channel) => received,
+            Some(()) = recv_signal(&mut term) => { client.begin_shutdown(); continue }
+            Some(()) = recv_signal(&mut int) => { client.begin_shutdown(); continue }
+        };
+        let received = match received {
+            // New connections whose descriptors did not fit in this process's table: hand them
+            // back (the master still holds them) instead of dying.
+            Ok(Some(d))
+                if d.fds_cut
+                    && let Ok(ids) = message::newconn_ids(&d.data) =>
+            {
+                if !std::mem::replace(&mut out_of_fds, true) {
+                    eprintln!(
+                        "cluster: worker {}: no free file descriptors for {} new connection(s); handing them back",
+                        client.id,
+                        ids.len()
+                    );
+                }
+                client.send_soon(ToMaster::Busy { ids });
+                continue;
+            }
+            Ok(Some(d)) => d.whole().map_err(RecvError::from).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        if matches!(received, Ok(Some(_))) {
+            out_of_fds = false;
+        }
+        match received {
+            Ok(Some((data, fds))) => match ToWorker::decode(data, fds).and_then(|msg| match msg {
+                ToWorker::UserStart { from, call, total, data } => fragments.start(from, call, total, data).map(whole),
+                ToWorker::UserMore(data) => fragments.more(data).map(whole),
+                msg => Ok(Some(msg)),
+            }) {
+                Ok(Some(msg)) => client.handle(msg),
+                Ok(None) => {}
+                Err(e) => {
+                    // The master is trusted; garbage from it means a broken build. Do not guess.
+                    eprintln!("cluster: worker {}: bad message from master: {e}; exiting", client.id);
+                    sys::exit_now(70);
+                }
+            },
+            Ok(None) | Err(_) => {
+                // The master is gone (PR_SET_PDEATHSIG normally kills us first). Drain briefly,
+                // then go, even if the runtime is blocked.
+                client.begin_shutdown();
+                // Dropping the sender ends `recv()` once queued messages are read; sends and
+                // requests waiting on the master fail.
+                client.state.lock().unwrap().messages = mpsc::unbounded_channel().0;
+                client.receipts.lock().unwrap().clear();
+                client.calls.close();
+                std::thread::spawn(|| {
+                    std::thread::sleep(ORPHAN_GRACE);
+                    sys::exit_now(1);
+                });
+                return;
+            }
+        }
+    }
+}
+
+/// A reassembled user message, as if it had come in one datagram.
+fn whole(message: Option<Whole>) -> Option<ToWorker> {
+    message.map(|(from, call, data)| ToWorker::User { from, call, data })
+}
+
+async fn recv_signal(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match signal {
+        Some(signal) => signal.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reports a panic to the master before the worker goes (Node's `suicide` message), then, with
+/// `exit_on_panic`, ends the process so the master replaces it.
+fn install_panic_hook(exit_on_panic: bool) {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        previous(info);
+        if let Some(client) = CLIENT.get() {
+            let mut out = BytesMut::new();
+            ToMaster::Exiting { reason: info.to_string() }.encode(&mut out);
+            let _ = sys::send_now(client.channel.fd(), &out);
+            if exit_on_panic {
+                client.give_back_now();
+            }
+        }
+        if exit_on_panic {
+            sys::exit_now(101);
+        }
+    }));
+}
+
+/// Sends a user message (`call`: 0, a request id, or a reply) to wire address `to`, and waits
+/// for the master to say whether it was handed over.
+pub(crate) async fn send_addressed(client: &Arc<Client>, to: u32, call: u32, data: Bytes) -> Result<(), SendError> {
+    messaging::check_size(&data)?;
+    let (tx, rx) = oneshot::channel();
+    // Sent from its own task: a caller cancelled mid-message must not leave half a message
+    // (or a receipt nobody will get) behind.
+    let sender = client.clone();
+    let sent = tokio::spawn(async move {
+        let queued = || sender.receipts.lock().unwrap().push_back(tx);
+        sender.channel.send_user(message::USER_TO_MASTER, to, call, &data, queued).await
+    });
+    sent.await.map_err(|e| io::Error::other(format!("send task failed: {e}")))??;
+    // The master says, for every message, whether it was handed over.
+    match rx.await {
+        Ok(true) => Ok(()),
+        // A late reply is dropped by the requester, as documented: not the replier's error.
+        Ok(false) if messaging::is_reply(call) => Ok(()),
+        Ok(false) if to == ALL_WORKERS => Err(SendError::NoPeer("no other worker is running".into())),
+        Ok(false) if to == 0 => Err(SendError::NoPeer(
+            "no code in the master takes messages (no `master` hook, or it is not reading its events)".into(),
+        )),
+        Ok(false) => Err(SendError::NoPeer(format!("{} is not running", Peer::from_wire(to)))),
+        Err(_) => Err(SendError::Io(io::Error::new(io::ErrorKind::BrokenPipe, "the cluster master went away"))),
+    }
+}
+
+/// Replies to requests go back through this process's channel.
+impl Replier for Client {
+    fn reply(self: Arc<Self>, to: Peer, call: u32, data: Bytes) -> BoxFuture<'static, Result<(), SendError>> {
+        Box::pin(async move { send_addressed(&self, to.check()?.wire(), call, data).await })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OpenConns;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn open_connections_count_each_close_once() {
+        let mut open = OpenConns::default();
+        let (a, _a) = UnixStream::pair().unwrap();
+        let (b, _b) = UnixStream::pair().unwrap();
+        open.track(a.as_raw_fd());
+        open.track(b.as_raw_fd());
+        assert_eq!(open.sweep(), 0, "both open");
+        drop(a);
+        assert_eq!(open.sweep(), 1, "a closed");
+        assert_eq!(open.sweep(), 0, "counted once");
+        // A number handed out again means its previous connection closed, sweep or not.
+        open.track(b.as_raw_fd());
+        assert_eq!(open.sweep(), 1);
+        // A number now used by another socket than the one a sweep saw: closed.
+        let (c, _c) = UnixStream::pair().unwrap();
+        let c_fd = c.as_raw_fd();
+        drop(b);
+        assert_eq!(open.sweep(), 1);
+        open.fds.insert(c_fd, Some(u64::MAX));
+        assert_eq!(open.sweep(), 1, "same number, other inode");
+        assert!(open.fds.is_empty());
+    }
+}
