@@ -6,7 +6,8 @@ use std::os::fd::AsFd;
 
 use bytes::BytesMut;
 
-use super::message::{self, ToMaster, ToWorker, encode};
+use super::encode;
+use super::message::{self, ToMaster, ToWorker};
 use super::{Channel, Receiver};
 
 /// Both ends of one channel, with their receive buffers.
@@ -55,12 +56,12 @@ impl Pair {
             let (data, fds) = datagram.whole().expect("whole");
             let Ok(ToWorker::NewConn { conns, .. }) = ToWorker::decode(data, fds) else { panic!("not a newconn") };
             let sends = if batched_acks {
-                message::accepted(&mut self.ack, 0, conns.iter().map(|c| c.id));
+                encode::accepted(&mut self.ack, 0, conns.iter().map(|c| c.id));
                 self.worker.send(&self.ack).await.expect("send ack");
                 1
             } else {
                 for c in &conns {
-                    message::accepted(&mut self.ack, 0, std::iter::once(c.id));
+                    encode::accepted(&mut self.ack, 0, std::iter::once(c.id));
                     self.worker.send(&self.ack).await.expect("send ack");
                 }
                 conns.len()

@@ -6,13 +6,14 @@
 //! [`ProtocolError`], never a panic or a guess.
 //!
 //! The two directions have their own types ([`ToMaster`], [`ToWorker`]), so a message sent the
-//! wrong way is an unknown tag for the receiver. `Hello` keeps tag 1 and its layout forever, so
+//! wrong way is an unknown tag for the receiver. Those types are what decoding gives; every
+//! message is written by its function in [`encode`](super::encode), from borrowed parts. `Hello` keeps tag 1 and its layout forever, so
 //! that any two builds can at least agree that they disagree on [`PROTOCOL_VERSION`].
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::os::fd::OwnedFd;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 
 /// Version of this protocol; sent by a worker in its first message.
 pub(crate) const PROTOCOL_VERSION: u16 = 4;
@@ -144,8 +145,13 @@ impl std::fmt::Display for Endpoint {
 /// Messages from a worker to the master.
 #[derive(Debug)]
 pub(crate) enum ToMaster {
-    /// First message of every worker ("online").
-    Hello { version: u16, pid: u32 },
+    /// First message of every worker ("online"). Its layout never changes, so that any two
+    /// builds can tell they disagree; `pid` is the sender's view of itself (for debugging).
+    Hello {
+        version: u16,
+        #[allow(dead_code)]
+        pid: u32,
+    },
     /// Asks the master for a listening socket (Node's `queryServer`). `index` tells apart
     /// several port-0 binds of one worker.
     Listen { req: u32, endpoint: Endpoint, index: u32 },
@@ -236,30 +242,30 @@ pub(crate) struct NewConn {
     pub(crate) fd: OwnedFd,
 }
 
-mod tag {
-    pub(super) const HELLO: u8 = 0x01;
-    pub(super) const LISTEN: u8 = 0x02;
-    pub(super) const LISTENING: u8 = 0x03;
-    pub(super) const UNLISTEN: u8 = 0x04;
-    pub(super) const ACCEPTED: u8 = 0x05;
-    pub(super) const REFUSED: u8 = 0x06;
-    pub(super) const EXITING: u8 = 0x07;
-    pub(super) const USER_TO_MASTER: u8 = 0x08;
-    pub(super) const HEARTBEAT: u8 = 0x09;
-    pub(super) const READY: u8 = 0x0a;
-    pub(super) const USER_START_TO_MASTER: u8 = 0x0b;
-    pub(super) const USER_MORE_TO_MASTER: u8 = 0x0c;
-    pub(super) const CLOSED: u8 = 0x0d;
-    pub(super) const RETURNED: u8 = 0x0e;
-    pub(super) const BUSY: u8 = 0x0f;
+pub(crate) mod tag {
+    pub(crate) const HELLO: u8 = 0x01;
+    pub(crate) const LISTEN: u8 = 0x02;
+    pub(crate) const LISTENING: u8 = 0x03;
+    pub(crate) const UNLISTEN: u8 = 0x04;
+    pub(crate) const ACCEPTED: u8 = 0x05;
+    pub(crate) const REFUSED: u8 = 0x06;
+    pub(crate) const EXITING: u8 = 0x07;
+    pub(crate) const USER_TO_MASTER: u8 = 0x08;
+    pub(crate) const HEARTBEAT: u8 = 0x09;
+    pub(crate) const READY: u8 = 0x0a;
+    pub(crate) const USER_START_TO_MASTER: u8 = 0x0b;
+    pub(crate) const USER_MORE_TO_MASTER: u8 = 0x0c;
+    pub(crate) const CLOSED: u8 = 0x0d;
+    pub(crate) const RETURNED: u8 = 0x0e;
+    pub(crate) const BUSY: u8 = 0x0f;
 
-    pub(super) const LISTEN_REPLY: u8 = 0x81;
-    pub(super) const NEWCONN: u8 = 0x82;
-    pub(super) const DISCONNECT: u8 = 0x83;
-    pub(super) const USER_TO_WORKER: u8 = 0x84;
-    pub(super) const USER_START_TO_WORKER: u8 = 0x85;
-    pub(super) const USER_MORE_TO_WORKER: u8 = 0x86;
-    pub(super) const RELAYED: u8 = 0x87;
+    pub(crate) const LISTEN_REPLY: u8 = 0x81;
+    pub(crate) const NEWCONN: u8 = 0x82;
+    pub(crate) const DISCONNECT: u8 = 0x83;
+    pub(crate) const USER_TO_WORKER: u8 = 0x84;
+    pub(crate) const USER_START_TO_WORKER: u8 = 0x85;
+    pub(crate) const USER_MORE_TO_WORKER: u8 = 0x86;
+    pub(crate) const RELAYED: u8 = 0x87;
 }
 
 impl ToMaster {
@@ -281,56 +287,6 @@ impl ToMaster {
             Self::Heartbeat => "heartbeat",
             Self::Ready => "ready",
             Self::Closed { .. } => "closed",
-        }
-    }
-
-    /// Appends the encoded message to `out`.
-    pub(crate) fn encode(&self, out: &mut BytesMut) {
-        match self {
-            Self::Hello { version, pid } => {
-                out.put_u8(tag::HELLO);
-                out.put_u16(*version);
-                out.put_u32(*pid);
-            }
-            Self::Listen { req, endpoint, index } => {
-                out.put_u8(tag::LISTEN);
-                out.put_u32(*req);
-                put_endpoint(out, endpoint);
-                out.put_u32(*index);
-            }
-            Self::Listening { key } => {
-                out.put_u8(tag::LISTENING);
-                out.put_u32(*key);
-            }
-            Self::Unlisten { key } => {
-                out.put_u8(tag::UNLISTEN);
-                out.put_u32(*key);
-            }
-            Self::Accepted { ids, closed } => accepted(out, *closed, ids.iter().copied()),
-            Self::Refused { ids } => put_ids(out, tag::REFUSED, ids),
-            Self::Returned { key, conns } => returned(out, *key, conns),
-            Self::Busy { ids } => put_ids(out, tag::BUSY, ids),
-            Self::Exiting { reason } => {
-                out.put_u8(tag::EXITING);
-                // Cut long panic messages at a character boundary so they fit one datagram.
-                let mut end = reason.len().min(MAX_MESSAGE - 16);
-                while !reason.is_char_boundary(end) {
-                    end -= 1;
-                }
-                out.put_slice(&reason.as_bytes()[..end]);
-            }
-            Self::User { to, call, data } => user(out, USER_TO_MASTER, *to, *call, None, data),
-            Self::UserStart { to, call, total, data } => user(out, USER_TO_MASTER, *to, *call, Some(*total), data),
-            Self::UserMore(data) => {
-                out.put_u8(tag::USER_MORE_TO_MASTER);
-                out.put_slice(data);
-            }
-            Self::Heartbeat => out.put_u8(tag::HEARTBEAT),
-            Self::Ready => out.put_u8(tag::READY),
-            Self::Closed { count } => {
-                out.put_u8(tag::CLOSED);
-                out.put_u32(*count);
-            }
         }
     }
 
@@ -488,96 +444,6 @@ impl ToWorker {
     }
 }
 
-/// Encoders for master-to-worker messages. `NewConn` is encoded from borrowed parts, because
-/// the master keeps ownership of each connection until the worker acknowledges it.
-pub(crate) mod encode {
-    use super::*;
-
-    /// A listen reply; attach the socket's fd when `with_fd`.
-    pub(crate) fn listen_reply(
-        out: &mut BytesMut,
-        req: u32,
-        result: &Result<(ListenKey, Option<SocketAddr>), i32>,
-        with_fd: bool,
-    ) {
-        out.put_u8(tag::LISTEN_REPLY);
-        out.put_u32(req);
-        match result {
-            Ok((key, addr)) => {
-                out.put_u8(0);
-                out.put_u32(*key);
-                put_opt_addr(out, addr.as_ref());
-                out.put_u8(u8::from(with_fd));
-            }
-            Err(errno) => {
-                out.put_u8(1);
-                out.put_i32(*errno);
-            }
-        }
-    }
-
-    /// Starts a `NewConn` message; follow with [`newconn_entry`] once per connection, in the
-    /// order of the file descriptors attached.
-    pub(crate) fn newconn_header(out: &mut BytesMut, key: ListenKey, count: usize) {
-        conns_header(out, tag::NEWCONN, key, count);
-    }
-
-    pub(crate) fn newconn_entry(out: &mut BytesMut, id: ConnId, peer: Option<&SocketAddr>) {
-        out.put_u64(id);
-        put_opt_addr(out, peer);
-    }
-
-    pub(crate) fn disconnect(out: &mut BytesMut) {
-        out.put_u8(tag::DISCONNECT);
-    }
-
-    /// A whole user message, or the first fragment of one of `total` bytes.
-    pub(crate) fn user(out: &mut BytesMut, dir: UserTags, peer: u32, call: u32, total: Option<u32>, data: &[u8]) {
-        super::user(out, dir, peer, call, total, data)
-    }
-
-    pub(crate) fn relayed(out: &mut BytesMut, delivered: bool) {
-        out.put_u8(tag::RELAYED);
-        out.put_u8(delivered.into());
-    }
-
-    /// A continuation fragment.
-    pub(crate) fn user_more(out: &mut BytesMut, dir: UserTags, data: &[u8]) {
-        out.put_u8(dir.more);
-        out.put_slice(data);
-    }
-}
-
-/// Encodes `Accepted` for up to [`MAX_FDS`] connections (the worker's accept path reuses
-/// `out`, which is cleared first).
-pub(crate) fn accepted(out: &mut BytesMut, closed: u32, ids: impl ExactSizeIterator<Item = ConnId>) {
-    debug_assert!(ids.len() <= MAX_FDS);
-    out.clear();
-    out.put_u8(tag::ACCEPTED);
-    out.put_u32(closed);
-    out.put_u16(ids.len() as u16);
-    for id in ids {
-        out.put_u64(id);
-    }
-}
-
-/// Encodes `Returned` from borrowed connections (the same layout as `NewConn`); the sender
-/// attaches their descriptors in this order.
-pub(crate) fn returned(out: &mut BytesMut, key: ListenKey, conns: &[NewConn]) {
-    conns_header(out, tag::RETURNED, key, conns.len());
-    for conn in conns {
-        encode::newconn_entry(out, conn.id, conn.peer.as_ref());
-    }
-}
-
-/// The head of a `newconn` or `returned`; one `newconn_entry` per connection follows.
-fn conns_header(out: &mut BytesMut, t: u8, key: ListenKey, count: usize) {
-    debug_assert!(count <= MAX_FDS);
-    out.put_u8(t);
-    out.put_u32(key);
-    out.put_u16(count as u16);
-}
-
 /// The connection ids of a `NewConn` whose file descriptors the kernel could not all install
 /// (MSG_CTRUNC: the receiver's descriptor table is full), so the worker can hand them back.
 pub(crate) fn newconn_ids(buf: &Bytes) -> Result<Vec<ConnId>, ProtocolError> {
@@ -599,9 +465,9 @@ pub(crate) fn newconn_ids(buf: &Bytes) -> Result<Vec<ConnId>, ProtocolError> {
 /// The tags of user messages in one direction.
 #[derive(Clone, Copy)]
 pub(crate) struct UserTags {
-    single: u8,
-    start: u8,
-    more: u8,
+    pub(super) single: u8,
+    pub(super) start: u8,
+    pub(super) more: u8,
 }
 
 pub(crate) const USER_TO_MASTER: UserTags =
@@ -612,125 +478,8 @@ pub(crate) const USER_TO_WORKER: UserTags =
 /// Bytes a user message's header takes in the first datagram (tag, peer, call, total).
 pub(crate) const USER_HEADER: usize = 13;
 
-fn user(out: &mut BytesMut, dir: UserTags, peer: u32, call: u32, total: Option<u32>, data: &[u8]) {
-    out.put_u8(if total.is_some() { dir.start } else { dir.single });
-    out.put_u32(peer);
-    out.put_u32(call);
-    if let Some(total) = total {
-        out.put_u32(total);
-    }
-    out.put_slice(data);
-}
-
-/// Rebuilds fragmented user messages on the receiving side of one channel.
-#[derive(Default)]
-pub(crate) struct Reassembly {
-    partial: Option<(Whole, usize, BytesMut)>,
-}
-
-/// A reassembled user message: (peer, call, payload).
-pub(crate) type Whole = (u32, u32, Bytes);
-
-impl Reassembly {
-    /// A first fragment; returns the message when it is already whole.
-    pub(crate) fn start(
-        &mut self,
-        peer: u32,
-        call: u32,
-        total: u32,
-        data: Bytes,
-    ) -> Result<Option<Whole>, ProtocolError> {
-        // A start while a message is incomplete means its sender was cancelled between two
-        // fragments (sends of one channel never interleave): that message was never sent.
-        let total = total as usize;
-        if total > MAX_USER_MESSAGE {
-            return Err(ProtocolError::Fragment("announced message larger than the limit"));
-        }
-        let mut buf = BytesMut::with_capacity(total);
-        buf.extend_from_slice(&data);
-        self.partial = Some(((peer, call, Bytes::new()), total, buf));
-        self.check()
-    }
-
-    /// A continuation fragment; returns the message once it is whole.
-    pub(crate) fn more(&mut self, data: Bytes) -> Result<Option<Whole>, ProtocolError> {
-        let Some((_, _, buf)) = &mut self.partial else {
-            return Err(ProtocolError::Fragment("continuation without a start"));
-        };
-        buf.extend_from_slice(&data);
-        self.check()
-    }
-
-    fn check(&mut self) -> Result<Option<Whole>, ProtocolError> {
-        let Some((_, total, buf)) = &self.partial else { return Ok(None) };
-        if buf.len() > *total {
-            self.partial = None;
-            return Err(ProtocolError::Fragment("fragments longer than the announced size"));
-        }
-        if buf.len() < *total {
-            return Ok(None);
-        }
-        let ((peer, call, _), _, buf) = self.partial.take().expect("partial");
-        Ok(Some((peer, call, buf.freeze())))
-    }
-}
-
 fn expect_fds(message: &'static str, got: usize, expected: usize) -> Result<(), ProtocolError> {
     if got == expected { Ok(()) } else { Err(ProtocolError::FdCount { message, got, expected }) }
-}
-
-fn put_ids(out: &mut BytesMut, t: u8, ids: &[ConnId]) {
-    out.put_u8(t);
-    out.put_u16(ids.len() as u16);
-    for id in ids {
-        out.put_u64(*id);
-    }
-}
-
-/// Family byte 0 stands for "no address" (a Unix socket peer).
-fn put_opt_addr(out: &mut BytesMut, addr: Option<&SocketAddr>) {
-    match addr {
-        Some(addr) => put_addr(out, addr),
-        None => out.put_u8(0),
-    }
-}
-
-fn put_endpoint(out: &mut BytesMut, endpoint: &Endpoint) {
-    use std::os::unix::ffi::OsStrExt;
-    match endpoint {
-        Endpoint::Tcp(addr) => {
-            out.put_u8(1);
-            put_addr(out, addr);
-        }
-        Endpoint::Udp(addr) => {
-            out.put_u8(2);
-            put_addr(out, addr);
-        }
-        Endpoint::Unix { path, mode } => {
-            out.put_u8(3);
-            out.put_u32(mode.unwrap_or(u32::MAX));
-            let bytes = path.as_os_str().as_bytes();
-            out.put_u16(bytes.len().min(usize::from(u16::MAX)) as u16);
-            out.put_slice(&bytes[..bytes.len().min(usize::from(u16::MAX))]);
-        }
-    }
-}
-
-fn put_addr(out: &mut BytesMut, addr: &SocketAddr) {
-    match addr {
-        SocketAddr::V4(a) => {
-            out.put_u8(4);
-            out.put_slice(&a.ip().octets());
-            out.put_u16(a.port());
-        }
-        SocketAddr::V6(a) => {
-            out.put_u8(6);
-            out.put_slice(&a.ip().octets());
-            out.put_u16(a.port());
-            out.put_u32(a.flowinfo());
-            out.put_u32(a.scope_id());
-        }
-    }
 }
 
 /// A bounds-checked cursor over one message.
@@ -841,162 +590,5 @@ impl Reader {
             0 => Ok(()),
             extra => Err(ProtocolError::Trailing { message: self.message, extra }),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn round_trip(msg: ToMaster) {
-        let mut out = BytesMut::new();
-        msg.encode(&mut out);
-        assert_eq!(format!("{:?}", ToMaster::decode(out.freeze(), Vec::new())), format!("{:?}", Ok::<_, ()>(msg)));
-    }
-
-    fn fd() -> OwnedFd {
-        std::fs::File::open("/dev/null").unwrap().into()
-    }
-
-    #[test]
-    fn to_master_round_trips() {
-        round_trip(ToMaster::Hello { version: PROTOCOL_VERSION, pid: 42 });
-        round_trip(ToMaster::Listen { req: 7, endpoint: Endpoint::Tcp("127.0.0.1:8080".parse().unwrap()), index: 0 });
-        round_trip(ToMaster::Listen { req: 8, endpoint: Endpoint::Udp("[::1]:0".parse().unwrap()), index: 3 });
-        let unix = Endpoint::Unix { path: "/tmp/a.sock".into(), mode: Some(0o660) };
-        round_trip(ToMaster::Listen { req: 9, endpoint: unix, index: 0 });
-        let unix = Endpoint::Unix { path: "rel.sock".into(), mode: None };
-        round_trip(ToMaster::Listen { req: 9, endpoint: unix, index: 0 });
-        round_trip(ToMaster::Listening { key: 3 });
-        round_trip(ToMaster::Unlisten { key: 3 });
-        round_trip(ToMaster::Accepted { ids: vec![1, 2, u64::MAX], closed: 3 });
-        round_trip(ToMaster::Refused { ids: vec![] });
-        round_trip(ToMaster::Busy { ids: vec![5, 6] });
-        let mut batch = BytesMut::new();
-        accepted(&mut batch, 0, [77, 78].into_iter());
-        assert!(
-            matches!(ToMaster::decode(batch.freeze(), Vec::new()), Ok(ToMaster::Accepted { ids, closed: 0 }) if ids == [77, 78])
-        );
-        round_trip(ToMaster::Exiting { reason: "panicked at 'boom'".into() });
-        round_trip(ToMaster::User { to: 0, call: 0, data: Bytes::from_static(b"\x02looks like listen") });
-        round_trip(ToMaster::User { to: 3, call: 7 | REPLY, data: Bytes::new() });
-        round_trip(ToMaster::User { to: AGENT, call: 9, data: Bytes::from_static(b"x") });
-        round_trip(ToMaster::UserStart { to: 2, call: 1, total: 100_000, data: Bytes::from_static(b"abc") });
-        round_trip(ToMaster::UserMore(Bytes::from_static(b"def")));
-        round_trip(ToMaster::Heartbeat);
-        round_trip(ToMaster::Ready);
-        round_trip(ToMaster::Closed { count: 17 });
-    }
-
-    #[test]
-    fn newconn_carries_one_fd_per_connection() {
-        let peers: [SocketAddr; 2] = ["10.0.0.1:5000".parse().unwrap(), "[::1]:6000".parse().unwrap()];
-        let mut out = BytesMut::new();
-        encode::newconn_header(&mut out, 9, 2);
-        encode::newconn_entry(&mut out, 100, Some(&peers[0]));
-        encode::newconn_entry(&mut out, 101, Some(&peers[1]));
-        let bytes = out.freeze();
-        match ToWorker::decode(bytes.clone(), vec![fd(), fd()]).unwrap() {
-            ToWorker::NewConn { key, conns } => {
-                assert_eq!(key, 9);
-                assert_eq!(
-                    conns.iter().map(|c| (c.id, c.peer)).collect::<Vec<_>>(),
-                    vec![(100, Some(peers[0])), (101, Some(peers[1]))]
-                );
-            }
-            other => panic!("decoded {other:?}"),
-        }
-        let err = ToWorker::decode(bytes.clone(), vec![fd()]).unwrap_err();
-        assert_eq!(err, ProtocolError::FdCount { message: "newconn", got: 1, expected: 2 });
-        // What a worker whose fd table is full reads from the cut message: the ids, to refuse.
-        assert_eq!(newconn_ids(&bytes), Ok(vec![100, 101]));
-        assert!(newconn_ids(&Bytes::from_static(b"\x83")).is_err());
-    }
-
-    #[test]
-    fn returned_carries_one_fd_per_connection() {
-        let peer: SocketAddr = "10.0.0.1:5000".parse().unwrap();
-        let conns = vec![NewConn { id: 7, peer: Some(peer), fd: fd() }, NewConn { id: 8, peer: None, fd: fd() }];
-        let mut out = BytesMut::new();
-        ToMaster::Returned { key: 3, conns }.encode(&mut out);
-        let bytes = out.freeze();
-        match ToMaster::decode(bytes.clone(), vec![fd(), fd()]).unwrap() {
-            ToMaster::Returned { key: 3, conns } => {
-                assert_eq!(conns.iter().map(|c| (c.id, c.peer)).collect::<Vec<_>>(), vec![(7, Some(peer)), (8, None)]);
-            }
-            other => panic!("decoded {other:?}"),
-        }
-        let err = ToMaster::decode(bytes, vec![fd()]).unwrap_err();
-        assert_eq!(err, ProtocolError::FdCount { message: "returned", got: 1, expected: 2 });
-    }
-
-    #[test]
-    fn listen_reply_round_trips() {
-        let ok: Result<(ListenKey, Option<SocketAddr>), i32> = Ok((4, Some("0.0.0.0:1234".parse().unwrap())));
-        for (result, fds) in
-            [(ok, 0), (Ok((5, None)), 0), (Ok((6, Some("[::1]:53".parse().unwrap()))), 1), (Err(98), 0)]
-        {
-            let mut out = BytesMut::new();
-            encode::listen_reply(&mut out, 5, &result, fds == 1);
-            let attached: Vec<OwnedFd> = (0..fds).map(|_| fd()).collect();
-            match ToWorker::decode(out.freeze(), attached).unwrap() {
-                ToWorker::ListenReply { req: 5, result: got } => {
-                    let got = got.map(|b| (b.key, b.addr, b.fd.is_some()));
-                    assert_eq!(got, result.map(|(k, a)| (k, a, fds == 1)));
-                }
-                other => panic!("decoded {other:?}"),
-            }
-        }
-        // A reply that announces a socket must carry it.
-        let mut out = BytesMut::new();
-        encode::listen_reply(&mut out, 1, &Ok((1, None)), true);
-        let err = ToWorker::decode(out.freeze(), Vec::new()).unwrap_err();
-        assert_eq!(err, ProtocolError::FdCount { message: "listen reply", got: 0, expected: 1 });
-    }
-
-    #[test]
-    fn fragments_reassemble_and_bad_sequences_are_errors() {
-        let mut r = Reassembly::default();
-        assert_eq!(r.start(2, 5, 6, Bytes::from_static(b"abc")), Ok(None));
-        assert_eq!(r.more(Bytes::from_static(b"def")), Ok(Some((2, 5, Bytes::from_static(b"abcdef")))));
-        assert!(r.more(Bytes::from_static(b"x")).is_err(), "continuation without a start");
-        assert_eq!(r.start(1, 0, 2, Bytes::from_static(b"a")), Ok(None));
-        // An abandoned message (cancelled sender) is dropped whole, never glued to the next.
-        assert_eq!(r.start(3, 0, 2, Bytes::from_static(b"x")), Ok(None));
-        assert_eq!(r.more(Bytes::from_static(b"y")), Ok(Some((3, 0, Bytes::from_static(b"xy")))));
-        let mut r = Reassembly::default();
-        assert_eq!(r.start(1, 0, 2, Bytes::from_static(b"a")), Ok(None));
-        assert!(r.more(Bytes::from_static(b"bc")).is_err(), "overlong");
-        assert!(Reassembly::default().start(1, 0, u32::MAX, Bytes::new()).is_err(), "over the limit");
-    }
-
-    #[test]
-    fn malformed_input_is_a_typed_error() {
-        let dec = |b: &'static [u8]| ToMaster::decode(Bytes::from_static(b), Vec::new()).unwrap_err();
-        assert_eq!(dec(b""), ProtocolError::Empty);
-        assert_eq!(dec(b"\x7f"), ProtocolError::UnknownTag(0x7f));
-        // A master-to-worker tag sent towards the master is unknown there.
-        assert_eq!(dec(b"\x83"), ProtocolError::UnknownTag(0x83));
-        assert_eq!(dec(b"\x01\x00"), ProtocolError::Short { message: "hello", needed: 1 });
-        assert_eq!(dec(b"\x03\x00\x00\x00\x01\xff"), ProtocolError::Trailing { message: "listening", extra: 1 });
-        assert_eq!(dec(b"\x02\x00\x00\x00\x01\x05"), ProtocolError::EndpointKind(5));
-        assert_eq!(dec(b"\x02\x00\x00\x00\x01\x01\x05"), ProtocolError::AddressFamily(5));
-        assert_eq!(
-            dec(b"\x05\0\0\0\0\xff\xff"),
-            ProtocolError::TooMany { message: "accepted", count: 0xffff, max: MAX_FDS }
-        );
-        let err = ToMaster::decode(Bytes::from_static(b"\x03\x00\x00\x00\x01"), vec![fd()]).unwrap_err();
-        assert_eq!(err, ProtocolError::FdCount { message: "listening", got: 1, expected: 0 });
-        let err = ToWorker::decode(Bytes::from_static(b"\x83"), vec![fd()]).unwrap_err();
-        assert_eq!(err, ProtocolError::FdCount { message: "disconnect", got: 1, expected: 0 });
-    }
-
-    #[test]
-    fn long_exit_reason_is_cut_to_fit() {
-        let msg = ToMaster::Exiting { reason: "é".repeat(MAX_MESSAGE) };
-        let mut out = BytesMut::new();
-        msg.encode(&mut out);
-        assert!(out.len() <= MAX_MESSAGE);
-        assert!(matches!(ToMaster::decode(out.freeze(), Vec::new()), Ok(ToMaster::Exiting { .. })));
     }
 }

@@ -7,7 +7,13 @@
 
 #[doc(hidden)]
 pub mod bench;
+#[cfg(test)]
+mod codec_tests;
+pub(crate) mod encode;
 pub(crate) mod message;
+mod reassembly;
+
+pub(crate) use reassembly::{Reassembly, Whole};
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -18,7 +24,7 @@ use tokio_seqpacket::UnixSeqpacket;
 use tokio_seqpacket::ancillary::OwnedAncillaryMessage;
 
 pub use message::ProtocolError;
-use message::{MAX_FDS, MAX_MESSAGE, USER_HEADER, UserTags, encode};
+use message::{MAX_FDS, MAX_MESSAGE, USER_HEADER, UserTags};
 
 /// Bytes of ancillary buffer: room for one SCM_RIGHTS block of [`MAX_FDS`] descriptors.
 const ANCILLARY_SPACE: usize = 64 + MAX_FDS * std::mem::size_of::<libc::c_int>();

@@ -23,7 +23,8 @@ use tokio::sync::Notify;
 
 use crate::config::Balancer;
 use crate::ipc::Channel;
-use crate::ipc::message::{ConnId, ListenKey, MAX_FDS, NewConn, encode};
+use crate::ipc::encode;
+use crate::ipc::message::{ConnId, ListenKey, MAX_FDS, NewConn};
 use crate::log::log;
 use crate::net::is_connection_error;
 use crate::sys;

@@ -16,10 +16,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::decide::Status;
 use super::dispatch::{Dispatch, Serial};
 use super::{Event, Registry};
-use crate::ipc::message::{
-    AGENT, ALL_WORKERS, PROTOCOL_VERSION, ProtocolError, Reassembly, ToMaster, USER_TO_WORKER, Whole, encode,
-};
-use crate::ipc::{Channel, Receiver, RecvError};
+use crate::ipc::encode;
+use crate::ipc::message::{AGENT, ALL_WORKERS, PROTOCOL_VERSION, ProtocolError, ToMaster, USER_TO_WORKER};
+use crate::ipc::{Channel, Reassembly, Receiver, RecvError, Whole};
 use crate::log::log;
 use crate::messaging::{self, Calls, Peer};
 use crate::role::{AGENT_UNIQUE_ID, CHANNEL_FD, ENV_CHANNEL_FD, ENV_UNIQUE_ID};

@@ -12,7 +12,8 @@ use std::task::{Context, Poll, ready};
 
 use bytes::BytesMut;
 
-use crate::ipc::message::{ListenKey, MAX_FDS, NewConn, accepted};
+use crate::ipc::encode::accepted;
+use crate::ipc::message::{ListenKey, MAX_FDS, NewConn};
 use crate::worker::client::{Client, ConnQueue, Unserved};
 
 pub(crate) struct Proxy {

@@ -16,10 +16,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::Config;
 use crate::ipc::message::{
-    self, AGENT, ALL_WORKERS, Bound, ConnId, Endpoint, ListenKey, ListenResult, NewConn, PROTOCOL_VERSION, Reassembly,
-    ToMaster, ToWorker, Whole,
+    self, AGENT, ALL_WORKERS, Bound, ConnId, Endpoint, ListenKey, ListenResult, NewConn, PROTOCOL_VERSION, ToWorker,
 };
-use crate::ipc::{Channel, Receiver, RecvError};
+use crate::ipc::{Channel, Reassembly, Receiver, RecvError, Whole, encode};
 use crate::messaging::{self, Calls, Message, Peer, Replier, Request, SendError};
 use crate::sys;
 
@@ -90,7 +89,7 @@ pub(crate) async fn start(id: u32, channel: OwnedFd, cfg: &Config) -> io::Result
     });
     let client = CLIENT.get_or_init(|| client);
     install_panic_hook(cfg.exit_on_panic);
-    client.send(&ToMaster::Hello { version: PROTOCOL_VERSION, pid: sys::getpid() }).await?;
+    client.send(|out| encode::hello(out, PROTOCOL_VERSION, sys::getpid())).await?;
     spawn_own(read_loop(client.clone()));
     if let Some(every) = cfg.heartbeat_interval() {
         spawn_own(heartbeat(client.clone(), every));
@@ -133,7 +132,7 @@ async fn heartbeat(client: Arc<Client>, every: Duration) {
         tick.tick().await;
         // Best effort: a full channel means the master is busy, not that we are dead.
         let mut out = BytesMut::new();
-        ToMaster::Heartbeat.encode(&mut out);
+        encode::heartbeat(&mut out);
         if let Err(e) = client.channel.try_send_with_fds(&out, crate::ipc::NO_FDS)
             && e.kind() != io::ErrorKind::WouldBlock
         {
@@ -187,7 +186,7 @@ async fn report_closes(client: Arc<Client>) {
     loop {
         tick.tick().await;
         let closed = open.lock().unwrap().sweep();
-        if closed > 0 && client.send(&ToMaster::Closed { count: closed }).await.is_err() {
+        if closed > 0 && client.send(|out| encode::closed(out, closed)).await.is_err() {
             return;
         }
     }
@@ -215,17 +214,18 @@ impl Client {
         }
     }
 
-    pub(super) async fn send(&self, msg: &ToMaster) -> io::Result<()> {
+    /// Sends the message `write` encodes.
+    pub(super) async fn send(&self, write: impl FnOnce(&mut BytesMut)) -> io::Result<()> {
         let mut out = BytesMut::new();
-        msg.encode(&mut out);
+        write(&mut out);
         self.channel.send(&out).await
     }
 
     /// Sends from code that cannot await (drop glue): now if the socket has room, else from a
     /// task. Errors mean the master is gone, and then nobody is left to tell.
-    fn send_soon(self: &Arc<Self>, msg: ToMaster) {
+    fn send_soon(self: &Arc<Self>, write: impl FnOnce(&mut BytesMut)) {
         let mut out = BytesMut::new();
-        msg.encode(&mut out);
+        write(&mut out);
         if let Err(e) = self.channel.try_send_with_fds(&out, crate::ipc::NO_FDS)
             && e.kind() == io::ErrorKind::WouldBlock
             && let Ok(rt) = tokio::runtime::Handle::try_current()
@@ -260,7 +260,7 @@ impl Client {
             };
             (req, index)
         };
-        self.send(&ToMaster::Listen { req, endpoint, index }).await?;
+        self.send(|out| encode::listen(out, req, &endpoint, index)).await?;
         rx.await
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "cluster master went away during bind"))?
             .map_err(io::Error::from_raw_os_error)
@@ -296,12 +296,12 @@ impl Client {
 
     /// Tells the master this worker now uses socket `key` (it is part of being ready).
     pub(crate) async fn send_listening(&self, key: ListenKey) -> io::Result<()> {
-        self.send(&ToMaster::Listening { key }).await
+        self.send(|out| encode::listening(out, key)).await
     }
 
     /// This worker stopped using a socket it accepts on itself.
     pub(crate) fn send_unlisten(self: &Arc<Self>, key: ListenKey) {
-        self.send_soon(ToMaster::Unlisten { key });
+        self.send_soon(|out| encode::unlisten(out, key));
     }
 
     /// A listener for `key` starts: the buffer for what it acknowledged and has not handed out.
@@ -322,7 +322,7 @@ impl Client {
     ) {
         self.state.lock().unwrap().listeners.remove(&key);
         self.unserved.lock().unwrap().retain(|(k, _)| *k != key);
-        self.send_soon(ToMaster::Unlisten { key });
+        self.send_soon(|out| encode::unlisten(out, key));
         queue.close();
         // Tracked when their acknowledgement was written, never sent.
         self.untrack(&pending);
@@ -331,7 +331,7 @@ impl Client {
             ids.push(conn.id);
         }
         for chunk in ids.chunks(message::MAX_FDS) {
-            self.send_soon(ToMaster::Refused { ids: chunk.to_vec() });
+            self.send_soon(|out| encode::refused(out, chunk));
         }
         while !unserved.is_empty() {
             let n = unserved.len().min(message::MAX_FDS);
@@ -390,7 +390,7 @@ impl Client {
                 }
                 drop(state);
                 if !refused.is_empty() {
-                    self.send_soon(ToMaster::Refused { ids: refused });
+                    self.send_soon(|out| encode::refused(out, &refused));
                 }
             }
             ToWorker::ListenReply { req, result } => {
@@ -440,7 +440,7 @@ impl Client {
 /// A `returned` message for `conns`; their descriptors go with it, in this order.
 fn encode_returned(key: ListenKey, conns: &[NewConn]) -> BytesMut {
     let mut out = BytesMut::new();
-    message::returned(&mut out, key, conns);
+    encode::returned(&mut out, key, conns);
     out
 }
 
@@ -473,7 +473,7 @@ async fn read_loop(client: Arc<Client>) {
                         ids.len()
                     );
                 }
-                client.send_soon(ToMaster::Busy { ids });
+                client.send_soon(|out| encode::busy(out, &ids));
                 continue;
             }
             Ok(Some(d)) => d.whole().map_err(RecvError::from).map(Some),
@@ -536,7 +536,7 @@ fn install_panic_hook(exit_on_panic: bool) {
         previous(info);
         if let Some(client) = CLIENT.get() {
             let mut out = BytesMut::new();
-            ToMaster::Exiting { reason: info.to_string() }.encode(&mut out);
+            encode::exiting(&mut out, &info.to_string());
             let _ = sys::send_now(client.channel.fd(), &out);
             if exit_on_panic {
                 client.give_back_now();

@@ -10,7 +10,8 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use self::client::{Client, client, send_addressed};
-use crate::ipc::message::{AGENT, ALL_WORKERS, ToMaster};
+use crate::ipc::encode;
+use crate::ipc::message::{AGENT, ALL_WORKERS};
 pub use crate::messaging::{Message, Peer, RequestError, SendError};
 
 /// This worker's id (1..=N, reused by its replacements), or `None` outside a worker (the
@@ -25,7 +26,7 @@ pub fn id() -> Option<u32> {
 /// outside a worker.
 pub async fn ready() {
     if let Some(client) = client() {
-        let _ = client.send(&ToMaster::Ready).await;
+        let _ = client.send(encode::ready).await;
     }
 }
 
