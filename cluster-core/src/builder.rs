@@ -5,7 +5,6 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::config::{Balancer, Config, Policy};
-use crate::log::log;
 use crate::master::{self, Master, MasterHook};
 use crate::role::{self, Role, Start};
 use crate::worker;
@@ -284,7 +283,7 @@ fn runtime(threads: Option<usize>) -> tokio::runtime::Runtime {
         }
     };
     built.unwrap_or_else(|e| {
-        log!("cannot build a tokio runtime: {e}");
+        eprintln!("cluster: cannot build a tokio runtime: {e}");
         std::process::exit(1)
     })
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::role::StartError;
-use crate::role::{ENV_BALANCER, ENV_MAX_WORKER_CONNECTIONS, ENV_SCHED_POLICY, ENV_WINDOW};
+use crate::role::{ENV_BALANCER, ENV_LOG, ENV_LOG_FORMAT, ENV_MAX_WORKER_CONNECTIONS, ENV_SCHED_POLICY, ENV_WINDOW};
 use crate::role::{
     ENV_HEARTBEAT_TIMEOUT_MS, ENV_KILL_TIMEOUT_MS, ENV_MAX_CONNECTIONS, ENV_MAX_CONNECTIONS_JITTER, ENV_MAX_RSS_MB,
     ENV_MIN_UPTIME_MS, ENV_READY_TIMEOUT_MS, ENV_RELOAD_CONCURRENCY, ENV_RESTART_DELAY_MAX_MS, ENV_RESTART_DELAY_MS,
@@ -36,6 +36,31 @@ pub(crate) struct Config {
     pub(crate) balancer: Balancer,
     /// Most open connections per worker (`rr` only); more wait in the master / kernel.
     pub(crate) max_worker_connections: Option<u64>,
+    /// How the master writes its log when the program has no subscriber of its own.
+    pub(crate) log_format: LogFormat,
+    /// `CLUSTER_LOG`: an `EnvFilter` directive for the master's log.
+    pub(crate) log_filter: Option<String>,
+}
+
+/// How the master writes its log (`CLUSTER_LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum LogFormat {
+    /// Lines of text on stderr.
+    #[default]
+    Text,
+    /// One JSON object per line on stderr.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(()),
+        }
+    }
 }
 
 /// How connections reach workers (README, "Scheduling: policies and balancers");
@@ -112,7 +137,8 @@ impl Config {
                 None => Ok(None),
                 Some(v) => {
                     let v = v.to_string_lossy().into_owned();
-                    v.trim().parse().map(Some).map_err(|_| StartError::BadSetting { name, value: v })
+                    let expected = expected(name);
+                    v.trim().parse().map(Some).map_err(|_| StartError::BadSetting { name, value: v, expected })
                 }
             }
         }
@@ -162,6 +188,15 @@ impl Config {
         if let Some(v) = var::<u64>(ENV_MAX_WORKER_CONNECTIONS)? {
             self.max_worker_connections = (v > 0).then_some(v);
         }
+        if let Some(v) = var(ENV_LOG_FORMAT)? {
+            self.log_format = v;
+        }
+        if let Some(v) = var::<String>(ENV_LOG)? {
+            if tracing_subscriber::EnvFilter::try_new(&v).is_err() {
+                return Err(StartError::BadSetting { name: ENV_LOG, value: v, expected: expected(ENV_LOG) });
+            }
+            self.log_filter = Some(v);
+        }
         Ok(())
     }
 }
@@ -189,6 +224,21 @@ impl Default for Config {
             policy: Policy::Rr,
             balancer: Balancer::RoundRobin,
             max_worker_connections: None,
+            log_format: LogFormat::Text,
+            log_filter: None,
         }
+    }
+}
+
+/// What a `CLUSTER_*` setting takes, for the error that names a bad value.
+fn expected(name: &str) -> &'static str {
+    match name {
+        ENV_SCHED_POLICY => "`rr`, `shared` or `reuseport`",
+        ENV_BALANCER => "`round-robin`, `least-connections` or `sticky`",
+        ENV_LOG_FORMAT => "`text` or `json`",
+        ENV_LOG => "an EnvFilter directive such as `info` or `cluster=debug`",
+        ENV_WAIT_READY => "`0` or `1`",
+        _ if name.ends_with("_MS") => "a number of milliseconds",
+        _ => "a whole number",
     }
 }

@@ -56,8 +56,8 @@ pub use sys::ChannelFdError;
 /// settings, in the master and in workers alike.
 pub mod env {
     pub use crate::role::{
-        ENV_BALANCER, ENV_CHANNEL_FD, ENV_HEARTBEAT_TIMEOUT_MS, ENV_KILL_TIMEOUT_MS, ENV_MAX_CONNECTIONS,
-        ENV_MAX_CONNECTIONS_JITTER, ENV_MAX_RSS_MB, ENV_MAX_WORKER_CONNECTIONS, ENV_MIN_UPTIME_MS,
+        ENV_BALANCER, ENV_CHANNEL_FD, ENV_HEARTBEAT_TIMEOUT_MS, ENV_KILL_TIMEOUT_MS, ENV_LOG, ENV_LOG_FORMAT,
+        ENV_MAX_CONNECTIONS, ENV_MAX_CONNECTIONS_JITTER, ENV_MAX_RSS_MB, ENV_MAX_WORKER_CONNECTIONS, ENV_MIN_UPTIME_MS,
         ENV_READY_TIMEOUT_MS, ENV_RELOAD_CONCURRENCY, ENV_RESTART_DELAY_MAX_MS, ENV_RESTART_DELAY_MS, ENV_SCHED_POLICY,
         ENV_UNIQUE_ID, ENV_WAIT_READY, ENV_WINDOW, ENV_WORKERS,
     };
@@ -68,4 +68,12 @@ pub mod env {
 pub mod __private {
     pub use crate::builder::Builder;
     pub use crate::ipc::bench as ipc_bench;
+
+    /// A worker's first message as this build encodes it (for tests that speak the protocol
+    /// by hand).
+    pub fn hello(pid: u32) -> Vec<u8> {
+        let mut out = bytes::BytesMut::new();
+        crate::ipc::encode::hello(&mut out, crate::ipc::message::PROTOCOL_VERSION, pid);
+        out.to_vec()
+    }
 }

@@ -1,9 +1,51 @@
-//! The master's log lines: one line each on stderr, prefixed `cluster:`.
+//! The master's log: `tracing` events with target `cluster`. The ones that say what happened
+//! to a process carry fields a program can rely on: `event` (a name such as `ready`, `exit`,
+//! `reload_done`), and `id`, `pid`, `reason` where they apply. The wording of the message is
+//! for people and may change; the fields do not.
+//!
+//! With no subscriber of the user's, the master installs one on its thread: text on stderr, or
+//! one JSON object per line with `CLUSTER_LOG_FORMAT=json`, filtered by `CLUSTER_LOG` (an
+//! `EnvFilter` directive, default `info`).
 
-/// Writes one log line to stderr.
-macro_rules! log {
-    ($($arg:tt)*) => {
-        eprintln!("cluster: {}", format_args!($($arg)*))
+/// An `info` event of the master (target `cluster`): `note!(event = "ready", id, pid, "text")`.
+macro_rules! note {
+    ($($arg:tt)+) => {
+        ::tracing::info!(target: "cluster", $($arg)+)
     };
 }
-pub(crate) use log;
+
+/// A `warn` event of the master (target `cluster`), same form as [`note!`].
+macro_rules! warning {
+    ($($arg:tt)+) => {
+        ::tracing::warn!(target: "cluster", $($arg)+)
+    };
+}
+
+/// A line of the master's log with no fields (an `info` event).
+macro_rules! log {
+    ($($arg:tt)*) => {
+        ::tracing::info!(target: "cluster", "{}", format_args!($($arg)*))
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use {log, note, warning};
+
+use crate::config::LogFormat;
+
+/// Installs the master's subscriber on this thread unless the program set a global one; the
+/// guard keeps it until it is dropped.
+pub(crate) fn init(format: LogFormat, filter: Option<&str>) -> Option<tracing::subscriber::DefaultGuard> {
+    if tracing::dispatcher::has_been_set() {
+        return None;
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or("info"))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    Some(match format {
+        LogFormat::Text => {
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            tracing::subscriber::set_default(builder.with_ansi(ansi).finish())
+        }
+        LogFormat::Json => tracing::subscriber::set_default(builder.json().flatten_event(true).finish()),
+    })
+}

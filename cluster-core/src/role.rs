@@ -44,6 +44,10 @@ pub const ENV_BALANCER: &str = "CLUSTER_BALANCER";
 pub const ENV_WINDOW: &str = "CLUSTER_WINDOW";
 /// Open connections per worker, at most (`rr`); `0` means no limit.
 pub const ENV_MAX_WORKER_CONNECTIONS: &str = "CLUSTER_MAX_WORKER_CONNECTIONS";
+/// The master's log format: `text` (default) or `json` (one object per line).
+pub const ENV_LOG_FORMAT: &str = "CLUSTER_LOG_FORMAT";
+/// Filter of the master's log: an `EnvFilter` directive (default `info`).
+pub const ENV_LOG: &str = "CLUSTER_LOG";
 /// Workers replaced at a time by a rolling reload.
 pub const ENV_RELOAD_CONCURRENCY: &str = "CLUSTER_RELOAD_CONCURRENCY";
 
@@ -99,12 +103,14 @@ pub enum StartError {
     #[error("{ENV_WORKERS}={0:?} is not a number of workers (0 runs without a master)")]
     BadWorkers(String),
     /// A `CLUSTER_*` setting that does not parse.
-    #[error("{name}={value:?} is not a valid value")]
+    #[error("{name}={value:?} is not a valid value: expected {expected}")]
     BadSetting {
         /// The variable.
         name: &'static str,
         /// Its value.
         value: String,
+        /// What it takes.
+        expected: &'static str,
     },
 }
 

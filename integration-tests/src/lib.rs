@@ -81,8 +81,10 @@ impl Server {
     /// Starts `path` without waiting for anything.
     pub fn spawn(path: PathBuf, env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(&path);
+        // The master's log as JSON lines: tests wait on its `event` fields, not on its wording.
         cmd.env("HOST", "127.0.0.1")
             .env("PORT", "0")
+            .env("CLUSTER_LOG_FORMAT", "json")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -110,21 +112,51 @@ impl Server {
         join(&self.stderr)
     }
 
-    /// Lines of stderr containing `needle`, with the time each was read.
-    pub fn stderr_lines(&self, needle: &str) -> Vec<(Instant, String)> {
-        self.stderr.lock().unwrap().iter().filter(|(_, l)| l.contains(needle)).cloned().collect()
+    /// The master's log events named `event` (its `event` field), with the time each was read.
+    pub fn events(&self, event: &str) -> Vec<(Instant, serde_json::Value)> {
+        let lines = self.stderr.lock().unwrap();
+        // The master writes each JSON line with one write; a worker writing to the same stderr
+        // at that moment may have put a piece of its own line in front of it.
+        lines
+            .iter()
+            .filter_map(|(at, line)| Some((*at, line.find("{\"timestamp\"").map(|i| &line[i..])?)))
+            .filter_map(|(at, json)| Some((at, serde_json::from_str::<serde_json::Value>(json).ok()?)))
+            .filter(|(_, v)| v["target"] == "cluster" && v["event"] == event)
+            .collect()
     }
 
-    /// Waits until stderr has `n` lines containing `needle`.
-    pub fn wait_stderr_count(&self, needle: &str, n: usize, timeout: Duration) {
-        wait_for(timeout, &format!("{n} lines with {needle:?} in stderr"), || {
-            (self.stderr_lines(needle).len() >= n).then_some(())
-        });
+    /// When the master logged each event named `event`, by its own clock (the `timestamp` field,
+    /// as time since midnight UTC): unlike the time a line is read, not delayed by a loaded
+    /// machine.
+    pub fn event_times(&self, event: &str) -> Vec<(Duration, serde_json::Value)> {
+        self.events(event).into_iter().filter_map(|(_, v)| Some((time_of_day(v["timestamp"].as_str()?)?, v))).collect()
     }
 
-    /// Waits until stderr contains `needle`.
-    pub fn wait_stderr(&self, needle: &str, timeout: Duration) {
-        wait_for(timeout, &format!("{needle:?} in stderr"), || self.stderr().contains(needle).then_some(()));
+    /// Waits until the master has logged `n` events named `event`; returns them.
+    pub fn wait_events(&self, event: &str, n: usize, timeout: Duration) -> Vec<serde_json::Value> {
+        wait_until(timeout, &format!("{n} {event:?} events"), || {
+            let found = self.events(event);
+            if found.len() >= n {
+                return Ok(found.into_iter().map(|(_, v)| v).collect());
+            }
+            Err(format!(" (saw {})\nstderr:\n{}", found.len(), self.stderr()))
+        })
+    }
+
+    /// Waits until the master logs an event named `event` for which `matches` holds.
+    pub fn wait_event(
+        &self,
+        event: &str,
+        timeout: Duration,
+        matches: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        wait_until(timeout, &format!("a matching {event:?} event"), || {
+            self.events(event)
+                .into_iter()
+                .map(|(_, v)| v)
+                .find(|v| matches(v))
+                .ok_or_else(|| format!("\nstderr:\n{}", self.stderr()))
+        })
     }
 
     /// Sends `signal` to the master.
@@ -500,14 +532,31 @@ pub fn get(addr: SocketAddr, path: &str) -> Result<Response, String> {
 
 /// [`get`] with an overall timeout.
 pub fn get_timeout(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Response, String> {
+    get_from(None, addr, path, timeout)
+}
+
+/// [`get_timeout`] from the client address `source` (any 127.0.0.0/8 address on loopback).
+pub fn get_from(
+    source: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<Response, String> {
     runtime().block_on(async {
-        tokio::time::timeout(timeout, request(addr, path)).await.map_err(|_| format!("no answer within {timeout:?}"))?
+        tokio::time::timeout(timeout, request(source, addr, path))
+            .await
+            .map_err(|_| format!("no answer within {timeout:?}"))?
     })
 }
 
-async fn request(addr: SocketAddr, path: &str) -> Result<Response, String> {
+async fn request(source: Option<std::net::IpAddr>, addr: SocketAddr, path: &str) -> Result<Response, String> {
     use http_body_util::{BodyExt, Empty};
-    let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() };
+    let socket = socket.map_err(|e| format!("socket: {e}"))?;
+    if let Some(ip) = source {
+        socket.bind(SocketAddr::new(ip, 0)).map_err(|e| format!("bind {ip}: {e}"))?;
+    }
+    let stream = socket.connect(addr).await.map_err(|e| format!("connect: {e}"))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
         .await
         .map_err(|e| format!("handshake: {e}"))?;
@@ -536,4 +585,24 @@ pub fn parse_worker(body: &str) -> (u32, u32) {
         rest.chars().take_while(char::is_ascii_digit).collect::<String>().parse().expect("number")
     };
     (num("id"), num("pid"))
+}
+
+/// Waits until one of the server's workers blocks its runtime in a sleep (`hello`'s `/hang`);
+/// returns its pid.
+pub fn hung_worker(server: &Server, timeout: Duration) -> u32 {
+    wait_for(timeout, "a worker to hang", || {
+        server
+            .workers()
+            .into_iter()
+            .find(|pid| std::fs::read_to_string(format!("/proc/{pid}/wchan")).is_ok_and(|w| w.contains("nanosleep")))
+    })
+}
+
+/// `2026-12-01T21:40:59.866049Z` → the time since midnight.
+fn time_of_day(timestamp: &str) -> Option<Duration> {
+    let time = timestamp.split('T').nth(1)?.trim_end_matches('Z');
+    let mut parts = time.split(':');
+    let (h, m, s): (u64, u64, f64) =
+        (parts.next()?.parse().ok()?, parts.next()?.parse().ok()?, parts.next()?.parse().ok()?);
+    Some(Duration::from_secs(h * 3600 + m * 60) + Duration::from_secs_f64(s))
 }

@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use integration_tests::{Server, alive, kill, wait_for, wait_until};
 
-/// The pid in the last stderr line "agent started (pid N)".
+/// The pid of the agent the master started last.
 fn agent_pid(server: &Server) -> Option<u32> {
-    let line = server.stderr_lines("agent started (pid ").pop()?.1;
-    line.split("(pid ").nth(1)?.trim_end().trim_end_matches(')').parse().ok()
+    let forks = server.events("fork");
+    let (_, agent) = forks.into_iter().rfind(|(_, e)| e["id"] == cluster::master::AGENT_ID)?;
+    agent["pid"].as_u64().map(|p| p as u32)
 }
 
 /// Waits until both workers have heard from agent `pid`: its broadcast, answers to their
@@ -56,7 +57,7 @@ fn agent_is_supervised_gets_no_connections_and_messages_flow_after_sigkill() {
     for line in out.lines().filter(|l| l.contains("send to agent failed")) {
         assert!(line.ends_with("no such peer: agent is not running"), "{line}");
     }
-    assert!(server.stderr().contains("agent (pid"), "{}", server.stderr());
+    server.wait_event("exit", Duration::from_secs(5), |e| e["id"] == cluster::master::AGENT_ID && e["pid"] == first);
 
     // A reload restarts the agent (stop, then start: never two at once).
     server.signal(libc::SIGHUP);

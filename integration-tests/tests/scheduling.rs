@@ -6,7 +6,7 @@ use std::net::TcpStream;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use integration_tests::{Server, cpu_time, get, get_timeout, kill, parse_worker, wait_for};
+use integration_tests::{Server, cpu_time, get, get_from, get_timeout, kill, parse_worker, wait_for};
 
 /// These tests count where connections go: run them one at a time.
 fn exclusive() -> MutexGuard<'static, ()> {
@@ -40,7 +40,7 @@ fn every_policy_and_balancer_serves_reloads_and_stops() {
         // A rolling reload: every request on the way is answered.
         server.signal(libc::SIGHUP);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !server.stderr().contains("reload complete") {
+        while server.events("reload_done").is_empty() {
             assert!(Instant::now() < deadline, "{case:?}: reload did not complete:\n{}", server.stderr());
             let r = get(server.addr, "/").unwrap_or_else(|e| panic!("{case:?}: request during reload: {e}"));
             assert_eq!(r.status, 200);
@@ -64,12 +64,11 @@ fn shared_and_reuseport_workers_accept_on_sockets_the_master_bound() {
                 break;
             }
         }
-        let stderr = server.stderr();
-        if policy == "reuseport" {
-            assert_eq!(stderr.matches("SO_REUSEPORT socket of worker").count(), 2, "{stderr}");
-        } else {
-            assert_eq!(stderr.matches("listening on 127.0.0.1").count(), 1, "{stderr}");
-        }
+        // The sockets the master bound: one per worker under `reuseport`, else one shared.
+        let binds = server.events("bind");
+        let owned = binds.iter().filter(|(_, e)| e["owner"].is_u64()).count();
+        let expected = if policy == "reuseport" { (2, 2) } else { (1, 0) };
+        assert_eq!((binds.len(), owned), expected, "{policy}: {binds:?}");
         // The kernel picks the worker: with 200 tries, both should have been picked.
         assert_eq!(seen.len(), 2, "{policy}: both workers accept: {seen:?}");
     }
@@ -105,7 +104,7 @@ fn sticky_sends_one_client_to_one_worker_and_remaps_it_when_that_worker_dies() {
     assert!(first.iter().all(|w| *w == first[0]), "one client, one worker: {first:?}");
     let (id, pid) = first[0];
     kill(pid, libc::SIGKILL);
-    server.wait_stderr(&format!("worker {id} is crash-looping"), Duration::from_secs(5));
+    server.wait_event("crash_loop", Duration::from_secs(5), |e| e["id"] == id);
     let then: Vec<(u32, u32)> = (0..50).map(|_| worker_of(&server)).collect();
     assert!(then.iter().all(|w| *w == then[0]), "still one worker after the kill: {then:?}");
     assert_ne!(then[0].1, pid, "not the dead process");
@@ -153,10 +152,10 @@ fn window_of_one_keeps_a_hung_worker_to_one_connection_and_loses_none() {
     let server = Server::start("hello", &env, 2);
     let addr = server.addr;
     let hang = std::thread::spawn(move || get_timeout(addr, "/hang", Duration::from_secs(10)));
-    server.wait_stderr("hanging as asked", Duration::from_secs(5));
+    let hung_pid = integration_tests::hung_worker(&server, Duration::from_secs(5));
     let hung_at = Instant::now();
-    let line = &server.stderr_lines("hanging as asked")[0].1;
-    let hung: u32 = line.split("worker ").nth(1).and_then(|r| r.split(' ').next()).unwrap().parse().unwrap();
+    let fork = server.wait_event("fork", Duration::from_secs(1), |e| e["pid"] == hung_pid);
+    let hung = fork["id"].as_u64().expect("id") as u32;
     // 30 requests from 3 clients while worker `hung` is stuck: at most one connection (its
     // window) waits for it to be killed and is then served by another; none fails.
     let clients: Vec<_> = (0..3)
@@ -200,7 +199,7 @@ fn master_out_of_fds_backs_off_and_recovers() {
     let requests: Vec<_> = (0..100)
         .map(|_| std::thread::spawn(move || get_timeout(addr, "/sleep?ms=300", Duration::from_secs(20))))
         .collect();
-    server.wait_stderr("Too many open files", Duration::from_secs(10));
+    server.wait_events("accept_error", 1, Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(1500)); // the burst lasts; it is what we measure under
     drop(burst);
     for r in requests {
@@ -211,6 +210,43 @@ fn master_out_of_fds_backs_off_and_recovers() {
     });
     let cpu = cpu_time(server.pid()) - cpu_before;
     assert!(cpu < Duration::from_millis(1500), "master spun: {cpu:?} of CPU during the burst");
-    assert!(server.stderr().contains("work again"), "{}", server.stderr());
+    server.wait_events("accept_recovered", 1, Duration::from_secs(5));
     eprintln!("master CPU during the fd-starved burst: {cpu:?}");
+}
+
+/// Under `sticky`, the clients of a hung worker wait for it; the clients of the other worker
+/// are served meanwhile (they were held up behind the first waiting one).
+#[test]
+fn sticky_clients_of_a_hung_worker_never_hold_up_the_others() {
+    let _guard = exclusive();
+    let env = [
+        ("CLUSTER_WORKERS", "2"),
+        ("CLUSTER_BALANCER", "sticky"),
+        ("CLUSTER_WINDOW", "1"),
+        ("HELLO_DEBUG", "1"),
+        ("CLUSTER_HEARTBEAT_TIMEOUT_MS", "60000"),
+    ];
+    let server = Server::start("hello", &env, 2);
+    let addr = server.addr;
+    let second = Duration::from_secs(5);
+    // Client addresses by the worker sticky maps them to.
+    let mut by_worker: HashMap<u32, Vec<std::net::IpAddr>> = HashMap::new();
+    for last in 2..40u8 {
+        let ip = std::net::IpAddr::from([127, 0, 0, last]);
+        let r = get_from(Some(ip), addr, "/worker", second).expect("GET /worker");
+        by_worker.entry(parse_worker(&r.body).0).or_default().push(ip);
+    }
+    let (stuck, free) = (by_worker[&1][0], by_worker[&2].clone());
+    assert!(free.len() >= 2, "{by_worker:?}");
+    std::thread::spawn(move || get_from(Some(stuck), addr, "/hang", Duration::from_secs(30)));
+    integration_tests::hung_worker(&server, second);
+    // Three more clients of worker 1: one fills its window, two wait in the master.
+    let waiting: Vec<_> = (0..3)
+        .map(|_| std::thread::spawn(move || get_from(Some(stuck), addr, "/worker", Duration::from_secs(30))))
+        .collect();
+    for ip in free.iter().take(2) {
+        let r = get_from(Some(*ip), addr, "/worker", second).unwrap_or_else(|e| panic!("client {ip} held up: {e}"));
+        assert_eq!(parse_worker(&r.body).0, 2);
+    }
+    assert!(waiting.iter().all(|w| !w.is_finished()), "worker 1's clients wait for it");
 }

@@ -31,9 +31,9 @@ fn panicking_worker_reports_its_reason_and_is_replaced() {
     let before = server.workers();
     // The worker dies while handling this request: no response.
     assert!(get_timeout(server.addr, "/panic", Duration::from_secs(10)).is_err());
-    server.wait_stderr("is exiting: panicked at", Duration::from_secs(5));
-    server.wait_stderr("/panic requested", Duration::from_secs(5));
-    server.wait_stderr("exited with code 101", Duration::from_secs(5));
+    server.wait_event("exit", Duration::from_secs(5), |e| {
+        e["code"] == 101 && e["reason"].as_str().is_some_and(|r| r.contains("/panic requested"))
+    });
     wait_for(Duration::from_secs(5), "a replacement worker", || {
         let now = server.workers();
         (now.len() == 2 && now != before).then_some(())
@@ -49,12 +49,7 @@ fn connections_sent_to_a_hung_worker_go_to_another_when_it_is_killed() {
     let addr = server.addr;
     std::thread::spawn(move || get_timeout(addr, "/hang", Duration::from_secs(30)));
     // The hung worker sleeps inside its handler, blocking its runtime.
-    let hung = wait_for(Duration::from_secs(10), "a worker to hang", || {
-        server
-            .workers()
-            .into_iter()
-            .find(|pid| std::fs::read_to_string(format!("/proc/{pid}/wchan")).is_ok_and(|w| w.contains("nanosleep")))
-    });
+    let hung = integration_tests::hung_worker(&server, Duration::from_secs(10));
     let healthy: HashSet<u32> = server.workers().into_iter().filter(|p| *p != hung).collect();
     // Round-robin sends about half of these to the hung worker, which never accepts them.
     let done = Arc::new(AtomicUsize::new(0));
@@ -81,18 +76,21 @@ fn connections_sent_to_a_hung_worker_go_to_another_when_it_is_killed() {
         assert_ne!(pid, hung, "the hung worker answered nothing");
         assert!(healthy.contains(&pid) || !server.workers().is_empty());
     }
-    server.wait_stderr("re-dispatching", Duration::from_secs(5));
+    server.wait_event("redispatch", Duration::from_secs(5), |e| e["count"].as_u64() > Some(0));
 }
 
-fn garbage(kind: &str) {
+/// Worker 2 speaks garbage of `kind`; the master must see `error`, kill it, and replace it.
+fn garbage(kind: &str, error: &str) {
     let dir = std::env::temp_dir().join(format!("cluster-garbage-{}-{kind}", std::process::id()));
     let _ = std::fs::remove_file(&dir);
     let marker = dir.to_str().unwrap().to_string();
     let path = env!("CARGO_BIN_EXE_garbage-worker").into();
     let server = Server::start_path(path, &[("GARBAGE_MARKER", &marker), ("GARBAGE_KIND", kind)], 1);
-    server.wait_stderr("protocol error", Duration::from_secs(10));
-    server.wait_stderr("killing it", Duration::from_secs(10));
-    server.wait_stderr("worker 2 (pid", Duration::from_secs(10));
+    let seen = server.wait_event("protocol_error", Duration::from_secs(10), |e| e["id"] == 2);
+    assert!(seen["reason"].as_str().is_some_and(|r| r.contains(error)), "{kind}: expected {error:?}, saw {seen}");
+    wait_for(Duration::from_secs(10), "the master's hook to see the exit", || {
+        server.stdout().lines().any(|l| l.starts_with("exit of worker 2:") && l.contains(error)).then_some(())
+    });
     // Worker 2 is replaced and, with the marker present, behaves: both workers serve.
     let ids = wait_for(Duration::from_secs(10), "both workers serving", || {
         let ids: HashSet<u32> = (0..10).map(|_| server.which_worker().0).collect();
@@ -105,15 +103,20 @@ fn garbage(kind: &str) {
 
 #[test]
 fn worker_sending_an_unknown_tag_is_killed_and_replaced() {
-    garbage("tag");
+    garbage("tag", "unknown message tag 0x7f");
 }
 
 #[test]
 fn worker_passing_an_unexpected_fd_is_killed_and_replaced() {
-    garbage("fd");
+    garbage("fd", "listening message carries 1 file descriptors, expected 0");
 }
 
 #[test]
 fn worker_whose_first_message_is_garbage_is_killed_and_replaced() {
-    garbage("first");
+    garbage("first", "first message must be hello, got heartbeat");
+}
+
+#[test]
+fn worker_of_another_protocol_version_is_refused_and_replaced() {
+    garbage("version", "peer speaks v1");
 }

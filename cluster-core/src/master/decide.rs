@@ -24,7 +24,7 @@ use super::dispatch::Serial;
 use super::{AGENT_ID, Event, ExitInfo, ExitReason, WorkerState, WorkerStatus};
 use crate::config::Config;
 use crate::ipc::message::ListenKey;
-use crate::log::log;
+use crate::log::{note, warning};
 use crate::messaging::Peer;
 
 mod life;
@@ -291,7 +291,7 @@ impl Core {
                 p.started = now;
             }
             Fact::SpawnFailed(e) => {
-                log!("cannot start {}: {e}", Peer::from_wire(p.id));
+                warning!(event = "spawn_failed", id = p.id, error = %e, "cannot start {}: {e}", Peer::from_wire(p.id));
                 p.life = Life::Exited { status: Status::default(), retired: false };
             }
             Fact::Hello if p.life == Life::Starting => p.life = Life::Online,
@@ -299,12 +299,12 @@ impl Core {
             Fact::Unlisten(key) => p.keys.retain(|k| *k != key),
             Fact::SaidReady => p.said_ready = true,
             Fact::Panicked(reason) => {
-                log!("{} (pid {}) is exiting: {reason}", Peer::from_wire(p.id), p.pid);
+                warning!(event = "panic", id = p.id, pid = p.pid, reason = %reason, "{} (pid {}) is exiting: {reason}", Peer::from_wire(p.id), p.pid);
                 p.reason = Some(ExitReason::Panic(reason));
             }
             Fact::ProtocolError(e) => {
                 if p.life.alive() {
-                    log!("{} (pid {}): {e}; killing it", Peer::from_wire(p.id), p.pid);
+                    warning!(event = "protocol_error", id = p.id, pid = p.pid, reason = %e, "{} (pid {}): {e}; killing it", Peer::from_wire(p.id), p.pid);
                 }
                 p.reason.get_or_insert(ExitReason::ProtocolError(e));
             }
@@ -360,7 +360,7 @@ impl Core {
         match self.stop {
             Stop::Abort => out.push(Action::Exit(130)),
             Stop::Graceful { .. } | Stop::Fast if self.procs.is_empty() => {
-                log!("all workers stopped; master exiting");
+                note!(event = "stopped", "all workers stopped; master exiting");
                 out.push(Action::Exit(0));
             }
             _ => {}

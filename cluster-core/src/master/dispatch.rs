@@ -25,9 +25,13 @@ use crate::config::Balancer;
 use crate::ipc::Channel;
 use crate::ipc::encode;
 use crate::ipc::message::{ConnId, ListenKey, MAX_FDS, NewConn};
-use crate::log::log;
+use crate::log::{note, warning};
 use crate::net::is_connection_error;
 use crate::sys;
+
+/// Under `sticky`, connections that may wait in the master per worker for their own worker to
+/// have room, before the master stops accepting.
+const STICKY_WAITING: usize = MAX_FDS;
 
 /// How long a worker that had no free file descriptors gets no new connections.
 const REST: Duration = Duration::from_millis(100);
@@ -222,7 +226,11 @@ impl Dispatch {
         let n = orphans.len();
         requeue(&mut state.backlog, orphans.into_iter().map(|(_, conn)| conn));
         if n > 0 {
-            log!("re-dispatching {n} connection(s) the exited worker had not accepted");
+            note!(
+                event = "redispatch",
+                count = n,
+                "re-dispatching {n} connection(s) the exited worker had not accepted"
+            );
         }
         state.drain(&self.limits);
         drop(state);
@@ -264,7 +272,13 @@ impl Dispatch {
         let mut state = self.state.lock().unwrap();
         let State { targets, backlog, .. } = &mut *state;
         if let Some(t) = targets.iter_mut().find(|t| t.serial == serial) {
-            log!("worker {} gave back {n} connection(s) it had acknowledged and not served", t.id);
+            note!(
+                event = "given_back",
+                id = t.id,
+                count = n,
+                "worker {} gave back {n} connection(s) it had acknowledged and not served",
+                t.id
+            );
             t.handled = t.handled.saturating_sub(n);
             t.closed = t.closed.min(t.handled);
             t.keys.retain(|k| *k != key);
@@ -280,7 +294,12 @@ impl Dispatch {
     pub(crate) fn busy(&self, serial: Serial, ids: &[ConnId]) {
         self.update(serial, |t, backlog| {
             if t.resting.is_none() {
-                log!("worker {} has no free file descriptors; its connections go to other workers for a while", t.id);
+                warning!(
+                    event = "busy",
+                    id = t.id,
+                    "worker {} has no free file descriptors; its connections go to other workers for a while",
+                    t.id
+                );
             }
             t.resting = Some(Instant::now());
             t.take_back(ids, backlog);
@@ -328,7 +347,7 @@ impl Dispatch {
     /// How many connections workers can take for `key` now.
     fn room(&self, key: ListenKey) -> usize {
         let state = self.state.lock().unwrap();
-        if state.backlog.get(&key).is_some_and(|q| !q.is_empty()) {
+        if !state.accepts(key, &self.limits) {
             return 0;
         }
         state.targets.iter().filter(|t| t.takes(key)).map(|t| t.room(&self.limits)).sum()
@@ -420,19 +439,35 @@ impl State {
         }
     }
 
+    /// Whether the accept loop of `key` may take more clients while some wait in the master:
+    /// never under the balancers where a waiting connection means no worker has room; under
+    /// `sticky`, where it waits only for its own worker, while fewer than [`STICKY_WAITING`] per
+    /// worker wait (a hung worker's clients must not hold up the others' nor grow without end).
+    fn accepts(&self, key: ListenKey, limits: &Limits) -> bool {
+        let waiting = self.backlog.get(&key).map_or(0, VecDeque::len);
+        waiting == 0 || (limits.balancer == Balancer::Sticky && waiting < STICKY_WAITING * self.targets.len().max(1))
+    }
+
     /// Moves the connections waiting for `key` to workers while there is room, at most one
-    /// message's worth per worker per pass.
+    /// message's worth per worker per pass. Under `sticky` a connection whose worker is full
+    /// keeps its place while those behind it for other workers move on.
     fn drain_key(&mut self, key: ListenKey, limits: &Limits) {
+        let skip = limits.balancer == Balancer::Sticky;
         loop {
             let mut moved = 0;
+            let mut kept = VecDeque::new();
             while moved < MAX_FDS {
                 let Some(conn) = self.backlog.get_mut(&key).and_then(VecDeque::pop_front) else { break };
-                if let Err(conn) = self.choose(conn, limits) {
-                    self.backlog.entry(key).or_default().push_front(conn);
-                    break;
+                match self.choose(conn, limits) {
+                    Ok(()) => moved += 1,
+                    Err(conn) if skip => kept.push_back(conn),
+                    Err(conn) => {
+                        kept.push_back(conn);
+                        break;
+                    }
                 }
-                moved += 1;
             }
+            requeue(&mut self.backlog, kept);
             let waiting = self.backlog.get(&key).map_or(0, VecDeque::len);
             self.flush(key);
             // Stop when nothing moved, or when the flush gave connections back.
@@ -444,7 +479,7 @@ impl State {
 
     /// Whether an accept loop paused for `key` should resume.
     fn resumes(&self, key: ListenKey, limits: &Limits) -> bool {
-        self.backlog.get(&key).is_none_or(VecDeque::is_empty)
+        self.accepts(key, limits)
             && self
                 .targets
                 .iter()
@@ -518,7 +553,7 @@ pub(crate) async fn accept_loop(listener: Arc<AsyncFd<Socket>>, key: ListenKey, 
                 match &mut failing {
                     Some((_, n)) => *n += 1,
                     None => {
-                        log!("accept error on listener {key}: {e}; retrying every 100 ms until it clears");
+                        warning!(event = "accept_error", key, error = %e, "accept error on listener {key}: {e}; retrying every 100 ms until it clears");
                         failing = Some((Instant::now(), 1));
                     }
                 }
@@ -526,9 +561,12 @@ pub(crate) async fn accept_loop(listener: Arc<AsyncFd<Socket>>, key: ListenKey, 
                 break 'drain;
             }
             if let Some((since, n)) = failing.take() {
-                log!(
-                    "accepts on listener {key} work again after {:.1}s ({n} failed attempts)",
-                    since.elapsed().as_secs_f64()
+                let secs = since.elapsed().as_secs_f64();
+                note!(
+                    event = "accept_recovered",
+                    key,
+                    failed = n,
+                    "accepts on listener {key} work again after {secs:.1}s ({n} failed attempts)"
                 );
             }
             if !full {

@@ -3,7 +3,7 @@
 use tokio::sync::mpsc;
 
 use super::Event;
-use crate::log::log;
+use crate::log::{log, warning};
 
 /// Events queued for code in the master, at most (see [`Events`]).
 pub(super) const EVENT_QUEUE: usize = 1024;
@@ -56,7 +56,10 @@ impl Events {
             Ok(_) => {}
             Err(_) => {
                 if self.dropped == 0 {
-                    log!("code in the master is not reading its events (Master::recv); dropping them until it does");
+                    warning!(
+                        event = "events_dropped",
+                        "code in the master is not reading its events (Master::recv); dropping them until it does"
+                    );
                 }
                 self.dropped += 1;
             }

@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use super::dispatch::{self, Dispatch};
 use crate::config::{Config, Policy};
 use crate::ipc::message::{Endpoint, ListenKey};
-use crate::log::log;
+use crate::log::{log, note, warning};
 use crate::messaging::Peer;
 use crate::sys;
 
@@ -124,12 +124,12 @@ impl Listeners {
         };
         self.next_key += 1;
         if reuseport {
-            log!("listening on {shown} (SO_REUSEPORT socket of {})", Peer::from_wire(id));
+            note!(event = "bind", key, addr = %shown, owner = id, "listening on {shown} (SO_REUSEPORT socket of {})", Peer::from_wire(id));
             if let Some(addr) = listener.addr {
                 self.reuseport_addr.entry(group).or_insert(addr);
             }
         } else {
-            log!("listening on {shown}");
+            note!(event = "bind", key, addr = %shown, "listening on {shown}");
         }
         let addr = listener.addr;
         self.open.insert(key, listener);
@@ -240,7 +240,15 @@ impl Listeners {
                     continue;
                 };
                 let under_way = if handshaking { " and handshakes under way" } else { "" };
-                log!("listener {}: closing it with {queued} client(s) queued{under_way}: {why}", d.key);
+                warning!(
+                    event = "drain_given_up",
+                    key = d.key,
+                    queued,
+                    handshaking,
+                    reason = why,
+                    "listener {}: closing it with {queued} client(s) queued{under_way}: {why}",
+                    d.key
+                );
             }
             d.kind.close(d.key, Some(&self.dispatch));
         }

@@ -315,6 +315,7 @@ impl Handle {
 
 /// Runs the master until the cluster stops; returns the exit code.
 pub(crate) fn run(cfg: Config, hook: Option<MasterHook>) -> i32 {
+    let _log = crate::log::init(cfg.log_format, cfg.log_filter.as_deref());
     // One thread: the master's work is accept + sendmsg, and PR_SET_PDEATHSIG is tied to the
     // thread that forks, which must live as long as the master.
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {

@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::ipc::Channel;
 use crate::ipc::encode;
 use crate::ipc::message::{ListenKey, ToMaster};
-use crate::log::log;
+use crate::log::{log, note, warning};
 use crate::messaging::{Calls, Peer, Request};
 use crate::sys;
 
@@ -79,7 +79,14 @@ impl Supervisor {
             log!("cannot install signal handlers");
             return 1;
         };
-        log!("master (pid {}) starting {} worker(s)", sys::getpid(), self.core.target());
+        note!(
+            event = "start",
+            pid = sys::getpid(),
+            workers = self.core.target(),
+            "master (pid {}) starting {} worker(s)",
+            sys::getpid(),
+            self.core.target()
+        );
         loop {
             let now = Instant::now();
             if let Some(code) = self.step(now) {
@@ -139,7 +146,7 @@ impl Supervisor {
             Action::Spawn { serial, id } => match self.launcher.spawn(id, serial, &self.links) {
                 Ok(child) => {
                     let pid = child.pid;
-                    log!("{} started (pid {pid})", Peer::from_wire(id));
+                    note!(event = "fork", id, pid, "{} started (pid {pid})", Peer::from_wire(id));
                     self.children.insert(serial, child);
                     self.core.record(serial, Fact::Spawned(pid), now);
                     self.events.emit(Event::Fork { id, pid });
@@ -210,7 +217,7 @@ impl Supervisor {
                 let shown = endpoint.to_string();
                 let result = self.listeners.listen(endpoint, index, id, self.core.stopping());
                 if let Err(e) = &result {
-                    log!("{} cannot listen on {shown}: {e}", Peer::from_wire(id));
+                    warning!(event = "listen_failed", id, pid, endpoint = %shown, error = %e, "{} cannot listen on {shown}: {e}", Peer::from_wire(id));
                 }
                 let fd = result.as_ref().ok().and_then(|(key, _)| self.listeners.shared_fd(*key));
                 let result = result.map_err(|e| errno(&e));

@@ -2,13 +2,15 @@
 //! channel instead of speaking the protocol. `GARBAGE_MARKER` is a path created by the
 //! misbehaving worker (so its replacement behaves); `GARBAGE_KIND` picks the garbage:
 //! `tag` (unknown tag after a valid hello), `fd` (a file descriptor on a message that takes
-//! none), `first` (garbage as the very first message).
+//! none), `first` (a valid message other than hello first), `version` (a hello of another
+//! protocol version). The hello comes from the library's own encoder. The master's hook prints
+//! each worker exit with its reason, for the test to check which error the master saw.
 
 use std::os::fd::AsRawFd;
 
 fn main() {
     misbehave_if_chosen();
-    cluster::Cluster::builder().workers(2).run(serve()).expect("serve");
+    cluster::Cluster::builder().workers(2).master(master).run(serve()).expect("serve");
 }
 
 fn misbehave_if_chosen() {
@@ -21,10 +23,15 @@ fn misbehave_if_chosen() {
         return;
     }
     let fd: i32 = fd.parse().expect("fd");
-    let mut hello = vec![0x01, 0x00, 0x01];
-    hello.extend_from_slice(&std::process::id().to_be_bytes());
+    let hello = cluster::__private::hello(std::process::id());
     match std::env::var("GARBAGE_KIND").as_deref() {
-        Ok("first") => send(fd, b"\xde\xad\xbe\xef", None),
+        // A heartbeat (tag 0x09) before any hello.
+        Ok("first") => send(fd, b"\x09", None),
+        Ok("version") => {
+            let mut old = hello.clone();
+            old[1..3].copy_from_slice(&1u16.to_be_bytes());
+            send(fd, &old, None);
+        }
         Ok("fd") => {
             send(fd, &hello, None);
             let file = std::fs::File::open("/dev/null").expect("/dev/null");
@@ -64,6 +71,15 @@ fn send(sock: i32, data: &[u8], fd: Option<i32>) {
     // SAFETY: `msg` is fully initialised.
     let n = unsafe { libc::sendmsg(sock, &msg, 0) };
     assert!(n >= 0, "sendmsg: {}", std::io::Error::last_os_error());
+}
+
+async fn master(mut m: cluster::Master) {
+    while let Some(event) = m.recv().await {
+        if let cluster::master::Event::Exit(exit) = event {
+            let reason = exit.reason.map(|r| r.to_string()).unwrap_or_default();
+            println!("exit of worker {}: {reason}", exit.id);
+        }
+    }
 }
 
 async fn serve() -> std::io::Result<()> {

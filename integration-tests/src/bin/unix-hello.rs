@@ -10,7 +10,7 @@ async fn main() -> std::io::Result<()> {
     let mut listener = match cluster::net::UnixListener::bind_with_mode(&path, mode).await {
         Ok(l) => l,
         Err(e) => {
-            println!("bind error: {e}");
+            println!("bind error: {:?}: {e}", e.kind());
             return Err(e);
         }
     };

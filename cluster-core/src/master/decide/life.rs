@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::log::{note, warning};
 
 impl Core {
     pub(super) fn notice_suspension(&mut self, now: Instant) {
@@ -11,7 +12,11 @@ impl Core {
             && now.saturating_duration_since(last) > SUSPENDED
         {
             let late = now.saturating_duration_since(last).as_secs_f64();
-            log!("master was suspended for {late:.1}s; heartbeat clocks restarted");
+            warning!(
+                event = "suspended",
+                secs = late,
+                "master was suspended for {late:.1}s; heartbeat clocks restarted"
+            );
             for p in self.procs.values_mut() {
                 p.last_seen = now;
             }
@@ -30,10 +35,22 @@ impl Core {
             if p.pid != 0 {
                 let how = describe(status);
                 let name = Peer::from_wire(p.id);
-                match &p.reason {
-                    _ if retired => log!("{name} (pid {}) {how}", p.pid),
-                    Some(reason) => log!("{name} (pid {}) {how} after {:.1}s ({reason})", p.pid, uptime.as_secs_f64()),
-                    None => log!("{name} (pid {}) {how} after {:.1}s", p.pid, uptime.as_secs_f64()),
+                let (id, pid, secs) = (p.id, p.pid, uptime.as_secs_f64());
+                let (code, signal) = (status.code, status.signal);
+                match p.reason.as_ref().map(ToString::to_string) {
+                    Some(reason) => note!(
+                        event = "exit", id, pid, code, signal, retired, reason = %reason,
+                        "{name} (pid {pid}) {how} after {secs:.1}s ({reason})"
+                    ),
+                    None => note!(
+                        event = "exit",
+                        id,
+                        pid,
+                        code,
+                        signal,
+                        retired,
+                        "{name} (pid {pid}) {how} after {secs:.1}s"
+                    ),
                 }
                 out.push(Action::Emit(Event::Exit(ExitInfo {
                     id: p.id,
@@ -83,7 +100,15 @@ impl Core {
             let silent = now.saturating_duration_since(p.last_seen);
             if self.cfg.heartbeat_timeout.is_some_and(|timeout| silent > timeout) {
                 let name = Peer::from_wire(p.id);
-                log!("{name} (pid {}) sent no heartbeat for {:.1}s; killing it", p.pid, silent.as_secs_f64());
+                warning!(
+                    event = "kill",
+                    id = p.id,
+                    pid = p.pid,
+                    reason = "missed heartbeats",
+                    "{name} (pid {}) sent no heartbeat for {:.1}s; killing it",
+                    p.pid,
+                    silent.as_secs_f64()
+                );
                 self.kill(serial, Some(ExitReason::MissedHeartbeats), out);
                 continue;
             }
@@ -124,7 +149,14 @@ impl Core {
         p.ready_at = Some(now);
         let (id, pid) = (p.id, p.pid);
         let took = now.saturating_duration_since(p.started).as_micros();
-        log!("{} ready (pid {pid}) {took} us after start", Peer::from_wire(id));
+        note!(
+            event = "ready",
+            id,
+            pid,
+            us = took as u64,
+            "{} ready (pid {pid}) {took} us after start",
+            Peer::from_wire(id)
+        );
         out.push(Action::Emit(Event::Ready { id, pid }));
         let keys = p.keys.clone();
         let Some(slot) = self.slots.get_mut(&id) else { return };
@@ -150,7 +182,14 @@ impl Core {
         slot.backoff = bump(slot.backoff, first, max);
         slot.restart_at = Some(now + slot.backoff);
         let (restarts, delay) = (slot.restarts, slot.backoff);
-        log!("{} is crash-looping (restart {restarts}); next start in {delay:?}", Peer::from_wire(id));
+        warning!(
+            event = "crash_loop",
+            id,
+            restarts,
+            delay_ms = delay.as_millis() as u64,
+            "{} is crash-looping (restart {restarts}); next start in {delay:?}",
+            Peer::from_wire(id)
+        );
         out.push(Action::Emit(Event::CrashLoop { id, restarts, delay }));
     }
 
@@ -183,7 +222,15 @@ impl Core {
         for (serial, p) in self.procs.iter_mut() {
             let Life::Retiring { step, kill_at } = &mut p.life else { continue };
             if now >= *kill_at {
-                log!("{} (pid {}) still running at the kill timeout; killing it", Peer::from_wire(p.id), p.pid);
+                warning!(
+                    event = "kill",
+                    id = p.id,
+                    pid = p.pid,
+                    reason = "kill timeout",
+                    "{} (pid {}) still running at the kill timeout; killing it",
+                    Peer::from_wire(p.id),
+                    p.pid
+                );
                 p.reason.get_or_insert(ExitReason::KillTimeout);
                 p.life = Life::Killed { retired: true };
                 out.push(Action::Kill(*serial));

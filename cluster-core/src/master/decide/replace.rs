@@ -6,21 +6,22 @@ use std::time::Instant;
 
 use super::life::bump;
 use super::*;
+use crate::log::{note, warning};
 
 impl Core {
     pub(super) fn apply(&mut self, command: Command, now: Instant, out: &mut Vec<Action>) {
         match (command, self.stop) {
             (Command::Stop(StopKind::Abort), _) => {
-                log!("second SIGINT: killing all workers");
+                warning!(event = "stop", kind = "abort", "second SIGINT: killing all workers");
                 self.stop = Stop::Abort;
                 self.kill_all(out);
             }
             (Command::Stop(StopKind::Graceful), Stop::Running) => {
                 let timeout = self.cfg.kill_timeout;
-                log!("stopping gracefully (kill timeout {timeout:?})");
+                note!(event = "stop", kind = "graceful", "stopping gracefully (kill timeout {timeout:?})");
                 self.stop = Stop::Graceful { deadline: now + timeout };
                 if self.reload.take().is_some() {
-                    log!("reload cancelled");
+                    note!(event = "reload_cancelled", "reload cancelled");
                 }
                 out.push(Action::StopListening { drain: true });
                 let serials: Vec<Serial> = self.procs.keys().copied().collect();
@@ -29,7 +30,7 @@ impl Core {
                 }
             }
             (Command::Stop(StopKind::Fast), Stop::Running | Stop::Graceful { .. }) => {
-                log!("fast stop");
+                note!(event = "stop", kind = "fast", "fast stop");
                 self.stop = Stop::Fast;
                 self.reload = None;
                 out.push(Action::StopListening { drain: false });
@@ -38,16 +39,16 @@ impl Core {
             (Command::SetWorkers(n), Stop::Running) => {
                 let n = n.clamp(1, MAX_WORKERS);
                 if n == self.target {
-                    log!("already {n} worker(s)");
+                    note!(event = "scale", from = n, to = n, "already {n} worker(s)");
                 } else {
-                    log!("scaling: {} -> {n} worker(s)", self.target);
+                    note!(event = "scale", from = self.target, to = n, "scaling: {} -> {n} worker(s)", self.target);
                 }
                 self.target = n;
             }
             (Command::Reload, Stop::Running) => match &mut self.reload {
                 Some(reload) => {
                     reload.again = true;
-                    log!("a reload is in progress; another one follows it");
+                    note!(event = "reload_queued", "a reload is in progress; another one follows it");
                 }
                 None => self.begin_reload(now, out),
             },
@@ -90,8 +91,16 @@ impl Core {
         let old = slot.current.replace(incoming.serial);
         let new_pid = self.procs[&incoming.serial].pid;
         match old.and_then(|s| self.procs.get(&s)) {
-            Some(p) => log!("{} replaced: pid {} -> pid {new_pid}", Peer::from_wire(id), p.pid),
-            None => log!("{} is back (pid {new_pid})", Peer::from_wire(id)),
+            Some(p) => note!(
+                event = "replaced",
+                id,
+                old_pid = p.pid,
+                pid = new_pid,
+                "{} replaced: pid {} -> pid {new_pid}",
+                Peer::from_wire(id),
+                p.pid
+            ),
+            None => note!(event = "replaced", id, pid = new_pid, "{} is back (pid {new_pid})", Peer::from_wire(id)),
         }
         if let Some(old) = old {
             self.retire(old, true, now, out);
@@ -114,7 +123,7 @@ impl Core {
             Cause::Limit => {
                 slot.backoff = bump(slot.backoff, first, max);
                 slot.retry_at = Some(now + slot.backoff);
-                log!("replacement of {} failed: {why}; the old process keeps serving", Peer::from_wire(id));
+                warning!(event = "replace_failed", id, reason = %why, "replacement of {} failed: {why}; the old process keeps serving", Peer::from_wire(id));
             }
         }
         if self.stop == Stop::Running && self.slots.get(&id).is_some_and(|s| s.current.is_none()) {
@@ -124,10 +133,10 @@ impl Core {
 
     pub(super) fn begin_reload(&mut self, now: Instant, out: &mut Vec<Action>) {
         let (n, at_a_time) = (self.worker_count(), self.cfg.reload_concurrency);
-        log!("reloading {n} worker(s), {at_a_time} at a time");
+        note!(event = "reload_start", workers = n, "reloading {n} worker(s), {at_a_time} at a time");
         // The agent is a singleton: it is stopped, then restarted, never doubled.
         if let Some(agent) = self.slots.get(&AGENT_ID).and_then(|s| s.current) {
-            log!("restarting the agent");
+            note!(event = "agent_restart", "restarting the agent");
             self.retire(agent, true, now, out);
         }
         self.reload = Some(Reload {
@@ -152,7 +161,13 @@ impl Core {
                 }
                 let reload = self.reload.take().expect("a reload");
                 let took = now.saturating_duration_since(reload.started);
-                log!("reload complete in {} ms", took.as_millis());
+                note!(
+                    event = "reload_done",
+                    replaced = reload.replaced,
+                    ms = took.as_millis() as u64,
+                    "reload complete in {} ms",
+                    took.as_millis()
+                );
                 out.push(Action::Emit(Event::ReloadDone { replaced: reload.replaced, took }));
                 if reload.again {
                     self.begin_reload(now, out);
@@ -172,7 +187,7 @@ impl Core {
     pub(super) fn abandon_reload(&mut self, id: u32, why: &str, out: &mut Vec<Action>) {
         let Some(reload) = self.reload.take() else { return };
         let kept = reload.queue.len() + reload.active.len();
-        log!("reload abandoned: {}: {why}; {kept} worker(s) not replaced keep serving", Peer::from_wire(id));
+        warning!(event = "reload_abandoned", id, reason = %why, kept, "reload abandoned: {}: {why}; {kept} worker(s) not replaced keep serving", Peer::from_wire(id));
         out.push(Action::Emit(Event::ReloadAbandoned { id, reason: why.to_string() }));
         for other in reload.active.into_iter().filter(|a| *a != id) {
             let Some(incoming) = self.slots.get_mut(&other).and_then(|s| s.incoming.take()) else { continue };
@@ -227,7 +242,7 @@ impl Core {
             }
         }
         for (id, why) in over {
-            log!("{} {why}; replacing it", Peer::from_wire(id));
+            note!(event = "limit", id, reason = %why, "{} {why}; replacing it", Peer::from_wire(id));
             self.start_incoming(id, Cause::Limit, now, out);
         }
     }
