@@ -48,12 +48,21 @@ pub fn main(args: TokenStream, item: TokenStream) -> TokenStream {
     };
     let config = config.and_then(|c| c.check(&func).map(|()| c));
     match config {
-        Ok(config) => expand(func, config),
-        Err(e) => with_error(item, e),
+        Ok(config) => expand(func, config).into(),
+        Err(e) => {
+            // Expand as with no arguments, so that the error above is the only one (an `async fn
+            // main` left as written would add "`main` cannot be async") and IDEs keep working.
+            let mut func = func;
+            func.sig.inputs.clear();
+            func.sig.generics = syn::Generics::default();
+            let expanded = expand(func, Config::default());
+            let error = e.into_compile_error();
+            quote!(#expanded #error).into()
+        }
     }
 }
 
-/// On error, emit the user's function unchanged beside the error, so IDEs keep working.
+/// When the item is not even a function: emit it unchanged beside the error.
 fn with_error(item: TokenStream2, error: syn::Error) -> TokenStream {
     let error = error.into_compile_error();
     quote!(#item #error).into()
@@ -166,7 +175,7 @@ fn crate_path(value: &Expr) -> syn::Result<syn::Path> {
     }
 }
 
-fn expand(func: ItemFn, config: Config) -> TokenStream {
+fn expand(func: ItemFn, config: Config) -> TokenStream2 {
     let ItemFn { attrs, vis, mut sig, block } = func;
     sig.asyncness = None;
     let krate = config.krate.map_or_else(|| quote!(::cluster), |p| quote!(#p));
@@ -197,5 +206,4 @@ fn expand(func: ItemFn, config: Config) -> TokenStream {
             #body
         }
     }
-    .into()
 }
