@@ -120,3 +120,16 @@ fn worker_whose_first_message_is_garbage_is_killed_and_replaced() {
 fn worker_of_another_protocol_version_is_refused_and_replaced() {
     garbage("version", "peer speaks v1");
 }
+
+/// With `exit_on_panic(false)` a panicking task ends alone: the worker goes on, and the master
+/// does not take its later exit for a panic.
+#[test]
+fn a_panic_that_does_not_end_the_worker_is_not_reported_as_its_exit() {
+    let server = Server::spawn(env!("CARGO_BIN_EXE_panic-task").into(), &[("CLUSTER_MIN_UPTIME_MS", "60000")]);
+    let line = wait_for(Duration::from_secs(20), "the worker's exit", || {
+        server.stdout().lines().find(|l| l.starts_with("worker exited:")).map(String::from)
+    });
+    assert!(server.stdout().contains("worker still running after the panic"), "{}", server.stdout());
+    assert_eq!(line, "worker exited: code Some(0), reason None");
+    assert!(server.events("panic").is_empty(), "{}", server.stderr());
+}

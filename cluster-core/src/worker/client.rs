@@ -534,17 +534,17 @@ fn install_panic_hook(exit_on_panic: bool) {
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         previous(info);
+        // Without `exit_on_panic`, the panicking task ends alone and the worker goes on.
+        if !exit_on_panic {
+            return;
+        }
         if let Some(client) = CLIENT.get() {
             let mut out = BytesMut::new();
             encode::exiting(&mut out, &info.to_string());
             let _ = sys::send_now(client.channel.fd(), &out);
-            if exit_on_panic {
-                client.give_back_now();
-            }
+            client.give_back_now();
         }
-        if exit_on_panic {
-            sys::exit_now(101);
-        }
+        sys::exit_now(101);
     }));
 }
 
