@@ -127,8 +127,12 @@ pub(crate) fn detect(default_workers: usize, has_agent: bool) -> Result<Start, S
         let fd = fd.to_string_lossy().into_owned();
         let raw = fd.parse::<RawFd>().ok().filter(|fd| *fd >= 0).ok_or(StartError::BadChannelNumber(fd))?;
         let channel = sys::adopt_channel_fd(raw)?;
-        sys::remove_env(ENV_UNIQUE_ID);
-        sys::remove_env(ENV_CHANNEL_FD);
+        if !(sys::remove_env(ENV_UNIQUE_ID) && sys::remove_env(ENV_CHANNEL_FD)) {
+            eprintln!(
+                "cluster: other threads were running when the cluster started, so {ENV_UNIQUE_ID} and \
+                 {ENV_CHANNEL_FD} stay in this worker's environment (start the cluster first in main)"
+            );
+        }
         return Ok(match parsed {
             Some(id) => Start::Worker { id, channel },
             None => Start::Agent { channel },

@@ -64,13 +64,21 @@ pub(crate) fn adopt_channel_fd(fd: RawFd) -> Result<OwnedFd, ChannelFdError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Removes a variable from the process environment.
-///
-/// Called only while the process is still single-threaded (before any runtime is built), which
-/// is what makes `remove_var` sound.
-pub(crate) fn remove_env(name: &str) {
-    // SAFETY: see above: no other thread exists yet that could read the environment.
-    unsafe { std::env::remove_var(name) }
+/// Removes a variable from the process environment, if no other thread of this process runs
+/// (only then is `remove_var` sound: no thread can be reading the environment, and none can
+/// start meanwhile, since only this one could start it). False if it left the variable.
+pub(crate) fn remove_env(name: &str) -> bool {
+    if !single_threaded() {
+        return false;
+    }
+    // SAFETY: this is the process's only thread (see above).
+    unsafe { std::env::remove_var(name) };
+    true
+}
+
+/// Whether this process has exactly one thread.
+fn single_threaded() -> bool {
+    std::fs::read_dir("/proc/self/task").is_ok_and(|tasks| tasks.count() == 1)
 }
 
 /// Prepares a freshly forked worker, between `fork` and `exec`.
@@ -344,7 +352,21 @@ mod tests {
 
     use socket2::{Domain, Socket, Type};
 
-    use super::{accept_queue_len, bpf, pending_handshakes, stop_queueing};
+    use super::{accept_queue_len, bpf, pending_handshakes, single_threaded, stop_queueing};
+
+    #[test]
+    fn the_environment_is_left_alone_while_other_threads_run() {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || stopped.recv());
+        assert!(!single_threaded());
+        // Cargo sets it for every test run.
+        let before = std::env::var_os("CARGO_MANIFEST_DIR");
+        assert!(before.is_some());
+        assert!(!super::remove_env("CARGO_MANIFEST_DIR"));
+        assert_eq!(std::env::var_os("CARGO_MANIFEST_DIR"), before);
+        stop.send(()).unwrap();
+        other.join().unwrap().unwrap();
+    }
 
     fn eventually(what: &str, mut done: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -374,6 +396,13 @@ mod tests {
         listener.attach_filter(&drop_acks).unwrap();
         let mut halfway = TcpStream::connect(addr).unwrap();
         assert_eq!(pending_handshakes(&[addr]).unwrap()[0].len(), 1);
+        // One dump serves several listeners, each getting its own.
+        let other = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        other.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+        other.listen(16).unwrap();
+        let other_addr = other.local_addr().unwrap().as_socket().unwrap();
+        let lists = pending_handshakes(&[other_addr, addr]).unwrap();
+        assert_eq!((lists[0].len(), lists[1].len()), (0, 1));
         assert_eq!(accept_queue_len(&listener).unwrap(), 3);
 
         stop_queueing(&listener).unwrap();

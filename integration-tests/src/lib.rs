@@ -91,6 +91,8 @@ impl Server {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        // A process group of its own, as a service manager gives it (see `signal_group`).
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {}: {e}", path.display()));
         let stdout = capture(child.stdout.take().expect("stdout"));
         let stderr = capture(child.stderr.take().expect("stderr"));
@@ -162,6 +164,13 @@ impl Server {
     /// Sends `signal` to the master.
     pub fn signal(&self, signal: libc::c_int) {
         kill(self.pid(), signal);
+    }
+
+    /// Sends `signal` to every process of the cluster at once (`kill -- -PGID`), as systemd's
+    /// default `KillMode=control-group` and a terminal's Ctrl-C do.
+    pub fn signal_group(&self, signal: libc::c_int) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(-(self.pid() as libc::pid_t), signal) };
     }
 
     /// Waits up to `timeout` for the master to exit.

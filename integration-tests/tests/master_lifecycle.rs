@@ -47,3 +47,19 @@ fn request_in_flight_at_sigterm_completes() {
     assert_eq!(res.status, 200);
     assert_eq!(server.wait_exit(Duration::from_secs(5)).and_then(|s| s.code()), Some(0));
 }
+
+/// SIGTERM to every process of the group at once: a worker may exit before the master has
+/// handled its own SIGTERM; no replacement is started for it, and everything exits cleanly.
+#[test]
+fn sigterm_to_the_whole_process_group_starts_no_worker_and_exits_zero() {
+    for round in 0..5 {
+        let mut server = Server::start("hello", &[("CLUSTER_WORKERS", "2")], 2);
+        server.signal_group(libc::SIGTERM);
+        let status = server.wait_exit(Duration::from_secs(5)).expect("master exits");
+        assert_eq!(status.code(), Some(0), "round {round}:\n{}", server.stderr());
+        assert_eq!(server.events("fork").len(), 2, "round {round}: a worker was started after the stop");
+        let exits = server.events("exit");
+        assert!(exits.iter().all(|(_, e)| e["code"] == 0), "round {round}: {exits:?}");
+        assert!(!server.stderr().contains("Error:"), "round {round}: an error reached the user:\n{}", server.stderr());
+    }
+}

@@ -66,3 +66,26 @@ impl Events {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_drops_events_and_gives_messages_back() {
+        let (mut events, rx) = Events::new(true);
+        let rx = rx.expect("a receiver");
+        for pid in 0..EVENT_QUEUE as u32 {
+            assert!(matches!(events.offer(Event::Fork { id: 1, pid }), Ok(true)));
+        }
+        events.emit(Event::Fork { id: 1, pid: 0 });
+        events.emit(Event::Fork { id: 1, pid: 0 });
+        assert_eq!(events.dropped, 2);
+        let message = Event::Message { id: 1, pid: 1, data: bytes::Bytes::from_static(b"x"), request: None };
+        assert!(matches!(events.offer(message), Err(Event::Message { .. })), "a message comes back to wait");
+        assert_eq!(rx.len(), EVENT_QUEUE);
+        drop(rx);
+        assert!(matches!(events.offer(Event::Fork { id: 1, pid: 0 }), Ok(false)), "nobody reads any more");
+        assert!(matches!(Events::new(false).0.offer(Event::Fork { id: 1, pid: 0 }), Ok(false)));
+    }
+}
