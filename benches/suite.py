@@ -16,6 +16,7 @@ workers under each balancer (uniform load, and a mixed load with slow requests).
 Writes benches/results.svg (a bar chart of the medians). Needs wrk and a release build.
 """
 
+import json
 import os
 import re
 import signal
@@ -47,6 +48,11 @@ def servers():
         ("reuseport", [bench], {**base, "CLUSTER_SCHED_POLICY": "reuseport"}),
         ("tokio-mt", [bench], {"CLUSTER_WORKERS": "0"}),
     ]
+    # BASELINE=<dir with another build's bench-server>: that build's rr beside this one, in the
+    # same rounds (to see what a change costs, side by side on this noisy machine).
+    baseline = os.environ.get("BASELINE")
+    if baseline:
+        out.insert(2, ("rr-baseline", [os.path.join(baseline, "bench-server")], {**base}))
     if subprocess.run(["sh", "-c", "command -v node"], capture_output=True).returncode == 0 and os.path.exists(NODE_JS):
         out.append(("node-rr", ["node", NODE_JS], {"WORKERS": "2", "NODE_CLUSTER_SCHED_POLICY": "rr"}))
     return out
@@ -130,19 +136,35 @@ def throughput():
 
 def spawn_times():
     """Start-to-ready of 50+ worker processes (rolling reloads of 2 workers)."""
-    p = start([os.path.join(REL, "bench-server")], {"CLUSTER_WORKERS": "2"}, stderr=subprocess.PIPE)
+    env = {"CLUSTER_WORKERS": "2", "CLUSTER_LOG_FORMAT": "json"}
+    p = start([os.path.join(REL, "bench-server")], env, stderr=subprocess.PIPE)
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(iter(p.stderr.readline, b"")), daemon=True)
     reader.start()
+
+    def events(name):
+        # The master's log events (one JSON object per line); a worker's output may precede one.
+        found = []
+        for l in list(lines):
+            at = l.find(b'{"timestamp"')
+            if at >= 0:
+                try:
+                    e = json.loads(l[at:])
+                except ValueError:
+                    continue
+                if e.get("event") == name:
+                    found.append(e)
+        return found
+
     for _ in range(25):
-        n = sum(b"reload complete" in l for l in lines)
+        n = len(events("reload_done"))
         os.kill(p.pid, signal.SIGHUP)
         deadline = time.time() + 10
-        while sum(b"reload complete" in l for l in lines) <= n and time.time() < deadline:
+        while len(events("reload_done")) <= n and time.time() < deadline:
             time.sleep(0.01)
     idle_master, idle_workers = rss_kib(p.pid), [rss_kib(c) for c in children(p.pid)]
     stop(p)
-    us = sorted(int(m.group(1)) for l in lines if (m := re.search(rb"ready \(pid \d+\) (\d+) us after start", l)))
+    us = sorted(e["us"] for e in events("ready"))
     return us, idle_master, idle_workers
 
 

@@ -192,7 +192,7 @@ impl Config {
             self.log_format = v;
         }
         if let Some(v) = var::<String>(ENV_LOG)? {
-            if tracing_subscriber::EnvFilter::try_new(&v).is_err() {
+            if crate::log::parse_filter(&v).is_err() {
                 return Err(StartError::BadSetting { name: ENV_LOG, value: v, expected: expected(ENV_LOG) });
             }
             self.log_filter = Some(v);
@@ -236,7 +236,7 @@ fn expected(name: &str) -> &'static str {
         ENV_SCHED_POLICY => "`rr`, `shared` or `reuseport`",
         ENV_BALANCER => "`round-robin`, `least-connections` or `sticky`",
         ENV_LOG_FORMAT => "`text` or `json`",
-        ENV_LOG => "an EnvFilter directive such as `info` or `cluster=debug`",
+        ENV_LOG => "a level such as `info`, or `target=level` directives such as `cluster=debug`",
         ENV_WAIT_READY => "`0` or `1`",
         _ if name.ends_with("_MS") => "a number of milliseconds",
         _ => "a whole number",

@@ -4,8 +4,8 @@
 //! for people and may change; the fields do not.
 //!
 //! With no subscriber of the user's, the master installs one on its thread: text on stderr, or
-//! one JSON object per line with `CLUSTER_LOG_FORMAT=json`, filtered by `CLUSTER_LOG` (an
-//! `EnvFilter` directive, default `info`).
+//! one JSON object per line with `CLUSTER_LOG_FORMAT=json`, filtered by `CLUSTER_LOG` (a
+//! level, or `target=level` directives separated by commas; default `info`).
 
 /// An `info` event of the master (target `cluster`): `note!(event = "ready", id, pid, "text")`.
 macro_rules! note {
@@ -30,6 +30,9 @@ macro_rules! log {
 #[allow(unused_imports)]
 pub(crate) use {log, note, warning};
 
+use tracing::Level;
+use tracing_subscriber::filter::Targets;
+
 use crate::config::LogFormat;
 
 /// Installs the master's subscriber on this thread unless the program set a global one; the
@@ -38,14 +41,20 @@ pub(crate) fn init(format: LogFormat, filter: Option<&str>) -> Option<tracing::s
     if tracing::dispatcher::has_been_set() {
         return None;
     }
-    let filter = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or("info"))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    use tracing_subscriber::layer::SubscriberExt;
+    let filter = parse_filter(filter.unwrap_or("info")).unwrap_or_else(|_| Targets::new().with_default(Level::INFO));
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
     Some(match format {
         LogFormat::Text => {
             let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-            tracing::subscriber::set_default(builder.with_ansi(ansi).finish())
+            tracing::subscriber::set_default(builder.with_ansi(ansi).finish().with(filter))
         }
-        LogFormat::Json => tracing::subscriber::set_default(builder.json().flatten_event(true).finish()),
+        LogFormat::Json => tracing::subscriber::set_default(builder.json().flatten_event(true).finish().with(filter)),
     })
+}
+
+/// A `CLUSTER_LOG` value: a level (`warn`) and/or `target=level` directives (`cluster=debug`),
+/// separated by commas.
+pub(crate) fn parse_filter(directives: &str) -> Result<Targets, String> {
+    directives.parse::<Targets>().map_err(|e| e.to_string())
 }

@@ -46,7 +46,7 @@ pub const ENV_WINDOW: &str = "CLUSTER_WINDOW";
 pub const ENV_MAX_WORKER_CONNECTIONS: &str = "CLUSTER_MAX_WORKER_CONNECTIONS";
 /// The master's log format: `text` (default) or `json` (one object per line).
 pub const ENV_LOG_FORMAT: &str = "CLUSTER_LOG_FORMAT";
-/// Filter of the master's log: an `EnvFilter` directive (default `info`).
+/// Filter of the master's log: a level, or `target=level` directives (default `info`).
 pub const ENV_LOG: &str = "CLUSTER_LOG";
 /// Workers replaced at a time by a rolling reload.
 pub const ENV_RELOAD_CONCURRENCY: &str = "CLUSTER_RELOAD_CONCURRENCY";

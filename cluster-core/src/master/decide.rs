@@ -285,6 +285,7 @@ impl Core {
     pub(super) fn record(&mut self, serial: Serial, fact: Fact, now: Instant) {
         let Some(p) = self.procs.get_mut(&serial) else { return };
         p.last_seen = now;
+        let keys_changed = matches!(fact, Fact::Listening(_) | Fact::Unlisten(_));
         match fact {
             Fact::Spawned(pid) => {
                 p.pid = pid;
@@ -320,7 +321,8 @@ impl Core {
         }
         // The sockets of the process serving a slot are what its next process must listen on.
         let p = &self.procs[&serial];
-        if let Some(slot) = self.slots.get_mut(&p.id)
+        if keys_changed
+            && let Some(slot) = self.slots.get_mut(&p.id)
             && slot.current == Some(serial)
             && p.ready_at.is_some()
         {
