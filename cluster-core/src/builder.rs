@@ -4,8 +4,12 @@
 use std::future::Future;
 use std::time::Duration;
 
+use std::os::fd::OwnedFd;
+
 use crate::config::{Balancer, Config, Policy};
+use crate::ipc::message::AGENT;
 use crate::master::{self, Master, MasterHook};
+use crate::messaging::Peer;
 use crate::role::{self, Role, Start};
 use crate::worker;
 
@@ -228,16 +232,7 @@ impl Builder {
             Start::Agent { channel } => {
                 let _ = ROLE.set(Role::Agent);
                 let agent = self.agent.expect("role::detect checks that there is an agent");
-                runtime(None).block_on(async move {
-                    if let Err(e) = worker::client::start(crate::ipc::message::AGENT, channel, &self.cfg).await {
-                        eprintln!("cluster: agent: cannot reach the master: {e}");
-                        std::process::exit(2);
-                    }
-                    agent().await;
-                    if worker::is_shutting_down() {
-                        drain_tasks(self.cfg.kill_timeout).await;
-                    }
-                });
+                connected(AGENT, channel, None, &self.cfg, agent());
                 std::process::exit(0);
             }
             Start::Standalone => {
@@ -246,21 +241,27 @@ impl Builder {
             }
             Start::Worker { id, channel } => {
                 let _ = ROLE.set(Role::Worker { id });
-                let rt = runtime(self.cfg.worker_threads);
-                rt.block_on(async move {
-                    if let Err(e) = worker::client::start(id, channel, &self.cfg).await {
-                        eprintln!("cluster: worker {id}: cannot reach the master: {e}");
-                        std::process::exit(2);
-                    }
-                    let output = body.await;
-                    if worker::is_shutting_down() {
-                        drain_tasks(self.cfg.kill_timeout).await;
-                    }
-                    output
-                })
+                connected(id, channel, self.cfg.worker_threads, &self.cfg, body)
             }
         }
     }
+}
+
+/// Runs `body` in a worker (or the agent, `id` [`AGENT`]) on its runtime: connects to the
+/// master first, and when `body` returns because the process is stopping, lets the tasks it
+/// spawned finish.
+fn connected<F: Future>(id: u32, channel: OwnedFd, threads: Option<usize>, cfg: &Config, body: F) -> F::Output {
+    runtime(threads).block_on(async move {
+        if let Err(e) = worker::client::start(id, channel, cfg).await {
+            eprintln!("cluster: {}: cannot reach the master: {e}", Peer::from_wire(id));
+            std::process::exit(2);
+        }
+        let output = body.await;
+        if worker::is_shutting_down() {
+            drain_tasks(cfg.kill_timeout).await;
+        }
+        output
+    })
 }
 
 static ROLE: std::sync::OnceLock<Role> = std::sync::OnceLock::new();

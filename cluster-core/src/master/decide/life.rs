@@ -93,22 +93,12 @@ impl Core {
             if !p.life.alive() || p.pid == 0 {
                 continue;
             }
-            if matches!(p.reason, Some(ExitReason::ProtocolError(_))) {
-                self.kill(serial, None, out);
+            if let Some(reason @ ExitReason::ProtocolError(_)) = &p.reason {
+                self.kill(serial, Some(reason.clone()), out);
                 continue;
             }
             let silent = now.saturating_duration_since(p.last_seen);
             if self.cfg.heartbeat_timeout.is_some_and(|timeout| silent > timeout) {
-                let name = Peer::from_wire(p.id);
-                warning!(
-                    event = "kill",
-                    id = p.id,
-                    pid = p.pid,
-                    reason = "missed heartbeats",
-                    "{name} (pid {}) sent no heartbeat for {:.1}s; killing it",
-                    p.pid,
-                    silent.as_secs_f64()
-                );
                 self.kill(serial, Some(ExitReason::MissedHeartbeats), out);
                 continue;
             }
@@ -219,21 +209,11 @@ impl Core {
     pub(super) fn retire_steps(&mut self, now: Instant, world: &dyn World, out: &mut Vec<Action>) {
         let master_draining = world.master_draining();
         let mut backlog_empty = None;
+        let mut late = Vec::new();
         for (serial, p) in self.procs.iter_mut() {
             let Life::Retiring { step, kill_at } = &mut p.life else { continue };
             if now >= *kill_at {
-                warning!(
-                    event = "kill",
-                    id = p.id,
-                    pid = p.pid,
-                    reason = "kill timeout",
-                    "{} (pid {}) still running at the kill timeout; killing it",
-                    Peer::from_wire(p.id),
-                    p.pid
-                );
-                p.reason.get_or_insert(ExitReason::KillTimeout);
-                p.life = Life::Killed { retired: true };
-                out.push(Action::Kill(*serial));
+                late.push(*serial);
                 continue;
             }
             if *step == Step::Open {
@@ -250,6 +230,9 @@ impl Core {
                 out.push(Action::Disconnect(*serial));
                 out.push(Action::Emit(Event::Disconnect { id: p.id, pid: p.pid }));
             }
+        }
+        for serial in late {
+            self.kill(serial, Some(ExitReason::KillTimeout), out);
         }
     }
 
@@ -320,6 +303,10 @@ impl Core {
             return;
         }
         if let Some(reason) = reason {
+            warning!(
+                event = "kill", id = p.id, pid = p.pid, reason = %reason,
+                "killing {} (pid {}): {reason}", Peer::from_wire(p.id), p.pid
+            );
             p.reason.get_or_insert(reason);
         }
         p.life = Life::Killed { retired: matches!(p.life, Life::Retiring { .. }) };
