@@ -20,6 +20,7 @@ pub(crate) struct Proxy {
     client: Arc<Client>,
     key: ListenKey,
     queue: Option<ConnQueue>,
+    closing: Closing,
     /// Taken off the queue; their acknowledgement (in `ack`) is not sent yet. Keeps `accept`
     /// cancel-safe.
     pending: Vec<NewConn>,
@@ -36,7 +37,15 @@ impl std::fmt::Debug for Proxy {
 impl Proxy {
     pub(crate) fn new(client: Arc<Client>, key: ListenKey, queue: ConnQueue) -> Self {
         let unserved = client.register_unserved(key);
-        Proxy { client, key, queue: Some(queue), pending: Vec::new(), ack: BytesMut::new(), unserved }
+        Proxy {
+            client,
+            key,
+            queue: Some(queue),
+            closing: Closing::default(),
+            pending: Vec::new(),
+            ack: BytesMut::new(),
+            unserved,
+        }
     }
 
     /// The next connection, acknowledged to the master.
@@ -45,10 +54,10 @@ impl Proxy {
             return Poll::Ready(Ok(conn));
         }
         if self.pending.is_empty() {
-            let Some(queue) = self.queue.as_mut() else { return Poll::Ready(Err(closed())) };
+            let Some(queue) = self.queue.as_mut() else { return self.closing.poll(cx).map(Err) };
             match ready!(queue.poll_recv(cx)) {
                 Some(conn) => self.pending.push(conn),
-                None => return Poll::Ready(Err(closed())),
+                None => return self.closing.poll(cx).map(Err),
             }
             // Everything already queued rides on the same acknowledgement; nothing waits for more.
             while self.pending.len() < MAX_FDS {
@@ -82,9 +91,25 @@ impl Drop for Proxy {
     }
 }
 
-/// The error `accept` returns once the worker is shutting down.
-pub(crate) fn closed() -> io::Error {
-    io::Error::other(ListenerClosed)
+/// How a listener ends once the worker stops and what was handed to it is taken. The first
+/// time it finds itself closed, `accept` stays pending for one poll (and wakes itself), so that
+/// in a `select!` beside [`worker::shutdown`](crate::worker::shutdown), which is already
+/// resolved by then, the shutdown branch wins whatever the order: `let (stream, _) = conn?;`
+/// never turns a normal stop into an error. From the next poll on, `accept` returns the
+/// closed error ([`is_closed`]), so a loop on `accept` alone ends too.
+#[derive(Debug, Default)]
+pub(crate) struct Closing {
+    seen: bool,
+}
+
+impl Closing {
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        if std::mem::replace(&mut self.seen, true) {
+            return Poll::Ready(io::Error::other(ListenerClosed));
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -6,7 +6,7 @@ use std::task::{Context, Poll, ready};
 use futures::Stream;
 use tokio::net::{TcpStream, ToSocketAddrs, lookup_host};
 
-use super::proxy::{Proxy, is_closed};
+use super::proxy::{Closing, Proxy, is_closed};
 use crate::ipc::message::{Endpoint, ListenKey};
 use crate::worker::client;
 
@@ -43,6 +43,7 @@ struct Own {
     key: ListenKey,
     /// Resolves when the worker is asked to stop; `None` once it has.
     stop: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    closing: Closing,
 }
 
 impl std::fmt::Debug for Own {
@@ -85,7 +86,7 @@ impl TcpListener {
                 client.send_listening(bound.key).await?;
                 let stopping = client.clone();
                 let stop = Some(Box::pin(async move { stopping.stopped().await }) as Pin<Box<_>>);
-                let own = Own { listener, key: bound.key, stop };
+                let own = Own { listener, key: bound.key, stop, closing: Closing::default() };
                 return Ok(TcpListener { inner: Inner::Own(own) });
             }
             let queue = client.attach(bound.key, &shown).await?;
@@ -121,14 +122,14 @@ impl TcpListener {
                     own.stop = None;
                 }
                 if own.stop.is_none() {
-                    return Poll::Ready(Err(super::proxy::closed()));
+                    return own.closing.poll(cx).map(Err);
                 }
                 match ready!(own.listener.poll_accept(cx)) {
                     // EINVAL: the master shut the socket down (the cluster is stopping or
                     // this worker's `reuseport` socket is retired); the stop message follows.
                     Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
                         own.stop = None;
-                        Poll::Ready(Err(super::proxy::closed()))
+                        own.closing.poll(cx).map(Err)
                     }
                     accepted => Poll::Ready(accepted),
                 }

@@ -432,8 +432,10 @@ impl Client {
     /// Stops accepting: listeners return what is already queued, then report closed, and the
     /// shutdown signal fires.
     fn begin_shutdown(&self) {
-        self.state.lock().unwrap().listeners.clear();
+        // The signal first: a listener that finds its queue closed may rely on `shutdown()`
+        // being resolved already (see `net::proxy::Closing`).
         self.shutdown.send_replace(true);
+        self.state.lock().unwrap().listeners.clear();
     }
 }
 
