@@ -175,6 +175,17 @@ impl Builder {
         self
     }
 
+    /// Whether the very first start gives up (default `true`): when, before any worker was
+    /// ready, every worker exits before it is ready three times (a port already taken, a
+    /// permission denied, a crash at start), or none is ready within the ready timeout, the
+    /// master stops and exits 1 with the reason, so a service manager or an orchestrator
+    /// reports the failure. Once a worker has been ready, crash loops back off and never give
+    /// up. Env `CLUSTER_FAIL_FAST=0` turns it off.
+    pub fn fail_fast(mut self, fail_fast: bool) -> Self {
+        self.cfg.fail_fast = fail_fast;
+        self
+    }
+
     /// Runs `hook` in the master beside the supervisor, with a [`Master`] handle for worker
     /// events and messages.
     pub fn master<F, Fut>(mut self, hook: F) -> Self

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use crate::role::StartError;
-use crate::role::{ENV_BALANCER, ENV_LOG, ENV_LOG_FORMAT, ENV_MAX_WORKER_CONNECTIONS, ENV_SCHED_POLICY, ENV_WINDOW};
+use crate::role::{
+    ENV_BALANCER, ENV_FAIL_FAST, ENV_LOG, ENV_LOG_FORMAT, ENV_MAX_WORKER_CONNECTIONS, ENV_SCHED_POLICY, ENV_WINDOW,
+};
 use crate::role::{
     ENV_HEARTBEAT_TIMEOUT_MS, ENV_KILL_TIMEOUT_MS, ENV_MAX_CONNECTIONS, ENV_MAX_CONNECTIONS_JITTER, ENV_MAX_RSS_MB,
     ENV_MIN_UPTIME_MS, ENV_READY_TIMEOUT_MS, ENV_RELOAD_CONCURRENCY, ENV_RESTART_DELAY_MAX_MS, ENV_RESTART_DELAY_MS,
@@ -36,6 +38,8 @@ pub(crate) struct Config {
     pub(crate) balancer: Balancer,
     /// Most open connections per worker (`rr` only); more wait in the master / kernel.
     pub(crate) max_worker_connections: Option<u64>,
+    /// Whether a first start where no worker gets ready stops the master (exit 1).
+    pub(crate) fail_fast: bool,
     /// How the master writes its log when the program has no subscriber of its own.
     pub(crate) log_format: LogFormat,
     /// `CLUSTER_LOG`: an `EnvFilter` directive for the master's log.
@@ -188,6 +192,9 @@ impl Config {
         if let Some(v) = var::<u64>(ENV_MAX_WORKER_CONNECTIONS)? {
             self.max_worker_connections = (v > 0).then_some(v);
         }
+        if let Some(v) = var::<u8>(ENV_FAIL_FAST)? {
+            self.fail_fast = v != 0;
+        }
         if let Some(v) = var(ENV_LOG_FORMAT)? {
             self.log_format = v;
         }
@@ -224,6 +231,7 @@ impl Default for Config {
             policy: Policy::Rr,
             balancer: Balancer::RoundRobin,
             max_worker_connections: None,
+            fail_fast: true,
             log_format: LogFormat::Text,
             log_filter: None,
         }
@@ -237,7 +245,7 @@ fn expected(name: &str) -> &'static str {
         ENV_BALANCER => "`round-robin`, `least-connections` or `sticky`",
         ENV_LOG_FORMAT => "`text` or `json`",
         ENV_LOG => "a level such as `info`, or `target=level` directives such as `cluster=debug`",
-        ENV_WAIT_READY => "`0` or `1`",
+        ENV_WAIT_READY | ENV_FAIL_FAST => "`0` or `1`",
         _ if name.ends_with("_MS") => "a number of milliseconds",
         _ => "a whole number",
     }

@@ -44,6 +44,8 @@ pub const ENV_BALANCER: &str = "CLUSTER_BALANCER";
 pub const ENV_WINDOW: &str = "CLUSTER_WINDOW";
 /// Open connections per worker, at most (`rr`); `0` means no limit.
 pub const ENV_MAX_WORKER_CONNECTIONS: &str = "CLUSTER_MAX_WORKER_CONNECTIONS";
+/// `0`: a first start where no worker gets ready keeps retrying instead of stopping the master.
+pub const ENV_FAIL_FAST: &str = "CLUSTER_FAIL_FAST";
 /// The master's log format: `text` (default) or `json` (one object per line).
 pub const ENV_LOG_FORMAT: &str = "CLUSTER_LOG_FORMAT";
 /// Filter of the master's log: a level, or `target=level` directives (default `info`).

@@ -196,10 +196,10 @@ fn crash_looping_worker_backs_off_while_the_other_serves() {
 }
 
 #[test]
-fn crash_on_start_keeps_the_master_up_and_stoppable() {
+fn crash_on_start_without_fail_fast_keeps_the_master_up_and_stoppable() {
     let mut server = Server::spawn(
         integration_tests::example_bin("hello"),
-        &[("CLUSTER_WORKERS", "2"), ("HELLO_CRASH_ON_START", "1")],
+        &[("CLUSTER_WORKERS", "2"), ("HELLO_CRASH_ON_START", "1"), ("CLUSTER_FAIL_FAST", "0")],
     );
     for id in [1, 2] {
         server.wait_event("crash_loop", Duration::from_secs(10), |e| e["id"] == id && e["restarts"] == 3);
@@ -437,4 +437,29 @@ fn suspended_master_does_not_kill_healthy_workers() {
     }
     assert_eq!(server.workers(), before, "no worker was replaced:\n{}", server.stderr());
     assert!(server.events("kill").is_empty(), "{}", server.stderr());
+}
+
+/// The first start fails fast: the master exits non-zero with the reason within seconds.
+fn first_start_fails(env: &[(&str, &str)], reason: &str) {
+    let hello = integration_tests::example_bin("hello"); // built before the clock starts
+    let started = Instant::now();
+    let mut server = Server::spawn(hello, env);
+    let status = server.wait_exit(Duration::from_secs(10)).expect("the master gives up");
+    assert_eq!(status.code(), Some(1), "{}", server.stderr());
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    let failed = server.wait_event("start_failed", Duration::from_secs(1), |_| true);
+    assert!(failed["reason"].as_str().is_some_and(|r| r.contains(reason)), "{failed}");
+    assert!(server.workers().is_empty());
+}
+
+#[test]
+fn crash_on_the_first_start_stops_the_master_with_the_reason() {
+    first_start_fails(&[("CLUSTER_WORKERS", "2"), ("HELLO_CRASH_ON_START", "1")], "exited with code 3");
+}
+
+#[test]
+fn a_port_taken_by_another_process_stops_the_master_with_the_reason() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("address").port().to_string();
+    first_start_fails(&[("CLUSTER_WORKERS", "2"), ("PORT", &port)], "Address already in use");
 }

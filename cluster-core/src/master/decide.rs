@@ -72,6 +72,8 @@ pub(super) enum Fact {
     Panicked(String),
     /// It broke the protocol.
     ProtocolError(String),
+    /// The master could not bind what it asked for (the error, as said to it).
+    ListenFailed(String),
     /// It is gone and every message it sent has been read; `Err` if waiting for it failed.
     Exited(Result<Status, String>),
 }
@@ -194,6 +196,8 @@ struct Proc {
 #[derive(Debug, Default)]
 struct Slot {
     current: Option<Serial>,
+    /// Its processes that exited before they were ready, during the first start.
+    failed_starts: u32,
     incoming: Option<Incoming>,
     /// With no process: when the next one starts (`None`: now).
     restart_at: Option<Instant>,
@@ -237,10 +241,18 @@ struct Reload {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stop {
     Running,
-    Graceful { deadline: Instant },
+    Graceful {
+        deadline: Instant,
+    },
     Fast,
     Abort,
+    /// The first start failed (see `decide/life.rs`, `check_first_start`): exit 1.
+    Failed,
 }
+
+/// Exits before ready of every worker id, before any worker was ever ready, after which the
+/// first start has failed.
+pub(super) const FIRST_START_TRIES: u32 = 3;
 
 /// The decision core. See the module documentation.
 pub(super) struct Core {
@@ -258,6 +270,10 @@ pub(super) struct Core {
     next_rss_check: Option<Instant>,
     /// Seed of the per-process `max_connections` jitter.
     seed: u64,
+    /// When the cluster started; `None` once a worker has been ready (the first start is over).
+    first_start: Option<Instant>,
+    /// Why the first start is failing, as last seen (a bind error, an exit).
+    start_failure: Option<String>,
 }
 
 impl Core {
@@ -278,6 +294,8 @@ impl Core {
             last_step: None,
             next_rss_check: None,
             seed,
+            first_start: None,
+            start_failure: None,
         }
     }
 
@@ -317,6 +335,11 @@ impl Core {
                 });
                 p.life = Life::Exited { status, retired };
             }
+            Fact::ListenFailed(e) => {
+                if self.first_start.is_some() {
+                    self.start_failure = Some(format!("{} cannot listen: {e}", Peer::from_wire(p.id)));
+                }
+            }
             Fact::Hello | Fact::Listening(_) | Fact::Heard => {}
         }
         // The sockets of the process serving a slot are what its next process must listen on.
@@ -343,12 +366,16 @@ impl Core {
     /// Decides what to do at `now`. See the module documentation.
     pub(super) fn reconcile(&mut self, now: Instant, world: &dyn World) -> Vec<Action> {
         let mut out = Vec::new();
+        if self.last_step.is_none() {
+            self.first_start = Some(now);
+        }
         self.notice_suspension(now);
         for command in std::mem::take(&mut self.asked) {
             self.apply(command, now, &mut out);
         }
         self.scale(&mut out, now);
         self.reap(now, &mut out);
+        self.check_first_start(now, &mut out);
         self.check(now, &mut out);
         self.advance_reload(now, &mut out);
         self.check_limits(now, world, &mut out);
@@ -365,6 +392,7 @@ impl Core {
                 note!(event = "stopped", "all workers stopped; master exiting");
                 out.push(Action::Exit(0));
             }
+            Stop::Failed if self.procs.is_empty() => out.push(Action::Exit(1)),
             _ => {}
         }
         out

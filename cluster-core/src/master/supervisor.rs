@@ -220,11 +220,15 @@ impl Supervisor {
                     warning!(event = "listen_failed", id, pid, endpoint = %shown, error = %e, "{} cannot listen on {shown}: {e}", Peer::from_wire(id));
                 }
                 let fd = result.as_ref().ok().and_then(|(key, _)| self.listeners.shared_fd(*key));
+                let fact = match &result {
+                    Ok(_) => Fact::Heard,
+                    Err(e) => Fact::ListenFailed(format!("{shown}: {e}")),
+                };
                 let result = result.map_err(|e| errno(&e));
                 let mut out = BytesMut::new();
                 encode::listen_reply(&mut out, req, &result, fd.is_some());
                 send_soon(&channel, out, fd);
-                Fact::Heard
+                fact
             }
             ToMaster::Listening { key } => {
                 if let Some(addr) = self.listeners.addr(key) {

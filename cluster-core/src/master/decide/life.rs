@@ -62,6 +62,13 @@ impl Core {
                 })));
             }
             let Some(slot) = self.slots.get_mut(&p.id) else { continue };
+            if self.first_start.is_some() && p.ready_at.is_none() {
+                slot.failed_starts += 1;
+                let name = Peer::from_wire(p.id);
+                let how = if p.pid == 0 { "could not be started".into() } else { describe(status) };
+                let why = p.reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default();
+                self.start_failure.get_or_insert_with(|| format!("{name} {how} before it was ready{why}"));
+            }
             if slot.incoming.as_ref().is_some_and(|i| i.serial == serial) {
                 let how = if p.pid == 0 { "could not be started".into() } else { describe(status) };
                 self.incoming_failed(p.id, &format!("its new process {how} before it was ready"), now, out);
@@ -83,6 +90,42 @@ impl Core {
                 self.schedule_restart(p.id, unstable, now, out);
             }
         }
+    }
+
+    /// The first start fails fast: when, before any worker was ever ready, every worker died
+    /// [`FIRST_START_TRIES`] times before it was ready, or none was ready within the ready
+    /// timeout, the master stops and exits 1 with the reason (a bind error, an exit) instead
+    /// of restarting forever. Once a worker has been ready, crash loops back off and never
+    /// give up. `fail_fast(false)` keeps trying from the start too.
+    pub(super) fn check_first_start(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let Some(since) = self.first_start else { return };
+        if !self.cfg.fail_fast || self.stop != Stop::Running {
+            return;
+        }
+        let mut workers = self.slots.range(..AGENT_ID).map(|(_, s)| s).peekable();
+        let all_failed = workers.peek().is_some() && workers.all(|s| s.failed_starts >= FIRST_START_TRIES);
+        let late = now.saturating_duration_since(since) >= self.cfg.ready_timeout;
+        if !(all_failed || late) {
+            return;
+        }
+        let last = self.start_failure.clone();
+        let reason = match (all_failed, last) {
+            (true, Some(last)) => last,
+            (true, None) => "every worker exited before it was ready".into(),
+            (false, last) => {
+                let timeout = self.cfg.ready_timeout;
+                let last = last.map(|l| format!("; last: {l}")).unwrap_or_default();
+                format!("no worker was ready within {timeout:?}{last}")
+            }
+        };
+        warning!(
+            event = "start_failed", reason = %reason,
+            "the first start failed: {reason}; stopping (fail_fast(false) or CLUSTER_FAIL_FAST=0 keeps trying)"
+        );
+        self.stop = Stop::Failed;
+        self.reload = None;
+        out.push(Action::StopListening { drain: false });
+        self.kill_all(out);
     }
 
     /// Protocol errors, heartbeats, readiness, and replacements late to be ready.
@@ -139,6 +182,9 @@ impl Core {
         p.ready_at = Some(now);
         let (id, pid) = (p.id, p.pid);
         let took = now.saturating_duration_since(p.started).as_micros();
+        // The first start is over: from now on, crash loops back off and never give up.
+        self.first_start = None;
+        self.start_failure = None;
         note!(
             event = "ready",
             id,

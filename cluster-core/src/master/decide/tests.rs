@@ -54,6 +54,8 @@ fn cfg(workers: usize) -> Config {
         heartbeat_timeout: Some(Duration::from_secs(1)),
         kill_timeout: Duration::from_secs(5),
         ready_timeout: Duration::from_secs(2),
+        // The first-start rule has its own tests below; the others start with it off.
+        fail_fast: false,
         ..Config::default()
     }
 }
@@ -588,4 +590,77 @@ fn status_shows_backoff_and_states() {
     let status = sim.core.status(sim.now, &sim.world);
     let states: Vec<_> = status.iter().map(|s| (s.id, s.state, s.restart_in)).collect();
     assert_eq!(states, [(1, WorkerState::Ready, None), (2, WorkerState::Backoff, Some(100 * MS))]);
+}
+
+// ----- the first start -----
+
+#[test]
+fn a_first_start_where_every_worker_dies_before_ready_stops_the_master_with_1() {
+    let mut sim = Sim::new(Config { fail_fast: true, ..cfg(2) });
+    let mut serials: Vec<Serial> = spawns(&sim.step()).into_iter().map(|(s, _)| s).collect();
+    let mut last = Vec::new();
+    for _ in 0..FIRST_START_TRIES {
+        for serial in std::mem::take(&mut serials) {
+            last = sim.exit(serial, 3);
+        }
+        serials = spawns(&sim.advance(Duration::from_millis(400), &[])).into_iter().map(|(s, _)| s).collect();
+    }
+    assert!(serials.is_empty(), "no more starts: {serials:?}");
+    assert!(last.iter().any(|a| matches!(a, Action::StopListening { drain: false })), "{last:?}");
+    assert_eq!(exit_code(&last), Some(1));
+    assert_eq!(sim.core.start_failure.as_deref(), Some("worker 1 exited with code 3 before it was ready"));
+}
+
+#[test]
+fn a_bind_error_at_the_first_start_is_the_reason_given() {
+    let mut sim = Sim::new(Config { fail_fast: true, ..cfg(1) });
+    sim.step();
+    let mut serial = 1;
+    for _ in 0..FIRST_START_TRIES {
+        sim.fact(serial, Fact::Hello);
+        sim.fact(serial, Fact::ListenFailed("tcp 127.0.0.1:80: Address already in use".into()));
+        let out = [sim.exit(serial, 1), sim.advance(Duration::from_millis(400), &[])].concat();
+        serial = spawns(&out).first().map_or(0, |s| s.0);
+    }
+    assert_eq!(serial, 0, "stopped");
+    assert_eq!(
+        sim.core.start_failure.as_deref(),
+        Some("worker 1 cannot listen: tcp 127.0.0.1:80: Address already in use")
+    );
+}
+
+#[test]
+fn a_first_start_with_no_worker_ready_in_time_stops_the_master() {
+    let mut sim = Sim::new(Config { fail_fast: true, ..cfg(2) });
+    sim.step();
+    sim.fact(1, Fact::Hello);
+    let out = sim.advance(Duration::from_secs(2), &[]);
+    assert_eq!(kills(&out), [1, 2]);
+    sim.exit(1, 0);
+    assert_eq!(exit_code(&sim.exit(2, 0)), Some(1));
+}
+
+#[test]
+fn once_a_worker_was_ready_crash_loops_never_stop_the_master() {
+    let mut sim = Sim::new(Config { fail_fast: true, ..cfg(2) });
+    sim.step();
+    sim.ready(1);
+    let mut serial = 2;
+    for _ in 0..6 {
+        let out = [sim.exit(serial, 3), sim.advance(Duration::from_secs(4), &[])].concat();
+        assert!(exit_code(&out).is_none());
+        serial = spawns(&out)[0].0;
+    }
+}
+
+#[test]
+fn without_fail_fast_a_failing_first_start_keeps_trying() {
+    let mut sim = Sim::new(cfg(1));
+    sim.step();
+    let mut serial = 1;
+    for _ in 0..6 {
+        let out = [sim.exit(serial, 3), sim.advance(Duration::from_secs(4), &[])].concat();
+        assert!(exit_code(&out).is_none());
+        serial = spawns(&out)[0].0;
+    }
 }
