@@ -32,6 +32,8 @@
 
 mod builder;
 mod config;
+#[cfg(feature = "http")]
+pub mod http;
 mod ipc;
 mod log;
 pub mod master;

@@ -22,8 +22,13 @@ fn exclusive() -> MutexGuard<'static, ()> {
 /// `rounds` SIGHUPs one second apart under `wrk`: no socket error, no non-2xx, and after each
 /// reload every worker pid is new. `env` picks the policy and balancer.
 fn reloads_under_load(env: &[(&str, &str)], rounds: usize, wrk_args: &[&str]) {
+    reloads_of_under_load("hello", env, rounds, wrk_args);
+}
+
+/// [`reloads_under_load`] for the example program `bin`.
+fn reloads_of_under_load(bin: &str, env: &[(&str, &str)], rounds: usize, wrk_args: &[&str]) {
     let _guard = exclusive();
-    let server = Server::start("hello", &[&[("CLUSTER_WORKERS", "2")], env].concat(), 2);
+    let server = Server::start(bin, &[&[("CLUSTER_WORKERS", "2")], env].concat(), 2);
     let addr = server.addr;
     let args: Vec<String> = wrk_args.iter().map(|s| s.to_string()).collect();
     let load = std::thread::spawn(move || {
@@ -47,7 +52,13 @@ fn reloads_under_load(env: &[(&str, &str)], rounds: usize, wrk_args: &[&str]) {
     eprintln!("{}", report.output);
     eprintln!("reloads: {:?}", server.events("reload_done"));
     assert!(report.requests > 1000, "too little load to mean anything: {}", report.output);
-    assert_eq!(report.errors, [0; 4], "{env:?}: socket errors during reloads:\n{}\n{}", report.output, server.stderr());
+    assert_eq!(
+        report.errors,
+        [0; 4],
+        "{bin} {env:?}: socket errors during reloads:\n{}\n{}",
+        report.output,
+        server.stderr()
+    );
     assert_eq!(report.non2xx, 0, "{env:?}: non-2xx during reloads:\n{}", report.output);
 }
 
@@ -462,4 +473,41 @@ fn a_port_taken_by_another_process_stops_the_master_with_the_reason() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = taken.local_addr().expect("address").port().to_string();
     first_start_fails(&[("CLUSTER_WORKERS", "2"), ("PORT", &port)], "Address already in use");
+}
+
+/// The axum and hyper-util recipes (README, "HTTP servers"), like `hello`: 5 rolling reloads
+/// under `wrk` keep-alive load fail no request.
+#[test]
+fn axum_and_hyper_util_recipes_fail_nothing_across_rolling_reloads() {
+    for bin in ["axum-hello", "hyper-hello"] {
+        reloads_of_under_load(bin, &[], 5, &["-c8", "-d7s"]);
+    }
+}
+
+/// Clients that keep one connection each and reuse it (as Python's `http.client` does),
+/// across two reloads and then a stop: every request sent on a connection that got in is
+/// answered, for `hello` and both recipes.
+#[test]
+fn keep_alive_clients_see_no_error_across_reloads_and_stop() {
+    for bin in ["hello", "axum-hello", "hyper-hello"] {
+        let _guard = exclusive();
+        let mut server = Server::start(bin, &[("CLUSTER_WORKERS", "2")], 2);
+        let master = server.pid();
+        let (answered, load) = closed_loop(server.addr, 8, move || !alive(master));
+        for round in 1..=2 {
+            let before = answered.load(Ordering::Relaxed);
+            wait_for(Duration::from_secs(5), "load to run", || {
+                (answered.load(Ordering::Relaxed) > before + 500).then_some(())
+            });
+            server.signal(libc::SIGHUP);
+            server.wait_events("reload_done", round, Duration::from_secs(10));
+        }
+        server.signal(libc::SIGTERM);
+        let status = server.wait_exit(Duration::from_secs(10)).expect("master exits");
+        assert_eq!(status.code(), Some(0), "{bin}");
+        let report = load.join().expect("load");
+        eprintln!("{bin}: {report:?}");
+        assert!(report.ok > 1000, "{bin}: load ran: {report:?}");
+        assert_eq!(report.failed, 0, "{bin}: requests failed: {report:?}\n{}", server.stderr());
+    }
 }
