@@ -11,7 +11,14 @@ use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
 use syn::{Expr, ExprLit, ItemFn, Lit, MetaNameValue, Token};
 
-const KEYS: &str = "`workers`, `worker_threads`, `kill_timeout_ms`, `exit_on_panic`, `master`, `agent`, `crate`";
+const KEYS: &str =
+    "`workers`, `worker_threads`, `kill_timeout_ms`, `exit_on_panic`, `policy`, `balancer`, `master`, `agent`, `crate`";
+
+/// `policy = "…"`: the values and the `cluster::Policy` variant each names.
+const POLICIES: &[(&str, &str)] = &[("rr", "Rr"), ("shared", "Shared"), ("reuseport", "ReusePort")];
+/// `balancer = "…"`: the values and the `cluster::Balancer` variant each names.
+const BALANCERS: &[(&str, &str)] =
+    &[("round-robin", "RoundRobin"), ("least-connections", "LeastConnections"), ("sticky", "Sticky")];
 
 /// Runs `async fn main` as a cluster: the body runs in every worker; the master supervises.
 ///
@@ -30,6 +37,10 @@ const KEYS: &str = "`workers`, `worker_threads`, `kill_timeout_ms`, `exit_on_pan
 ///   (default: a single-threaded runtime per worker).
 /// - `kill_timeout_ms = N`: how long stopping workers may drain (default 30000).
 /// - `exit_on_panic = bool`: whether a panic ends the worker (default `true`).
+/// - `policy = "rr" | "shared" | "reuseport"`: how connections reach workers (default `"rr"`;
+///   env `CLUSTER_SCHED_POLICY` overrides).
+/// - `balancer = "round-robin" | "least-connections" | "sticky"`: which worker gets each
+///   connection under `rr` (default `"round-robin"`; env `CLUSTER_BALANCER` overrides).
 /// - `master = path`: an `async fn(cluster::Master)` to run in the master, for worker events
 ///   and messages.
 /// - `agent = path`: an `async fn()` to run in the agent process, a supervised singleton
@@ -74,6 +85,8 @@ struct Config {
     worker_threads: Option<Expr>,
     kill_timeout_ms: Option<Expr>,
     exit_on_panic: Option<Expr>,
+    policy: Option<syn::Ident>,
+    balancer: Option<syn::Ident>,
     master: Option<syn::Path>,
     agent: Option<syn::Path>,
     krate: Option<syn::Path>,
@@ -97,6 +110,8 @@ impl Config {
                     set(&mut config.kill_timeout_ms, int(&arg.value, "kill_timeout_ms", false)?, span, &name)?
                 }
                 "exit_on_panic" => set(&mut config.exit_on_panic, boolean(&arg.value)?, span, &name)?,
+                "policy" => set(&mut config.policy, choice(&arg.value, "policy", POLICIES)?, span, &name)?,
+                "balancer" => set(&mut config.balancer, choice(&arg.value, "balancer", BALANCERS)?, span, &name)?,
                 "master" => set(&mut config.master, path(&arg.value, "master")?, span, &name)?,
                 "agent" => set(&mut config.agent, path(&arg.value, "agent")?, span, &name)?,
                 "crate" => set(&mut config.krate, crate_path(&arg.value)?, span, &name)?,
@@ -159,6 +174,18 @@ fn boolean(value: &Expr) -> syn::Result<Expr> {
     }
 }
 
+/// A string literal among `choices`; gives the name of the enum variant it stands for.
+fn choice(value: &Expr, name: &str, choices: &[(&str, &str)]) -> syn::Result<syn::Ident> {
+    let valid = choices.iter().map(|(v, _)| format!("`\"{v}\"`")).collect::<Vec<_>>().join(", ");
+    match value {
+        Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => match choices.iter().find(|(v, _)| *v == s.value()) {
+            Some((_, variant)) => Ok(syn::Ident::new(variant, s.span())),
+            None => Err(syn::Error::new_spanned(s, format!("unknown {name} {:?}; expected one of {valid}", s.value()))),
+        },
+        other => Err(syn::Error::new_spanned(other, format!("`{name}` takes a string, one of {valid}"))),
+    }
+}
+
 fn path(value: &Expr, name: &str) -> syn::Result<syn::Path> {
     match value {
         Expr::Path(p) => Ok(p.path.clone()),
@@ -191,6 +218,12 @@ fn expand(func: ItemFn, config: Config) -> TokenStream2 {
     }
     if let Some(b) = config.exit_on_panic {
         builder = quote_spanned!(b.span()=> #builder.exit_on_panic(#b));
+    }
+    if let Some(policy) = config.policy {
+        builder = quote_spanned!(policy.span()=> #builder.policy(#krate::Policy::#policy));
+    }
+    if let Some(balancer) = config.balancer {
+        builder = quote_spanned!(balancer.span()=> #builder.balancer(#krate::Balancer::#balancer));
     }
     if let Some(master) = config.master {
         builder = quote_spanned!(master.span()=> #builder.master(#master));

@@ -27,6 +27,16 @@ fn port_zero_is_shared_and_bind_errors_come_back() {
     for line in &lines {
         assert_eq!(field(line, "taken"), "AddrInUse", "{line}");
     }
+    // Nothing in the master reads messages: sending one, or a request, fails at once.
+    let sends = wait_for(Duration::from_secs(10), "both workers' sends", || {
+        let out = server.stdout();
+        let lines: Vec<String> = out.lines().filter(|l| l.contains("send to master")).map(String::from).collect();
+        (lines.len() == 2).then_some(lines)
+    });
+    for line in sends {
+        assert!(line.contains("send to master: Err(NoPeer("), "{line}");
+        assert!(line.contains("request to master: Err(Send(NoPeer("), "{line}");
+    }
     // Both ports really accept.
     for port in a.iter().chain(&b) {
         std::net::TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap())).expect("connect");

@@ -14,6 +14,8 @@ mod app {
         worker_threads = 1,
         kill_timeout_ms = 5000,
         exit_on_panic = false,
+        policy = "reuseport",
+        balancer = "least-connections",
         master = run_master,
         agent = run_agent
     )]

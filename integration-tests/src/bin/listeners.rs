@@ -1,5 +1,6 @@
 //! Test program: every worker binds port 0 twice and a port that is already taken
-//! (`TAKEN_PORT`), and prints what it got.
+//! (`TAKEN_PORT`), and prints what it got; then it sends a message and a request to the master,
+//! which runs no code to read them (no `master` hook), and prints what the sends returned.
 
 fn main() {
     cluster::Cluster::builder().workers(2).run(worker()).expect("worker");
@@ -15,6 +16,9 @@ async fn worker() -> std::io::Result<()> {
         Err(e) => format!("{:?}", e.kind()),
     };
     println!("worker {id} a={} b={} taken={taken}", a.local_addr()?.port(), b.local_addr()?.port());
+    let sent = cluster::worker::send("anyone?").await;
+    let asked = cluster::worker::request(cluster::Peer::Master, "anyone?", std::time::Duration::from_secs(10)).await;
+    println!("worker {id} send to master: {sent:?}; request to master: {asked:?}");
     cluster::worker::shutdown().await;
     Ok(())
 }

@@ -1,0 +1,2 @@
+#[cluster::main(policy = "roundrobin")]
+async fn main() {}
