@@ -26,6 +26,7 @@
 //! ```
 //!
 //! Layout: [`net`] (role-transparent listeners), [`worker`] (the worker's and the agent's API),
+//! `http` (graceful HTTP for hyper, axum and tonic; feature `http`),
 //! [`master`] (events and control for code in the master), [`messaging`] (messages between
 //! processes), [`Cluster`] (the builder behind the macro).
 #![warn(missing_docs)]

@@ -1,7 +1,7 @@
 //! User messages between the processes of a cluster: the master, the workers and the agent
 //! (Node's `worker.send` / `process.on('message')`, plus request/response).
 //!
-//! Payloads are bytes; with the `serde` feature, [`to_json`] and [`Message::json`] carry typed
+//! Payloads are bytes; with the `serde` feature, `to_json` and `Message::json` carry typed
 //! values. Every message between two processes arrives whole and in order. Messages between
 //! two workers, or a worker and the agent, are relayed by the master, which tells the sender
 //! whether the recipient got it: sending to a process that is not running is an error.
@@ -86,7 +86,7 @@ pub enum SendError {
     /// The recipient is not running (or this process is not part of a cluster).
     #[error("no such peer: {0}")]
     NoPeer(String),
-    /// The payload exceeds [`MAX_USER_MESSAGE`](crate::MAX_USER_MESSAGE) bytes.
+    /// The payload exceeds [`crate::MAX_USER_MESSAGE`] bytes.
     #[error("message of {0} bytes exceeds the limit of {max} bytes", max = MAX_USER_MESSAGE)]
     TooLarge(usize),
     /// The channel failed (the peer exited).

@@ -1,6 +1,6 @@
 //! `#[cluster::main]`: runs an `async fn main` as a cluster of worker processes.
 //!
-//! The expansion is short: it builds a [`cluster::Cluster`] builder from the arguments and
+//! The expansion is short: it builds a `cluster::Cluster` builder from the arguments and
 //! passes it the body as a future. All the work happens in the library.
 
 use proc_macro::TokenStream;

@@ -59,7 +59,7 @@ pub enum ProtocolError {
         /// How many bytes were left.
         extra: usize,
     },
-    /// The kernel cut the datagram (MSG_TRUNC): it was larger than [`MAX_MESSAGE`].
+    /// The kernel cut the datagram (MSG_TRUNC): it was larger than the largest message (64 KiB).
     #[error("message larger than {MAX_MESSAGE} bytes (MSG_TRUNC)")]
     Truncated,
     /// The kernel cut the ancillary data (MSG_CTRUNC): too many file descriptors.

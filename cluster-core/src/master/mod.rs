@@ -167,7 +167,7 @@ pub enum WorkerState {
     Backoff,
 }
 
-/// One line of [`Master::status`].
+/// One line of [`Handle::status`] (`Master::status`).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct WorkerStatus {

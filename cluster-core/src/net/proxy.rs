@@ -116,7 +116,7 @@ impl Closing {
 #[error("cluster listener closed: this worker is shutting down")]
 struct ListenerClosed;
 
-/// Whether an error from [`TcpListener::accept`] means the listener was closed because the
+/// Whether an error from [`TcpListener::accept`](crate::net::TcpListener::accept) means the listener was closed because the
 /// worker is shutting down (as opposed to a failed accept).
 pub fn is_closed(err: &io::Error) -> bool {
     err.get_ref().is_some_and(|e| e.is::<ListenerClosed>())

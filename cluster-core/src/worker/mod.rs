@@ -1,6 +1,6 @@
 //! What user code in a worker (or the agent) can call: its id, readiness, the shutdown
 //! signal, and messages to the master and the other processes. The channel to the master
-//! behind them is [`client`](self::client)'s.
+//! behind them is the client's (`worker/client.rs`).
 
 pub(crate) mod client;
 
@@ -38,8 +38,9 @@ pub fn is_worker() -> bool {
 /// Resolves when this worker should stop: the master asked it to (graceful stop, reload) or
 /// the master is gone. Outside a cluster, resolves on SIGINT or SIGTERM.
 ///
-/// Await it beside your accept loop, stop accepting, and let open connections finish (with
-/// hyper, call `graceful_shutdown` on each connection so keep-alive clients are told).
+/// Await it beside your accept loop, stop accepting, and let open connections finish. For HTTP
+/// servers, `cluster::http` (feature `http`) tells keep-alive clients before closing their
+/// connections, so a reload fails no request.
 pub async fn shutdown() {
     match client() {
         Some(client) => {
