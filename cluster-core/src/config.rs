@@ -99,25 +99,28 @@ pub enum Balancer {
 }
 
 impl std::str::FromStr for Policy {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, ()> {
+    type Err = String;
+    /// `rr`, `shared` (or `none`, Node's name) or `reuseport`; the error lists them.
+    fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "rr" => Ok(Policy::Rr),
             "shared" | "none" => Ok(Policy::Shared),
             "reuseport" => Ok(Policy::ReusePort),
-            _ => Err(()),
+            _ => Err(format!("unknown policy {s:?}: expected {}", expected(ENV_SCHED_POLICY))),
         }
     }
 }
 
 impl std::str::FromStr for Balancer {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, ()> {
+    type Err = String;
+    /// `round-robin`, `least-connections` or `sticky` (and the short forms `rr`, `least-conn`,
+    /// `ip-hash`); the error lists them.
+    fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "round-robin" | "rr" => Ok(Balancer::RoundRobin),
             "least-connections" | "least-conn" => Ok(Balancer::LeastConnections),
             "sticky" | "ip-hash" => Ok(Balancer::Sticky),
-            _ => Err(()),
+            _ => Err(format!("unknown balancer {s:?}: expected {}", expected(ENV_BALANCER))),
         }
     }
 }

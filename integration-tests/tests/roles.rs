@@ -43,3 +43,14 @@ fn bad_worker_count_is_a_clear_error() {
     assert_eq!(code, Some(2));
     assert!(stderr.contains("CLUSTER_WORKERS=\"many\" is not a number of workers"), "{stderr}");
 }
+
+#[test]
+fn a_bad_setting_names_the_valid_values() {
+    let (code, stderr) = run(&[("CLUSTER_SCHED_POLICY", "roundrobin")]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("`rr`, `shared` or `reuseport`"), "{stderr}");
+    assert_eq!(
+        "roundrobin".parse::<cluster::Policy>().unwrap_err(),
+        "unknown policy \"roundrobin\": expected `rr`, `shared` or `reuseport`"
+    );
+}
