@@ -30,6 +30,8 @@ use crate::messaging::Peer;
 mod life;
 mod replace;
 #[cfg(test)]
+mod sim;
+#[cfg(test)]
 mod tests;
 
 /// Housekeeping period: heartbeats, limits, deadlines.
