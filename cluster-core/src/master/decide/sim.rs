@@ -29,7 +29,6 @@ impl Rng {
 
 /// A simulated process, as the world knows it.
 struct Running {
-    id: u32,
     /// Says nothing and sends no heartbeat.
     hung: bool,
     /// Exits before it is ready (a crash at start).
@@ -40,7 +39,7 @@ struct Running {
     listening: bool,
 }
 
-#[derive(Default)]
+/// A data path with nothing queued or in flight.
 struct Quiet;
 
 impl World for Quiet {
@@ -118,7 +117,7 @@ impl Sim {
     fn execute(&mut self, action: Action) {
         let soon = self.now + Duration::from_millis(1 + self.rng.below(30));
         match action {
-            Action::Spawn { serial, id } => {
+            Action::Spawn { serial, .. } => {
                 assert!(!self.running.contains_key(&serial), "serial {serial} spawned twice");
                 if self.rng.chance(3) {
                     self.core.record(serial, Fact::SpawnFailed("no such file".into()), self.now);
@@ -127,7 +126,7 @@ impl Sim {
                 let crashes = self.rng.chance(15);
                 let hung = !crashes && self.rng.chance(5);
                 let exit_at = crashes.then(|| self.now + Duration::from_millis(self.rng.below(200)));
-                let p = Running { id, hung, crashes, exit_at, said_hello: false, listening: false };
+                let p = Running { hung, crashes, exit_at, said_hello: false, listening: false };
                 self.running.insert(serial, p);
                 self.core.record(serial, Fact::Spawned(serial as u32 + 1000), self.now);
             }
