@@ -11,6 +11,8 @@ pub mod bench;
 mod codec_tests;
 pub(crate) mod encode;
 pub(crate) mod message;
+#[cfg(test)]
+mod prop_tests;
 mod reassembly;
 
 pub(crate) use reassembly::{Reassembly, Whole};
