@@ -230,7 +230,7 @@ impl Builder {
         let start = match self.cfg.apply_env().and_then(|()| role::detect(self.cfg.workers, self.agent.is_some())) {
             Ok(start) => start,
             Err(e) => {
-                eprintln!("cluster: {e}");
+                crate::log::say!("{e}");
                 std::process::exit(2);
             }
         };
@@ -264,7 +264,7 @@ impl Builder {
 fn connected<F: Future>(id: u32, channel: OwnedFd, threads: Option<usize>, cfg: &Config, body: F) -> F::Output {
     runtime(threads).block_on(async move {
         if let Err(e) = worker::client::start(id, channel, cfg).await {
-            eprintln!("cluster: {}: cannot reach the master: {e}", Peer::from_wire(id));
+            crate::log::say!("{}: cannot reach the master: {e}", Peer::from_wire(id));
             std::process::exit(2);
         }
         let output = body.await;
@@ -295,7 +295,7 @@ fn runtime(threads: Option<usize>) -> tokio::runtime::Runtime {
         }
     };
     built.unwrap_or_else(|e| {
-        eprintln!("cluster: cannot build a tokio runtime: {e}");
+        crate::log::say!("cannot build a tokio runtime: {e}");
         std::process::exit(1)
     })
 }

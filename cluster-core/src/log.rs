@@ -35,6 +35,22 @@ use tracing_subscriber::filter::Targets;
 
 use crate::config::LogFormat;
 
+/// A line on stderr from a process with no subscriber (a worker, or before the master's is
+/// installed), prefixed `cluster: `, written with one `write` so that it is not cut into by
+/// the lines of the other processes of the cluster that share the stream.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::log::write_line(format_args!($($arg)*))
+    };
+}
+pub(crate) use say;
+
+/// See [`say!`].
+pub(crate) fn write_line(args: std::fmt::Arguments<'_>) {
+    let line = format!("cluster: {args}\n");
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+}
+
 /// Installs the master's subscriber on this thread unless the program set a global one; the
 /// guard keeps it until it is dropped.
 pub(crate) fn init(format: LogFormat, filter: Option<&str>) -> Option<tracing::subscriber::DefaultGuard> {

@@ -130,8 +130,8 @@ pub(crate) fn detect(default_workers: usize, has_agent: bool) -> Result<Start, S
         let raw = fd.parse::<RawFd>().ok().filter(|fd| *fd >= 0).ok_or(StartError::BadChannelNumber(fd))?;
         let channel = sys::adopt_channel_fd(raw)?;
         if !(sys::remove_env(ENV_UNIQUE_ID) && sys::remove_env(ENV_CHANNEL_FD)) {
-            eprintln!(
-                "cluster: other threads were running when the cluster started, so {ENV_UNIQUE_ID} and \
+            crate::log::say!(
+                "other threads were running when the cluster started, so {ENV_UNIQUE_ID} and \
                  {ENV_CHANNEL_FD} stay in this worker's environment (start the cluster first in main)"
             );
         }

@@ -171,7 +171,7 @@ impl axum::serve::Listener for TcpListener {
                 Err(e) if is_closed(&e) => std::future::pending::<()>().await,
                 Err(e) if is_connection_error(&e) => {}
                 Err(e) => {
-                    eprintln!("cluster: accept error: {e}");
+                    crate::log::say!("accept error: {e}");
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 }
             }

@@ -469,8 +469,8 @@ async fn read_loop(client: Arc<Client>) {
                     && let Ok(ids) = message::newconn_ids(&d.data) =>
             {
                 if !std::mem::replace(&mut out_of_fds, true) {
-                    eprintln!(
-                        "cluster: worker {}: no free file descriptors for {} new connection(s); handing them back",
+                    crate::log::say!(
+                        "worker {}: no free file descriptors for {} new connection(s); handing them back",
                         client.id,
                         ids.len()
                     );
@@ -495,7 +495,7 @@ async fn read_loop(client: Arc<Client>) {
                 Ok(None) => {}
                 Err(e) => {
                     // The master is trusted; garbage from it means a broken build. Do not guess.
-                    eprintln!("cluster: worker {}: bad message from master: {e}; exiting", client.id);
+                    crate::log::say!("worker {}: bad message from master: {e}; exiting", client.id);
                     sys::exit_now(70);
                 }
             },
