@@ -207,8 +207,8 @@ async fn deliver(from: u32, to: u32, call: u32, data: &[u8], registry: &Registry
 }
 
 /// Reads one worker's channel. Acknowledgements and listener changes go straight to the
-/// dispatch table (data path), user messages are reassembled (and relayed when they are for
-/// another worker); everything else goes to the supervisor. After a malformed message it
+/// dispatch table (data path), user messages are reassembled and go to the worker's relay
+/// (whoever they are for); everything else goes to the supervisor. After a malformed message it
 /// keeps reading (datagram boundaries survive garbage) so that acknowledgements already sent
 /// are not lost, while the supervisor kills the worker.
 async fn read_loop(
