@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use crate::role::StartError;
 use crate::role::{
-    ENV_BALANCER, ENV_FAIL_FAST, ENV_LOG, ENV_LOG_FORMAT, ENV_MAX_WORKER_CONNECTIONS, ENV_SCHED_POLICY, ENV_WINDOW,
+    ENV_ADMIN_ADDR, ENV_BALANCER, ENV_CONTROL_SOCKET, ENV_FAIL_FAST, ENV_LOG, ENV_LOG_CAPTURE, ENV_LOG_FORMAT,
+    ENV_MAX_WORKER_CONNECTIONS, ENV_NAME, ENV_PID_FILE, ENV_SCHED_POLICY, ENV_WINDOW,
 };
 use crate::role::{
     ENV_HEARTBEAT_TIMEOUT_MS, ENV_KILL_TIMEOUT_MS, ENV_MAX_CONNECTIONS, ENV_MAX_CONNECTIONS_JITTER, ENV_MAX_RSS_MB,
@@ -44,6 +45,40 @@ pub(crate) struct Config {
     pub(crate) log_format: LogFormat,
     /// `CLUSTER_LOG`: an `EnvFilter` directive for the master's log.
     pub(crate) log_filter: Option<String>,
+    /// Whether workers' output goes through the master, prefixed (`CLUSTER_LOG_CAPTURE`).
+    pub(crate) log_capture: bool,
+    /// The cluster's name; `None`: the binary's file name.
+    pub(crate) name: Option<String>,
+    /// Where the control socket goes.
+    pub(crate) control_socket: ControlSocket,
+    /// `CLUSTER_PID_FILE`.
+    pub(crate) pid_file: Option<std::path::PathBuf>,
+    /// `CLUSTER_ADMIN_ADDR`: the admin HTTP endpoint.
+    pub(crate) admin_addr: Option<std::net::SocketAddr>,
+}
+
+/// Where the master serves its control socket (`CLUSTER_CONTROL_SOCKET`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) enum ControlSocket {
+    /// `<dir>/<name>-<pid>.sock` (see `master/control.rs`).
+    #[default]
+    Default,
+    /// No control socket.
+    Off,
+    /// This path.
+    Path(std::path::PathBuf),
+}
+
+impl std::str::FromStr for ControlSocket {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "off" => Ok(ControlSocket::Off),
+            "" => Err(()),
+            _ if s.starts_with('/') => Ok(ControlSocket::Path(s.into())),
+            _ => Err(()),
+        }
+    }
 }
 
 /// How the master writes its log (`CLUSTER_LOG_FORMAT`).
@@ -207,6 +242,29 @@ impl Config {
             }
             self.log_filter = Some(v);
         }
+        if let Some(v) = var::<u8>(ENV_LOG_CAPTURE)? {
+            self.log_capture = v != 0;
+        }
+        if let Some(v) = var::<String>(ENV_NAME)? {
+            if !crate::control::valid_name(&v) {
+                return Err(StartError::BadSetting { name: ENV_NAME, value: v, expected: expected(ENV_NAME) });
+            }
+            self.name = Some(v);
+        }
+        if let Some(v) = var(ENV_CONTROL_SOCKET)? {
+            self.control_socket = v;
+        }
+        if let Some(v) = std::env::var_os(ENV_PID_FILE) {
+            let path = std::path::PathBuf::from(&v);
+            if !path.is_absolute() {
+                let value = v.to_string_lossy().into_owned();
+                return Err(StartError::BadSetting { name: ENV_PID_FILE, value, expected: expected(ENV_PID_FILE) });
+            }
+            self.pid_file = Some(path);
+        }
+        if let Some(v) = var(ENV_ADMIN_ADDR)? {
+            self.admin_addr = Some(v);
+        }
         Ok(())
     }
 }
@@ -237,6 +295,11 @@ impl Default for Config {
             fail_fast: true,
             log_format: LogFormat::Text,
             log_filter: None,
+            log_capture: false,
+            name: None,
+            control_socket: ControlSocket::Default,
+            pid_file: None,
+            admin_addr: None,
         }
     }
 }
@@ -248,7 +311,11 @@ fn expected(name: &str) -> &'static str {
         ENV_BALANCER => "`round-robin`, `least-connections` or `sticky`",
         ENV_LOG_FORMAT => "`text` or `json`",
         ENV_LOG => "a level such as `info`, or `target=level` directives such as `cluster=debug`",
-        ENV_WAIT_READY | ENV_FAIL_FAST => "`0` or `1`",
+        ENV_WAIT_READY | ENV_FAIL_FAST | ENV_LOG_CAPTURE => "`0` or `1`",
+        ENV_NAME => "letters, digits, `.`, `_` or `-` (at most 64, not starting with `.` or `-`)",
+        ENV_CONTROL_SOCKET => "`off` or an absolute path",
+        ENV_PID_FILE => "an absolute path",
+        ENV_ADMIN_ADDR => "an address and port such as `127.0.0.1:9100`",
         _ if name.ends_with("_MS") => "a number of milliseconds",
         _ => "a whole number",
     }

@@ -8,27 +8,33 @@
 //! level, or `target=level` directives separated by commas; default `info`).
 
 /// An `info` event of the master (target `cluster`): `note!(event = "ready", id, pid, "text")`.
+/// It also goes to the master's ring of recent events (`clusterctl logs`), whatever
+/// subscriber the program has.
 macro_rules! note {
-    ($($arg:tt)+) => {
-        ::tracing::info!(target: "cluster", $($arg)+)
-    };
+    ($($arg:tt)+) => {{
+        ::tracing::info!(target: "cluster", $($arg)+);
+        $crate::log::ring::capture(|| ::tracing::info!(target: "cluster", $($arg)+));
+    }};
 }
 
 /// A `warn` event of the master (target `cluster`), same form as [`note!`].
 macro_rules! warning {
-    ($($arg:tt)+) => {
-        ::tracing::warn!(target: "cluster", $($arg)+)
-    };
+    ($($arg:tt)+) => {{
+        ::tracing::warn!(target: "cluster", $($arg)+);
+        $crate::log::ring::capture(|| ::tracing::warn!(target: "cluster", $($arg)+));
+    }};
 }
 
 /// A line of the master's log with no fields (an `info` event).
 macro_rules! log {
     ($($arg:tt)*) => {
-        ::tracing::info!(target: "cluster", "{}", format_args!($($arg)*))
+        $crate::log::note!("{}", format_args!($($arg)*))
     };
 }
 #[allow(unused_imports)]
 pub(crate) use {log, note, warning};
+
+pub(crate) mod ring;
 
 use tracing::Level;
 use tracing_subscriber::filter::Targets;

@@ -52,6 +52,17 @@ pub const ENV_LOG_FORMAT: &str = "CLUSTER_LOG_FORMAT";
 pub const ENV_LOG: &str = "CLUSTER_LOG";
 /// Workers replaced at a time by a rolling reload.
 pub const ENV_RELOAD_CONCURRENCY: &str = "CLUSTER_RELOAD_CONCURRENCY";
+/// The cluster's name (control socket file name, `clusterctl ls`); default: the binary's name.
+pub const ENV_NAME: &str = "CLUSTER_NAME";
+/// Path of the control socket, or `off`; default `<dir>/<name>-<pid>.sock` (README,
+/// "Operating a cluster").
+pub const ENV_CONTROL_SOCKET: &str = "CLUSTER_CONTROL_SOCKET";
+/// A file the master writes its pid to, and removes when it exits.
+pub const ENV_PID_FILE: &str = "CLUSTER_PID_FILE";
+/// `host:port` of the master's admin HTTP endpoint (`/healthz`, `/readyz`, `/metrics`).
+pub const ENV_ADMIN_ADDR: &str = "CLUSTER_ADMIN_ADDR";
+/// `1`: workers' stdout and stderr go through the master, each line prefixed with the worker.
+pub const ENV_LOG_CAPTURE: &str = "CLUSTER_LOG_CAPTURE";
 
 /// Where the master puts the channel in each worker.
 pub(crate) const CHANNEL_FD: RawFd = 3;

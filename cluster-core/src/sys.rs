@@ -119,6 +119,67 @@ pub(crate) fn getpid() -> u32 {
     std::process::id()
 }
 
+/// This process's real user id.
+pub(crate) fn getuid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
+}
+
+/// Whether process `pid` exists (it may belong to another user).
+pub(crate) fn alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    // SAFETY: signal 0 checks for existence and permission only; nothing is sent.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// CPU time (user + system) process `pid` has used, from `/proc/<pid>/stat`.
+pub(crate) fn cpu_time(pid: u32) -> io::Result<std::time::Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces and parentheses): state is the
+    // 3rd field of the line, utime the 14th, stime the 15th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let field = |n: usize| rest.split_whitespace().nth(n - 3).and_then(|f| f.parse::<u64>().ok());
+    let ticks = field(14)
+        .zip(field(15))
+        .map(|(u, s)| u + s)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/<pid>/stat format"))?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100).max(1);
+    Ok(std::time::Duration::from_nanos(ticks * 1_000_000_000 / hz))
+}
+
+/// Inodes of the sockets process `pid` has open (from `/proc/<pid>/fd`).
+pub(crate) fn socket_inodes(pid: u32) -> io::Result<Vec<u64>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let Ok(target) = std::fs::read_link(entry?.path()) else { continue };
+        let target = target.to_string_lossy();
+        if let Some(inode) = target.strip_prefix("socket:[").and_then(|t| t.strip_suffix(']')) {
+            out.extend(inode.parse::<u64>().ok());
+        }
+    }
+    Ok(out)
+}
+
+/// Inodes of every TCP connection of this network namespace that is established or closing
+/// (not listening, not a handshake), read with one `sock_diag` dump per address family.
+pub(crate) fn tcp_connection_inodes() -> io::Result<std::collections::HashSet<u64>> {
+    // ESTABLISHED .. CLOSING (1..=11) except LISTEN (10).
+    const STATES: u32 = 0b1111_1111_1110 & !(1 << 10);
+    let mut out = std::collections::HashSet::new();
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        diag_dump(family as u8, STATES, |msg| {
+            // inet_diag_msg: 4 bytes, inet_diag_sockid (48), expires, rqueue, wqueue, uid,
+            // then the inode.
+            if let Some(inode) = msg.get(68..72) {
+                out.insert(u64::from(u32::from_ne_bytes(inode.try_into().expect("4 bytes"))));
+            }
+        })?;
+    }
+    Ok(out)
+}
+
 /// The inode of whatever `fd` refers to now, or `None` if it is not open. Used to notice that
 /// a connection handed to user code was closed (its number may be reused, its inode is not).
 pub(crate) fn inode(fd: RawFd) -> Option<u64> {
@@ -272,7 +333,8 @@ pub(crate) fn pending_handshakes(locals: &[std::net::SocketAddr]) -> io::Result<
         if !locals.iter().any(|l| l.is_ipv4() == v4) {
             continue;
         }
-        diag_dump(family as u8, |msg| {
+        // Request socks are TCP_NEW_SYN_RECV (12) inside the kernel, TCP_SYN_RECV (3) in dumps.
+        diag_dump(family as u8, 1 << 3 | 1 << 12, |msg| {
             // inet_diag_msg: family, state, timer, retrans, then inet_diag_sockid: sport (big
             // endian), dport, src[16], dst[16], if, cookie[2] (host order).
             if msg.len() < 52 {
@@ -290,13 +352,11 @@ pub(crate) fn pending_handshakes(locals: &[std::net::SocketAddr]) -> io::Result<
     Ok(found)
 }
 
-/// Dumps the TCP sockets of `family` in state SYN-RECV over `NETLINK_SOCK_DIAG`, calling
-/// `each` with every `inet_diag_msg`.
-fn diag_dump(family: u8, mut each: impl FnMut(&[u8])) -> io::Result<()> {
+/// Dumps the TCP sockets of `family` in `states` (a bit per TCP state) over
+/// `NETLINK_SOCK_DIAG`, calling `each` with every `inet_diag_msg`.
+fn diag_dump(family: u8, states: u32, mut each: impl FnMut(&[u8])) -> io::Result<()> {
     const SOCK_DIAG_BY_FAMILY: u16 = 20;
     const HEADER: usize = 16; // struct nlmsghdr
-    // Request socks are TCP_NEW_SYN_RECV (12) inside the kernel, TCP_SYN_RECV (3) in dumps.
-    const STATES: u32 = 1 << 3 | 1 << 12;
     let socket = socket2::Socket::new(
         socket2::Domain::from(libc::AF_NETLINK),
         socket2::Type::DGRAM,
@@ -310,7 +370,7 @@ fn diag_dump(family: u8, mut each: impl FnMut(&[u8])) -> io::Result<()> {
     request[6..8].copy_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
     request[HEADER] = family;
     request[HEADER + 1] = libc::IPPROTO_TCP as u8;
-    request[HEADER + 4..HEADER + 8].copy_from_slice(&STATES.to_ne_bytes());
+    request[HEADER + 4..HEADER + 8].copy_from_slice(&states.to_ne_bytes());
     socket.send(&request)?;
     let mut buf = vec![0u8; 32 * 1024];
     loop {

@@ -44,7 +44,7 @@ const SUSPENDED: Duration = Duration::from_secs(1);
 /// How often resident memory is checked, with a memory limit.
 const RSS_CHECK: Duration = Duration::from_secs(1);
 /// Most workers: ids stay below the wire addresses of the agent and of "all workers".
-const MAX_WORKERS: usize = 65_536;
+pub(super) const MAX_WORKERS: usize = 65_536;
 
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -86,6 +86,8 @@ pub(super) enum Command {
     Reload,
     SetWorkers(usize),
     Stop(StopKind),
+    /// Replace one worker, new process first (check it with [`Core::can_restart`]).
+    Restart(u32),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -118,8 +120,20 @@ pub(super) enum Action {
     StopListening { drain: bool },
     /// Report an event to code in the master.
     Emit(Event),
+    /// Tell whoever waits for a reload or a restart how it went.
+    Answer(Answer),
     /// The master is done: exit with this code.
     Exit(i32),
+}
+
+/// The outcome of a reload or a restart, for those waiting on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Answer {
+    /// The reloads up to number `upto` (see [`Core::reload_ticket`]) are over: `Ok(replaced
+    /// processes, milliseconds)`, or `Err((worker id, why))` when abandoned.
+    Reload { upto: u64, result: Result<(usize, u64), (u32, String)> },
+    /// The restart of worker `id`: `Ok((old pid, new pid))` or why it failed.
+    Restart { id: u32, result: Result<(u32, u32), String> },
 }
 
 /// What the decision core reads of the data path and of the processes.
@@ -219,6 +233,8 @@ struct Incoming {
     serial: Serial,
     deadline: Instant,
     cause: Cause,
+    /// Someone waits for this replacement (a restart command): answer them.
+    answer: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,6 +254,8 @@ struct Reload {
     /// Another reload was asked for meanwhile: run one more when this one ends.
     again: bool,
     started: Instant,
+    /// Its number: reloads are counted from 1.
+    seq: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -266,6 +284,8 @@ pub(super) struct Core {
     next_serial: Serial,
     stop: Stop,
     reload: Option<Reload>,
+    /// Reloads begun so far.
+    reloads: u64,
     /// Commands recorded since the last step.
     asked: Vec<Command>,
     last_step: Option<Instant>,
@@ -292,6 +312,7 @@ impl Core {
             next_serial: 1,
             stop: Stop::Running,
             reload: None,
+            reloads: 0,
             asked: Vec::new(),
             last_step: None,
             next_rss_check: None,
@@ -358,6 +379,30 @@ impl Core {
     /// Records a command; it takes effect at the next [`reconcile`](Self::reconcile).
     pub(super) fn command(&mut self, command: Command) {
         self.asked.push(command);
+    }
+
+    /// The number of the reload that a reload command recorded now will be answered by
+    /// ([`Answer::Reload`] with `upto` at least this): the next one to begin, whether it begins
+    /// at once or after the one under way. `None` while stopping (it will not run).
+    pub(super) fn reload_ticket(&self) -> Option<u64> {
+        (!self.stopping() && !self.asked.iter().any(|c| matches!(c, Command::Stop(_)))).then_some(self.reloads + 1)
+    }
+
+    /// Whether worker `id` can be restarted now (it has a process); why not otherwise.
+    pub(super) fn can_restart(&self, id: u32) -> Result<(), String> {
+        if self.stopping() {
+            return Err("the cluster is stopping".into());
+        }
+        if id == AGENT_ID {
+            return Err("the agent is restarted by a reload, not on its own".into());
+        }
+        let Some(slot) = self.slots.get(&id) else {
+            return Err(format!("there is no worker {id} (workers: 1..={})", self.worker_count()));
+        };
+        match slot.current.and_then(|s| self.procs.get(&s)) {
+            Some(p) if p.life.alive() => Ok(()),
+            _ => Err(format!("worker {id} has no process now (it is waiting to restart)")),
+        }
     }
 
     /// Whether the cluster is stopping (no worker starts any more, no socket is bound).
@@ -431,6 +476,10 @@ impl Core {
                 restarts: self.slots.get(&p.id).map_or(0, |s| s.restarts),
                 connections: world.handled(*serial),
                 restart_in: None,
+                rss: None,
+                cpu_time: None,
+                cpu_percent: None,
+                open_connections: None,
             })
             .collect();
         for (id, slot) in &self.slots {
@@ -443,6 +492,10 @@ impl Core {
                     restarts: slot.restarts,
                     connections: 0,
                     restart_in: Some(at.saturating_duration_since(now)),
+                    rss: None,
+                    cpu_time: None,
+                    cpu_percent: None,
+                    open_connections: None,
                 });
             }
         }
@@ -453,6 +506,11 @@ impl Core {
     /// Whether a live process accepts on socket `key` (a draining socket waits only for them).
     pub(super) fn accepted_on(&self, key: ListenKey) -> bool {
         self.procs.values().any(|p| p.life.alive() && p.keys.contains(&key))
+    }
+
+    /// Whether a rolling reload is under way.
+    pub(super) fn reloading(&self) -> bool {
+        self.reload.is_some()
     }
 
     /// Worker slots wanted.

@@ -79,6 +79,21 @@ struct Target {
     closed: u64,
     /// Since when it gets nothing because it said it had no room for more descriptors.
     resting: Option<Instant>,
+    /// Connections handed to it, acknowledged by it (never decreases), and given back by it.
+    sent: u64,
+    acked: u64,
+    returned: u64,
+}
+
+impl Target {
+    fn counts(&self) -> Counts {
+        Counts {
+            dispatched: self.sent,
+            acknowledged: self.acked,
+            returned: self.returned,
+            in_flight: self.inflight.len() as u64,
+        }
+    }
 }
 
 impl Target {
@@ -91,6 +106,7 @@ impl Target {
     /// in their order; returns the listeners they came from.
     fn take_back(&mut self, ids: &[ConnId], backlog: &mut Backlog) -> Vec<ListenKey> {
         let conns: Vec<Conn> = ids.iter().filter_map(|id| self.inflight.remove(id)).collect();
+        self.returned += conns.len() as u64;
         let keys = conns.iter().map(|c| c.key).collect();
         requeue(backlog, conns);
         keys
@@ -121,8 +137,36 @@ fn requeue(backlog: &mut Backlog, conns: impl IntoIterator<Item = Conn, IntoIter
     }
 }
 
+/// Connection counts of one worker id, over all its processes (for metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Counts {
+    /// Handed to it.
+    pub(crate) dispatched: u64,
+    /// Acknowledged by it.
+    pub(crate) acknowledged: u64,
+    /// Given back by it (refused, busy, returned, or not acknowledged when it died).
+    pub(crate) returned: u64,
+    /// Handed to it and not acknowledged yet (its current processes).
+    pub(crate) in_flight: u64,
+}
+
+/// What the data path has done so far (see [`Dispatch::counts`]).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Totals {
+    /// By worker id.
+    pub(crate) workers: std::collections::BTreeMap<u32, Counts>,
+    /// Accepted, waiting in the master for a worker with room.
+    pub(crate) backlog: u64,
+    /// Failed `accept` calls (file descriptors exhausted and the like).
+    pub(crate) accept_errors: u64,
+    /// Each worker's window.
+    pub(crate) window: usize,
+}
+
 struct State {
     targets: Vec<Target>,
+    /// Counts of worker processes that are gone, by worker id.
+    gone: std::collections::BTreeMap<u32, Counts>,
     cursor: usize,
     next_id: ConnId,
     backlog: Backlog,
@@ -146,6 +190,7 @@ pub(crate) struct Dispatch {
     /// Signalled whenever room may have appeared for a listener.
     room: Notify,
     limits: Limits,
+    accept_errors: std::sync::atomic::AtomicU64,
 }
 
 impl Dispatch {
@@ -154,6 +199,7 @@ impl Dispatch {
         Dispatch {
             state: Mutex::new(State {
                 targets: Vec::new(),
+                gone: std::collections::BTreeMap::new(),
                 cursor: 0,
                 next_id: 1,
                 backlog: HashMap::new(),
@@ -161,6 +207,27 @@ impl Dispatch {
             }),
             room: Notify::new(),
             limits: Limits { window, low_water: window - window / 4, cap, balancer },
+            accept_errors: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Connection counts by worker id (processes gone and running), and the master's own.
+    pub(crate) fn counts(&self) -> Totals {
+        let state = self.state.lock().unwrap();
+        let mut workers = state.gone.clone();
+        for t in &state.targets {
+            let c = t.counts();
+            let sum = workers.entry(t.id).or_default();
+            sum.dispatched += c.dispatched;
+            sum.acknowledged += c.acknowledged;
+            sum.returned += c.returned;
+            sum.in_flight += c.in_flight;
+        }
+        Totals {
+            workers,
+            backlog: state.backlog.values().map(|q| q.len() as u64).sum(),
+            accept_errors: self.accept_errors.load(std::sync::atomic::Ordering::Relaxed),
+            window: self.limits.window,
         }
     }
 
@@ -176,6 +243,9 @@ impl Dispatch {
             handled: 0,
             closed: 0,
             resting: None,
+            sent: 0,
+            acked: 0,
+            returned: 0,
         };
         self.state.lock().unwrap().targets.push(target);
     }
@@ -221,6 +291,13 @@ impl Dispatch {
         let mut state = self.state.lock().unwrap();
         let Some(i) = state.targets.iter().position(|t| t.serial == serial) else { return };
         let target = state.targets.remove(i);
+        let mut counts = target.counts();
+        counts.returned += counts.in_flight;
+        counts.in_flight = 0;
+        let sum = state.gone.entry(target.id).or_default();
+        sum.dispatched += counts.dispatched;
+        sum.acknowledged += counts.acknowledged;
+        sum.returned += counts.returned;
         let mut orphans: Vec<_> = target.inflight.into_iter().collect();
         orphans.sort_by_key(|(id, _)| *id);
         let n = orphans.len();
@@ -244,6 +321,7 @@ impl Dispatch {
             for id in ids {
                 if t.inflight.remove(id).is_some() {
                     t.handled += 1;
+                    t.acked += 1;
                 }
             }
             t.closed = (t.closed + u64::from(closed)).min(t.handled);
@@ -280,6 +358,7 @@ impl Dispatch {
                 t.id
             );
             t.handled = t.handled.saturating_sub(n);
+            t.returned += n;
             t.closed = t.closed.min(t.handled);
             t.keys.retain(|k| *k != key);
         }
@@ -418,7 +497,10 @@ impl State {
                 encode::newconn_entry(scratch, p.id, p.conn.peer.as_ref());
             }
             match t.channel.try_send_with_fds(scratch, &t.batch) {
-                Ok(()) => t.inflight.extend(t.batch.drain(..).map(|p| (p.id, p.conn))),
+                Ok(()) => {
+                    t.sent += t.batch.len() as u64;
+                    t.inflight.extend(t.batch.drain(..).map(|p| (p.id, p.conn)));
+                }
                 Err(e) => {
                     // Socket buffer full: no room for now. Any other error: the worker is gone,
                     // and its reader will report the closed channel.
@@ -548,6 +630,7 @@ pub(crate) async fn accept_loop(listener: Arc<AsyncFd<Socket>>, key: ListenKey, 
                 dispatch.dispatch(key, &mut batch);
             }
             if let Some(e) = error {
+                dispatch.accept_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 // EMFILE / ENFILE and the like: the client stays in the kernel's queue. Back
                 // off instead of spinning, and say so once per episode, not per attempt.
                 match &mut failing {

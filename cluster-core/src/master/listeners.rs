@@ -146,6 +146,26 @@ impl Listeners {
     }
 
     /// The address socket `key` is bound to (none for Unix sockets).
+    /// What the master listens on, as `tcp 127.0.0.1:8080`, `udp …`, `unix /path` (one line per
+    /// address, however many sockets `reuseport` has for it).
+    pub(super) fn addresses(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .by_addr
+            .iter()
+            .filter_map(|((endpoint, _, _), key)| {
+                let listener = self.open.get(key)?;
+                Some(match (endpoint, listener.addr) {
+                    (Endpoint::Tcp(_), Some(addr)) => format!("tcp {addr}"),
+                    (Endpoint::Udp(_), Some(addr)) => format!("udp {addr}"),
+                    (other, _) => other.to_string(),
+                })
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     pub(super) fn addr(&self, key: ListenKey) -> Option<SocketAddr> {
         self.open.get(&key).and_then(|l| l.addr)
     }

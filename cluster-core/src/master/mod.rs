@@ -1,10 +1,13 @@
 //! The master process: supervision (control path) and dispatch (data path), plus the handle
 //! that user code running in the master gets.
 
+mod admin;
+mod control;
 mod decide;
 mod dispatch;
 mod events;
 mod listeners;
+mod observe;
 mod process;
 mod supervisor;
 
@@ -17,7 +20,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
 
-use self::decide::Command;
+use self::decide::{Command, StopKind};
 use self::supervisor::Ask;
 
 use crate::config::Config;
@@ -185,6 +188,112 @@ pub struct WorkerStatus {
     pub connections: u64,
     /// Time until the next start, in backoff.
     pub restart_in: Option<Duration>,
+    /// Resident memory, in bytes (read from `/proc` by [`Handle::overview`]).
+    pub rss: Option<u64>,
+    /// CPU time used so far (by [`Handle::overview`]).
+    pub cpu_time: Option<Duration>,
+    /// CPU use since the previous overview (or since the process started), in % of one core
+    /// (by [`Handle::overview`]).
+    pub cpu_percent: Option<f64>,
+    /// TCP connections the process has open (by [`Handle::overview`]).
+    pub open_connections: Option<u64>,
+}
+
+/// The master itself, in an [`Overview`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct MasterStatus {
+    /// Its process id.
+    pub pid: u32,
+    /// The cluster's name (`CLUSTER_NAME`, or the binary's file name).
+    pub name: String,
+    /// Time since it started.
+    pub uptime: Duration,
+    /// This library's version.
+    pub version: &'static str,
+    /// The scheduling policy.
+    pub policy: crate::Policy,
+    /// The balancer (under `rr`).
+    pub balancer: crate::Balancer,
+    /// Workers wanted.
+    pub workers_target: usize,
+    /// The addresses the master listens on for its workers.
+    pub listeners: Vec<String>,
+    /// Whether a rolling reload is under way.
+    pub reloading: bool,
+    /// Whether the cluster is stopping.
+    pub stopping: bool,
+    /// Its control socket, if it serves one.
+    pub control_socket: Option<std::path::PathBuf>,
+}
+
+/// The whole cluster at one instant ([`Handle::overview`]).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Overview {
+    /// The master.
+    pub master: MasterStatus,
+    /// Every worker process (and the agent's, and ids waiting to restart), by id.
+    pub workers: Vec<WorkerStatus>,
+}
+
+/// A rolling reload that replaced every worker ([`Handle::reload_and_wait`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Reloaded {
+    /// Processes replaced.
+    pub replaced: usize,
+    /// How long it took.
+    pub took: Duration,
+}
+
+/// Why an operation on the cluster did not happen or did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    /// The reload stopped when the replacement of worker `id` failed; the workers not yet
+    /// replaced keep serving.
+    #[error("reload abandoned: the replacement of worker {id} failed: {reason}")]
+    Abandoned {
+        /// The worker whose replacement failed.
+        id: u32,
+        /// What happened to it.
+        reason: String,
+    },
+    /// It cannot be done (no such worker, …), or it failed; the message says which.
+    #[error("{0}")]
+    Refused(String),
+    /// The cluster is stopping.
+    #[error("the cluster is stopping")]
+    Stopping,
+    /// The master's supervisor is gone.
+    #[error("the master has stopped")]
+    Gone,
+}
+
+/// A new number of workers ([`Handle::scale`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scale {
+    /// Exactly this many (at least 1).
+    To(usize),
+    /// This many more.
+    Add(usize),
+    /// This many fewer (never below 1).
+    Remove(usize),
+}
+
+impl std::str::FromStr for Scale {
+    type Err = String;
+    /// `4`, `+2` or `-1`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not a number of workers (N, +N or -N)");
+        let n = |digits: &str| digits.parse::<usize>().map_err(|_| bad());
+        match s.as_bytes().first() {
+            Some(b'+') => n(&s[1..]).map(Scale::Add),
+            Some(b'-') => n(&s[1..]).map(Scale::Remove),
+            _ => n(s).and_then(|n| if n == 0 { Err(bad()) } else { Ok(Scale::To(n)) }),
+        }
+    }
 }
 
 /// How a worker ended.
@@ -224,6 +333,7 @@ pub struct Handle {
     registry: Registry,
     calls: Arc<Calls>,
     asks: mpsc::UnboundedSender<Ask>,
+    samples: Arc<observe::CpuSamples>,
 }
 
 impl Master {
@@ -292,11 +402,80 @@ impl Handle {
         let _ = self.asks.send(Ask::Command(Command::SetWorkers(n)));
     }
 
-    /// A snapshot of every worker process (and of worker ids waiting to restart), by id.
+    /// A snapshot of every worker process (and of worker ids waiting to restart), by id. It
+    /// reads nothing from `/proc` (`rss`, `cpu_*` and `open_connections` are `None`): see
+    /// [`overview`](Self::overview).
     pub async fn status(&self) -> Vec<WorkerStatus> {
         let (tx, rx) = oneshot::channel();
         let _ = self.asks.send(Ask::Status(tx));
         rx.await.unwrap_or_default()
+    }
+
+    /// The master and every worker process with its memory, CPU and open connections (read
+    /// from `/proc` on a blocking thread, off the master's loop); `None` once the master has
+    /// stopped.
+    pub async fn overview(&self) -> Option<Overview> {
+        let snapshot = self.snapshot().await?;
+        let (master, mut workers) = (snapshot.master, snapshot.workers);
+        let samples = self.samples.clone();
+        let workers = tokio::task::spawn_blocking(move || {
+            samples.enrich(&mut workers);
+            workers
+        })
+        .await
+        .ok()?;
+        Some(Overview { master, workers })
+    }
+
+    /// The cluster's metrics in Prometheus' text format (README, "Operating a cluster").
+    pub async fn metrics(&self) -> Option<String> {
+        let mut snapshot = self.snapshot().await?;
+        let samples = self.samples.clone();
+        tokio::task::spawn_blocking(move || {
+            samples.enrich(&mut snapshot.workers);
+            observe::prometheus(&snapshot)
+        })
+        .await
+        .ok()
+    }
+
+    async fn snapshot(&self) -> Option<observe::Snapshot> {
+        let (tx, rx) = oneshot::channel();
+        self.asks.send(Ask::Snapshot(tx)).ok()?;
+        rx.await.ok()
+    }
+
+    /// Starts a rolling reload (as [`reload`](Self::reload) does) and waits until it is over:
+    /// every worker replaced, or the reload abandoned (a new process died, could not start or
+    /// was not ready in time; the old ones keep serving). A reload asked for during another
+    /// runs after it, and this waits for that one.
+    pub async fn reload_and_wait(&self) -> Result<Reloaded, ControlError> {
+        let (tx, rx) = oneshot::channel();
+        self.asks.send(Ask::Reload(tx)).map_err(|_| ControlError::Gone)?;
+        rx.await.unwrap_or(Err(ControlError::Gone))
+    }
+
+    /// Replaces worker `id` by a new process of the binary on disk, the new one first (the
+    /// old one retires once the new one is ready); returns `(old pid, new pid)`.
+    pub async fn restart(&self, id: u32) -> Result<(u32, u32), ControlError> {
+        let (tx, rx) = oneshot::channel();
+        self.asks.send(Ask::Restart(id, tx)).map_err(|_| ControlError::Gone)?;
+        rx.await.unwrap_or(Err(ControlError::Gone))
+    }
+
+    /// Changes the number of workers; returns `(before, after)`. New workers start at once;
+    /// removed ones (highest ids first) retire gracefully.
+    pub async fn scale(&self, to: Scale) -> Result<(usize, usize), ControlError> {
+        let (tx, rx) = oneshot::channel();
+        self.asks.send(Ask::Scale(to, tx)).map_err(|_| ControlError::Gone)?;
+        rx.await.map_err(|_| ControlError::Gone)?
+    }
+
+    /// Stops the cluster, as SIGTERM (`fast: false`: workers finish their connections) or
+    /// SIGQUIT (`fast: true`: workers are killed) do.
+    pub fn stop(&self, fast: bool) {
+        let kind = if fast { StopKind::Fast } else { StopKind::Graceful };
+        let _ = self.asks.send(Ask::Command(Command::Stop(kind)));
     }
 
     /// Sends a message to every online worker (not the agent); returns how many it reached.
@@ -316,6 +495,8 @@ impl Handle {
 /// Runs the master until the cluster stops; returns the exit code.
 pub(crate) fn run(cfg: Config, hook: Option<MasterHook>) -> i32 {
     let _log = crate::log::init(cfg.log_format, cfg.log_filter.as_deref());
+    // The ring of recent records exists from the first one on (`clusterctl logs`).
+    crate::log::ring::ring();
     // One thread: the master's work is accept + sendmsg, and PR_SET_PDEATHSIG is tied to the
     // thread that forks, which must live as long as the master.
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -325,22 +506,84 @@ pub(crate) fn run(cfg: Config, hook: Option<MasterHook>) -> i32 {
             return 1;
         }
     };
-    runtime.block_on(async move {
+    let cfg = Arc::new(cfg);
+    let name = cfg.name.clone().unwrap_or_else(crate::control::default_name);
+    if let Some(pid_file) = &cfg.pid_file
+        && let Err(e) = pid_file::write(pid_file)
+    {
+        log!("cannot write the pid file {}: {e}", pid_file.display());
+        return 1;
+    }
+    let pid_file = cfg.pid_file.clone();
+    let code = runtime.block_on(async move {
         let registry = Registry::default();
         let calls = Arc::new(Calls::default());
         let (asks_tx, asks) = mpsc::unbounded_channel();
         let (events, receiver) = events::Events::new(hook.is_some());
+        let handle = Handle {
+            registry: registry.clone(),
+            calls: calls.clone(),
+            asks: asks_tx,
+            samples: Arc::new(observe::CpuSamples::default()),
+        };
+        // Operators' ways in: the control socket and the admin endpoint, both thin layers over
+        // the handle.
+        let control = control::serve(&cfg, &name, handle.clone());
+        let admin = match cfg.admin_addr {
+            Some(addr) => match admin::serve(addr, handle.clone()).await {
+                Ok(admin) => Some(admin),
+                Err(e) => {
+                    log!("cannot serve the admin endpoint on {addr}: {e}");
+                    return 1;
+                }
+            },
+            None => None,
+        };
         if let (Some(hook), Some(events)) = (hook, receiver) {
-            let handle = Handle { registry: registry.clone(), calls: calls.clone(), asks: asks_tx };
-            let master = Master { handle, events };
-            tokio::spawn(hook(master));
+            tokio::spawn(hook(Master { handle, events }));
+        } else {
+            drop(handle);
         }
-        match supervisor::Supervisor::new(Arc::new(cfg), registry, calls, events, asks) {
+        let info = supervisor::Info { name, control_socket: control.as_ref().map(|c| c.path().to_path_buf()) };
+        let code = match supervisor::Supervisor::new(cfg.clone(), info, registry, calls, events, asks) {
             Ok(supervisor) => supervisor.run().await,
             Err(e) => {
                 log!("cannot start: {e}");
                 1
             }
+        };
+        drop((control, admin));
+        code
+    });
+    drop(runtime);
+    if let Some(pid_file) = &pid_file {
+        pid_file::remove(pid_file);
+    }
+    code
+}
+
+/// `CLUSTER_PID_FILE`: the master's pid, written atomically, removed on exit if it still
+/// names this master.
+mod pid_file {
+    use std::io;
+    use std::path::Path;
+
+    pub(super) fn write(path: &Path) -> io::Result<()> {
+        let pid = crate::sys::getpid();
+        let tmp = path.with_file_name(format!(
+            ".{}.{pid}.tmp",
+            path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
+        ));
+        std::fs::write(&tmp, format!("{pid}\n"))?;
+        std::fs::rename(&tmp, path).inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
+    }
+
+    pub(super) fn remove(path: &Path) {
+        let ours = std::fs::read_to_string(path).is_ok_and(|s| s.trim() == crate::sys::getpid().to_string());
+        if ours {
+            let _ = std::fs::remove_file(path);
         }
-    })
+    }
 }

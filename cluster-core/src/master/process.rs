@@ -49,6 +49,8 @@ pub(super) struct Links {
     pub(super) calls: Arc<Calls>,
     /// The queue of events for code in the master, if any.
     pub(super) events: Option<mpsc::Sender<Event>>,
+    /// Counters for metrics.
+    pub(super) stats: Arc<super::observe::Stats>,
 }
 
 /// Starts workers: the binary this master was started from, with its arguments.
@@ -156,10 +158,11 @@ async fn wait(child: &mut tokio::process::Child, mut kill: oneshot::Receiver<()>
 pub(super) fn relay(from: u32, serial: Serial, sender: Arc<Channel>, links: &Links) -> mpsc::UnboundedSender<Whole> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Whole>();
     let (registry, reports, calls) = (links.registry.clone(), links.reports.clone(), links.calls.clone());
-    let events = links.events.clone();
+    let (events, stats) = (links.events.clone(), links.stats.clone());
     tokio::spawn(async move {
         let mut receipt = BytesMut::new();
         while let Some((to, call, data)) = rx.recv().await {
+            super::observe::Stats::bump(&stats.relayed);
             let delivered = match to {
                 0 if messaging::is_reply(call) => calls.complete(call, data),
                 0 => {

@@ -16,11 +16,13 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::sleep_until;
 
-use super::decide::{Action, Command, Core, Fact, StopKind, World};
+use super::decide::{Action, Answer, Command, Core, Fact, StopKind, World};
 use super::dispatch::{Dispatch, Serial};
 use super::events::Events;
 use super::listeners::Listeners;
+use super::observe::{Snapshot, Stats};
 use super::process::{Child, Launcher, Links, Report};
+use super::{ControlError, MasterStatus, Reloaded, Scale};
 use super::{Event, Registry, WorkerStatus};
 use crate::config::Config;
 use crate::ipc::Channel;
@@ -30,13 +32,40 @@ use crate::log::{log, note, warning};
 use crate::messaging::{Calls, Peer, Request};
 use crate::sys;
 
-/// What code in the master asks (see [`Master`](super::Master)).
+/// What code in the master, the control socket and the admin endpoint ask (see
+/// [`Handle`](super::Handle)).
 pub(super) enum Ask {
     Command(Command),
     Status(oneshot::Sender<Vec<WorkerStatus>>),
+    Snapshot(oneshot::Sender<Snapshot>),
+    Reload(Reply<Reloaded>),
+    Restart(u32, Reply<(u32, u32)>),
+    Scale(Scale, Reply<(usize, usize)>),
+}
+
+/// Where the outcome of an operation goes.
+pub(super) type Reply<T> = oneshot::Sender<Result<T, ControlError>>;
+
+/// What the master says about itself in status and metrics.
+pub(super) struct Info {
+    pub(super) name: String,
+    pub(super) control_socket: Option<std::path::PathBuf>,
+}
+
+/// Those waiting for a reload or a restart to end.
+#[derive(Default)]
+struct Waiting {
+    /// By reload number (see `Core::reload_ticket`).
+    reloads: Vec<(u64, Reply<Reloaded>)>,
+    restarts: Vec<(u32, Reply<(u32, u32)>)>,
 }
 
 pub(super) struct Supervisor {
+    cfg: Arc<Config>,
+    info: Info,
+    started: Instant,
+    stats: Arc<Stats>,
+    waiting: Waiting,
     core: Core,
     launcher: Launcher,
     links: Links,
@@ -54,6 +83,7 @@ const ROUNDS: usize = 8;
 impl Supervisor {
     pub(super) fn new(
         cfg: Arc<Config>,
+        info: Info,
         registry: Registry,
         calls: Arc<Calls>,
         events: Events,
@@ -61,12 +91,25 @@ impl Supervisor {
     ) -> io::Result<Self> {
         let dispatch = Arc::new(Dispatch::new(cfg.window, cfg.balancer, cfg.max_worker_connections));
         let (reports_tx, reports) = mpsc::unbounded_channel();
+        let stats = Arc::new(Stats::default());
         Ok(Supervisor {
+            info,
+            started: Instant::now(),
+            waiting: Waiting::default(),
             core: Core::new(cfg.clone(), RandomState::new().hash_one(sys::getpid())),
             launcher: Launcher::new()?,
-            links: Links { dispatch: dispatch.clone(), reports: reports_tx, registry, calls, events: events.sender() },
+            links: Links {
+                dispatch: dispatch.clone(),
+                reports: reports_tx,
+                registry,
+                calls,
+                events: events.sender(),
+                stats: stats.clone(),
+            },
+            stats,
             children: HashMap::new(),
-            listeners: Listeners::new(cfg, dispatch),
+            listeners: Listeners::new(cfg.clone(), dispatch),
+            cfg,
             events,
             asks,
             reports,
@@ -109,14 +152,94 @@ impl Supervisor {
                     self.core.command(Command::SetWorkers(self.core.target().saturating_sub(1)));
                 }
                 Some(report) = self.reports.recv() => self.on_report(report),
-                Some(ask) = self.asks.recv() => match ask {
-                    Ask::Command(command) => self.core.command(command),
-                    Ask::Status(reply) => {
-                        let world = Observed { dispatch: &self.links.dispatch, listeners: &self.listeners };
-                        let _ = reply.send(self.core.status(Instant::now(), &world));
-                    }
-                },
+                Some(ask) = self.asks.recv() => self.on_ask(ask),
                 _ = sleep_until(wake.into()) => {}
+            }
+        }
+    }
+
+    fn on_ask(&mut self, ask: Ask) {
+        match ask {
+            Ask::Command(command) => self.core.command(command),
+            Ask::Status(reply) => {
+                let world = Observed { dispatch: &self.links.dispatch, listeners: &self.listeners };
+                let _ = reply.send(self.core.status(Instant::now(), &world));
+            }
+            Ask::Snapshot(reply) => {
+                let _ = reply.send(self.snapshot());
+            }
+            Ask::Reload(reply) => match self.core.reload_ticket() {
+                Some(ticket) => {
+                    self.core.command(Command::Reload);
+                    self.waiting.reloads.push((ticket, reply));
+                }
+                None => drop(reply.send(Err(ControlError::Stopping))),
+            },
+            Ask::Restart(id, reply) => match self.core.can_restart(id) {
+                Ok(()) => {
+                    self.core.command(Command::Restart(id));
+                    self.waiting.restarts.push((id, reply));
+                }
+                Err(why) => drop(reply.send(Err(ControlError::Refused(why)))),
+            },
+            Ask::Scale(to, reply) => {
+                if self.core.stopping() {
+                    let _ = reply.send(Err(ControlError::Stopping));
+                    return;
+                }
+                let from = self.core.target();
+                let n = match to {
+                    Scale::To(n) => n,
+                    Scale::Add(n) => from.saturating_add(n),
+                    Scale::Remove(n) => from.saturating_sub(n),
+                }
+                .clamp(1, super::decide::MAX_WORKERS);
+                self.core.command(Command::SetWorkers(n));
+                let _ = reply.send(Ok((from, n)));
+            }
+        }
+    }
+
+    /// What status and metrics show, at this instant.
+    fn snapshot(&self) -> Snapshot {
+        let now = Instant::now();
+        let world = Observed { dispatch: &self.links.dispatch, listeners: &self.listeners };
+        let master = MasterStatus {
+            pid: sys::getpid(),
+            name: self.info.name.clone(),
+            uptime: now.saturating_duration_since(self.started),
+            version: env!("CARGO_PKG_VERSION"),
+            policy: self.cfg.policy,
+            balancer: self.cfg.balancer,
+            workers_target: self.core.target(),
+            listeners: self.listeners.addresses(),
+            reloading: self.core.reloading(),
+            stopping: self.core.stopping(),
+            control_socket: self.info.control_socket.clone(),
+        };
+        Snapshot {
+            master,
+            workers: self.core.status(now, &world),
+            totals: self.links.dispatch.counts(),
+            stats: self.stats.clone(),
+        }
+    }
+
+    /// Tells those waiting for a reload or restart how it went.
+    fn answer(&mut self, answer: Answer) {
+        match answer {
+            Answer::Reload { upto, result } => {
+                let result = result
+                    .map(|(replaced, ms)| Reloaded { replaced, took: std::time::Duration::from_millis(ms) })
+                    .map_err(|(id, reason)| ControlError::Abandoned { id, reason });
+                for (_, reply) in extract(&mut self.waiting.reloads, |ticket| *ticket <= upto) {
+                    let _ = reply.send(result.clone());
+                }
+            }
+            Answer::Restart { id, result } => {
+                for (_, reply) in extract(&mut self.waiting.restarts, |waiting| *waiting == id) {
+                    let _ = reply.send(result.clone().map_err(ControlError::Refused));
+                }
             }
         }
     }
@@ -136,6 +259,15 @@ impl Supervisor {
                 if let Some(code) = self.execute(action, now) {
                     return Some(code);
                 }
+            }
+        }
+        // Nothing waited for happens once the cluster stops.
+        if self.core.stopping() {
+            for (_, reply) in self.waiting.reloads.drain(..) {
+                let _ = reply.send(Err(ControlError::Stopping));
+            }
+            for (_, reply) in self.waiting.restarts.drain(..) {
+                let _ = reply.send(Err(ControlError::Stopping));
             }
         }
         None
@@ -176,10 +308,26 @@ impl Supervisor {
             }
             Action::CloseSockets(id) => self.listeners.close_own(id),
             Action::StopListening { drain } => self.listeners.close_all(drain),
-            Action::Emit(event) => self.events.emit(event),
+            Action::Emit(event) => {
+                self.count(&event);
+                self.events.emit(event);
+            }
+            Action::Answer(answer) => self.answer(answer),
             Action::Exit(code) => return Some(code),
         }
         None
+    }
+
+    fn count(&self, event: &Event) {
+        let stats = &self.stats;
+        match event {
+            Event::ReloadDone { .. } => Stats::bump(&stats.reloads_done),
+            Event::ReloadAbandoned { .. } => Stats::bump(&stats.reloads_abandoned),
+            Event::CrashLoop { .. } => Stats::bump(&stats.crash_loops),
+            Event::Exit(info) if info.after_disconnect => Stats::bump(&stats.retired),
+            Event::Exit(_) => Stats::bump(&stats.crashes),
+            _ => {}
+        }
     }
 
     fn on_report(&mut self, report: Report) {
@@ -245,6 +393,13 @@ impl Supervisor {
         };
         self.core.record(serial, fact, now);
     }
+}
+
+/// Removes and returns the items of `list` whose key matches.
+fn extract<K, V>(list: &mut Vec<(K, V)>, matches: impl Fn(&K) -> bool) -> Vec<(K, V)> {
+    let (out, keep) = std::mem::take(list).into_iter().partition(|(k, _)| matches(k));
+    *list = keep;
+    out
 }
 
 /// What the decision core reads of the data path and of the processes.

@@ -45,6 +45,17 @@ impl Core {
                 }
                 self.target = n;
             }
+            (Command::Restart(id), Stop::Running) => {
+                if let Err(why) = self.can_restart(id) {
+                    out.push(Action::Answer(Answer::Restart { id, result: Err(why) }));
+                    return;
+                }
+                note!(event = "restart", id, "restarting {}", Peer::from_wire(id));
+                self.start_incoming(id, Cause::Limit, now, out);
+                if let Some(incoming) = self.slots.get_mut(&id).and_then(|s| s.incoming.as_mut()) {
+                    incoming.answer = true;
+                }
+            }
             (Command::Reload, Stop::Running) => match &mut self.reload {
                 Some(reload) => {
                     reload.again = true;
@@ -77,6 +88,10 @@ impl Core {
                 reload.queue.retain(|s| *s != id);
                 reload.active.retain(|s| *s != id);
             }
+            if slot.incoming.as_ref().is_some_and(|i| i.answer) {
+                let result = Err(format!("worker {id} was removed by scaling down"));
+                out.push(Action::Answer(Answer::Restart { id, result }));
+            }
             for serial in slot.current.into_iter().chain(slot.incoming.map(|i| i.serial)) {
                 self.retire(serial, true, now, out);
             }
@@ -90,6 +105,10 @@ impl Core {
         slot.retry_at = None;
         let old = slot.current.replace(incoming.serial);
         let new_pid = self.procs[&incoming.serial].pid;
+        if incoming.answer {
+            let old_pid = old.and_then(|s| self.procs.get(&s)).map_or(0, |p| p.pid);
+            out.push(Action::Answer(Answer::Restart { id, result: Ok((old_pid, new_pid)) }));
+        }
         match old.and_then(|s| self.procs.get(&s)) {
             Some(p) => note!(
                 event = "replaced",
@@ -118,6 +137,9 @@ impl Core {
         let (first, max) = (self.cfg.restart_delay, self.cfg.restart_delay_max);
         let Some(slot) = self.slots.get_mut(&id) else { return };
         let Some(incoming) = slot.incoming.take() else { return };
+        if incoming.answer {
+            out.push(Action::Answer(Answer::Restart { id, result: Err(why.to_string()) }));
+        }
         match incoming.cause {
             Cause::Reload => self.abandon_reload(id, why, out),
             Cause::Limit => {
@@ -139,7 +161,9 @@ impl Core {
             note!(event = "agent_restart", "restarting the agent");
             self.retire(agent, true, now, out);
         }
+        self.reloads += 1;
         self.reload = Some(Reload {
+            seq: self.reloads,
             queue: self.slots.range(..AGENT_ID).map(|(id, _)| *id).collect(),
             active: Vec::new(),
             replaced: 0,
@@ -169,6 +193,8 @@ impl Core {
                     took.as_millis()
                 );
                 out.push(Action::Emit(Event::ReloadDone { replaced: reload.replaced, took }));
+                let result = Ok((reload.replaced, took.as_millis() as u64));
+                out.push(Action::Answer(Answer::Reload { upto: reload.seq, result }));
                 if reload.again {
                     self.begin_reload(now, out);
                     continue;
@@ -189,8 +215,15 @@ impl Core {
         let kept = reload.queue.len() + reload.active.len();
         warning!(event = "reload_abandoned", id, reason = %why, kept, "reload abandoned: {}: {why}; {kept} worker(s) not replaced keep serving", Peer::from_wire(id));
         out.push(Action::Emit(Event::ReloadAbandoned { id, reason: why.to_string() }));
+        // A reload queued behind this one is dropped with it: its waiters learn why.
+        let upto = reload.seq + u64::from(reload.again);
+        out.push(Action::Answer(Answer::Reload { upto, result: Err((id, why.to_string())) }));
         for other in reload.active.into_iter().filter(|a| *a != id) {
             let Some(incoming) = self.slots.get_mut(&other).and_then(|s| s.incoming.take()) else { continue };
+            if incoming.answer {
+                let result = Err(format!("the reload that took over its restart was abandoned ({why})"));
+                out.push(Action::Answer(Answer::Restart { id: other, result }));
+            }
             self.kill(incoming.serial, Some(ExitReason::Abandoned), out);
         }
     }
@@ -199,7 +232,10 @@ impl Core {
     pub(super) fn start_incoming(&mut self, id: u32, cause: Cause, now: Instant, out: &mut Vec<Action>) {
         let Some(slot) = self.slots.get_mut(&id) else { return };
         if let Some(incoming) = &mut slot.incoming {
-            incoming.cause = cause;
+            // A reload takes over a replacement under way (its waiter, if any, still hears).
+            if cause == Cause::Reload {
+                incoming.cause = cause;
+            }
             return;
         }
         slot.restart_at = None;
@@ -209,7 +245,7 @@ impl Core {
         };
         let serial = self.spawn(id, expected, now, out);
         let deadline = now + self.cfg.ready_timeout;
-        self.slots.get_mut(&id).expect("the slot").incoming = Some(Incoming { serial, deadline, cause });
+        self.slots.get_mut(&id).expect("the slot").incoming = Some(Incoming { serial, deadline, cause, answer: false });
     }
 
     /// Memory and connection limits: a worker over one is replaced gracefully.

@@ -71,6 +71,9 @@ struct Sim {
     stopped_at: Option<Instant>,
     exited: Option<i32>,
     steps: Vec<String>,
+    /// Reload tickets and restart ids waited for (as the supervisor keeps them).
+    reload_waiters: Vec<u64>,
+    restart_waiters: Vec<u32>,
 }
 
 impl Sim {
@@ -97,6 +100,8 @@ impl Sim {
             stopped_at: None,
             exited: None,
             steps: Vec::new(),
+            reload_waiters: Vec::new(),
+            restart_waiters: Vec::new(),
         }
     }
 
@@ -148,6 +153,20 @@ impl Sim {
                 assert!(self.core.stopping(), "exit {code} while running");
                 self.exited = Some(code);
             }
+            Action::Answer(Answer::Reload { upto, .. }) => {
+                // Once stopping, the supervisor has answered everyone already.
+                let stopping = self.core.stopping();
+                assert!(
+                    stopping || self.reload_waiters.iter().any(|t| *t <= upto),
+                    "reload answer {upto} nobody waits for"
+                );
+                self.reload_waiters.retain(|t| *t > upto);
+            }
+            Action::Answer(Answer::Restart { id, .. }) => {
+                let stopping = self.core.stopping();
+                assert!(stopping || self.restart_waiters.contains(&id), "restart answer for {id} nobody waits for");
+                self.restart_waiters.retain(|w| *w != id);
+            }
             Action::Route { .. } | Action::CloseSockets(_) | Action::StopListening { .. } | Action::Emit(_) => {}
         }
     }
@@ -190,8 +209,19 @@ impl Sim {
         let roll = self.rng.below(100);
         let step = match roll {
             0..=2 => {
+                if let Some(ticket) = self.core.reload_ticket() {
+                    self.reload_waiters.push(ticket);
+                }
                 self.core.command(Command::Reload);
                 "reload".to_string()
+            }
+            7..=8 => {
+                let id = 1 + self.rng.below(4) as u32;
+                if self.core.can_restart(id).is_ok() {
+                    self.restart_waiters.push(id);
+                    self.core.command(Command::Restart(id));
+                }
+                format!("restart {id}")
             }
             3..=4 => {
                 let n = self.rng.below(5) as usize;
@@ -219,8 +249,24 @@ impl Sim {
     }
 
     /// The invariants, after every round.
-    fn check(&self) {
+    fn check(&mut self) {
+        // The supervisor answers every waiter once stopping; until then, the core must.
+        if self.core.stopping() {
+            self.reload_waiters.clear();
+            self.restart_waiters.clear();
+        }
         let core = &self.core;
+        if core.stop == Stop::Running {
+            assert!(
+                core.reload.is_some() || self.reload_waiters.is_empty(),
+                "no reload under way, yet {:?} wait for one",
+                self.reload_waiters
+            );
+            for id in &self.restart_waiters {
+                let replacing = core.slots.get(id).and_then(|s| s.incoming.as_ref()).is_some_and(|i| i.answer);
+                assert!(replacing, "a restart of worker {id} is waited for and none is under way");
+            }
+        }
         let agents = core.procs.values().filter(|p| p.id == AGENT_ID).count();
         assert!(agents <= 1, "{agents} agent processes at once");
         for (id, slot) in &core.slots {

@@ -1,0 +1,111 @@
+//! The admin HTTP endpoint (`CLUSTER_ADMIN_ADDR`), for probes and scrapers that cannot use a
+//! Unix socket: `GET /healthz` (200 while the master runs), `GET /readyz` (200 once a worker
+//! is ready, 503 before that and while stopping), `GET /metrics` (Prometheus text). HTTP/1.1
+//! by hand, one request per connection: three fixed paths do not need an HTTP stack in the
+//! master.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use super::{AGENT_ID, Handle, WorkerState};
+use crate::log::note;
+
+/// Longest request head read.
+const MAX_HEAD: usize = 8192;
+/// A client gets this long to send its request and take the answer.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The endpoint, served until dropped.
+pub(super) struct Admin(JoinHandle<()>);
+
+impl Drop for Admin {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+pub(super) async fn serve(addr: SocketAddr, handle: Handle) -> io::Result<Admin> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    note!(event = "admin", addr = %local, "admin endpoint on http://{local}");
+    Ok(Admin(tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(TIMEOUT, answer(stream, handle)).await;
+            });
+        }
+    })))
+}
+
+async fn answer(mut stream: TcpStream, handle: Handle) -> io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+        if head.len() > MAX_HEAD {
+            return respond(&mut stream, 431, "text/plain", "request head too large\n", true).await;
+        }
+    }
+    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let body_wanted = method != "HEAD";
+    if method != "GET" && method != "HEAD" {
+        return respond(&mut stream, 405, "text/plain", "only GET and HEAD\n", body_wanted).await;
+    }
+    match path.split('?').next().unwrap_or("") {
+        "/healthz" => respond(&mut stream, 200, "text/plain", "ok\n", body_wanted).await,
+        "/readyz" => {
+            let (code, text) = match handle.snapshot().await {
+                Some(s) if s.master.stopping => (503, "stopping\n".to_string()),
+                Some(s) => {
+                    let workers = s.workers.iter().filter(|w| w.id != AGENT_ID);
+                    let ready = workers.filter(|w| w.state == WorkerState::Ready).count();
+                    let text = format!("{ready}/{} workers ready\n", s.master.workers_target);
+                    (if ready > 0 { 200 } else { 503 }, text)
+                }
+                None => (503, "stopping\n".to_string()),
+            };
+            respond(&mut stream, code, "text/plain", &text, body_wanted).await
+        }
+        "/metrics" => match handle.metrics().await {
+            Some(text) => respond(&mut stream, 200, "text/plain; version=0.0.4", &text, body_wanted).await,
+            None => respond(&mut stream, 503, "text/plain", "stopping\n", body_wanted).await,
+        },
+        _ => respond(&mut stream, 404, "text/plain", "not found: /healthz, /readyz, /metrics\n", body_wanted).await,
+    }
+}
+
+async fn respond(stream: &mut TcpStream, code: u16, kind: &str, body: &str, with_body: bool) -> io::Result<()> {
+    let reason = match code {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        _ => "Service Unavailable",
+    };
+    let mut out = format!(
+        "HTTP/1.1 {code} {reason}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    if with_body {
+        out.push_str(body);
+    }
+    stream.write_all(out.as_bytes()).await?;
+    stream.shutdown().await
+}

@@ -1,0 +1,413 @@
+//! The control socket: a Unix stream socket where `clusterctl` (or anything that speaks
+//! newline-delimited JSON) asks the master for status, reloads, scaling, restarts, stops, logs
+//! and metrics. It is a thin layer over [`Handle`]: every command is a call of the same API
+//! code in the master uses.
+//!
+//! Safety: the socket lives in a directory only this user can write (see
+//! [`crate::control::prepare_dir`]), has mode 0600, and each connection's peer credentials are
+//! checked (this user or root). Each client is its own task with a bounded line length, a
+//! write timeout and an idle timeout, and at most [`MAX_CLIENTS`] are served at once, so a
+//! client that sends garbage, a huge line or never reads disturbs no one else.
+
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{Semaphore, broadcast};
+use tokio::task::JoinHandle;
+
+use super::observe::state_name;
+use super::{AGENT_ID, ControlError, Handle, Overview, Scale, WorkerStatus};
+use crate::config::{Config, ControlSocket};
+use crate::control::{MAX_LINE, PROTOCOL_VERSION, parse_socket_file_name, prepare_dir, socket_dir, socket_file_name};
+use crate::log::{note, ring, warning};
+use crate::sys;
+
+/// Clients served at once; more are told so and closed.
+const MAX_CLIENTS: usize = 64;
+/// A client that does not take a reply line within this is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that sends no request within this is dropped.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The control socket, served until dropped (then its file is removed).
+pub(super) struct Server {
+    path: PathBuf,
+    inode: u64,
+    task: JoinHandle<()>,
+}
+
+impl Server {
+    pub(super) fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+        // Only our own file: a new master may have taken the path meanwhile.
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Starts serving the control socket, unless it is off. A socket that cannot be set up is
+/// reported and the cluster runs without it.
+pub(super) fn serve(cfg: &Config, name: &str, handle: Handle) -> Option<Server> {
+    let path = match &cfg.control_socket {
+        ControlSocket::Off => return None,
+        ControlSocket::Path(path) => path.clone(),
+        ControlSocket::Default => {
+            let dir = socket_dir();
+            if let Err(e) = prepare_dir(&dir) {
+                warning!(event = "control_failed", error = %e, "no control socket: {e}");
+                return None;
+            }
+            remove_stale(&dir);
+            dir.join(socket_file_name(name, sys::getpid()))
+        }
+    };
+    match bind(&path) {
+        Ok((listener, inode)) => {
+            note!(event = "control", path = %path.display(), "control socket: {}", path.display());
+            let info = Arc::new(Greeting { name: name.to_string() });
+            let task = tokio::spawn(accept_loop(listener, handle, info));
+            Some(Server { path, inode, task })
+        }
+        Err(e) => {
+            warning!(event = "control_failed", path = %path.display(), error = %e, "no control socket at {}: {e}", path.display());
+            None
+        }
+    }
+}
+
+/// Binds the socket at `path` with mode 0600. A socket file left there by a master that is
+/// gone is replaced; a live one, or anything that is not a socket, is not touched.
+fn bind(path: &Path) -> io::Result<(UnixListener, u64)> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "a file that is not a socket is in the way"));
+        }
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => return Err(io::Error::new(io::ErrorKind::AddrInUse, "another master serves it")),
+            Err(_) => std::fs::remove_file(path)?,
+        }
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let inode = std::fs::symlink_metadata(path)?.ino();
+    Ok((listener, inode))
+}
+
+/// Removes the socket files of masters that are gone from `dir`.
+fn remove_stale(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some((_, pid)) = file.to_str().and_then(parse_socket_file_name) else { continue };
+        let is_socket = entry.file_type().is_ok_and(|t| t.is_socket());
+        if is_socket && !sys::alive(pid) && std::fs::remove_file(entry.path()).is_ok() {
+            note!(event = "control_stale", pid, "removed the control socket of master {pid}, which is gone");
+        }
+    }
+}
+
+struct Greeting {
+    name: String,
+}
+
+async fn accept_loop(listener: UnixListener, handle: Handle, info: Arc<Greeting>) {
+    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors and the like: nothing queued is lost, try again shortly.
+                warning!(event = "control_accept_error", error = %e, "control socket: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (handle, info, slots) = (handle.clone(), info.clone(), slots.clone());
+        tokio::spawn(async move {
+            let (rd, mut wr) = stream.into_split();
+            if let Err(why) = allowed(&wr) {
+                let _ = reply(&mut wr, &json!({"ok": false, "error": why})).await;
+                return;
+            }
+            let Ok(_slot) = slots.try_acquire() else {
+                let why = format!("too many control connections (at most {MAX_CLIENTS})");
+                let _ = reply(&mut wr, &json!({"ok": false, "error": why})).await;
+                return;
+            };
+            let greeting = json!({
+                "cluster": "control",
+                "version": PROTOCOL_VERSION,
+                "pid": sys::getpid(),
+                "name": info.name,
+            });
+            if reply(&mut wr, &greeting).await.is_ok() {
+                let _ = serve_client(rd, wr, handle).await;
+            }
+        });
+    }
+}
+
+/// Only this user and root may drive the master.
+fn allowed(stream: &OwnedWriteHalf) -> Result<(), String> {
+    let cred = stream.as_ref().peer_cred().map_err(|e| format!("cannot read peer credentials: {e}"))?;
+    let me = sys::getuid();
+    if cred.uid() == me || cred.uid() == 0 {
+        return Ok(());
+    }
+    let pid = cred.pid().unwrap_or(0);
+    warning!(
+        event = "control_refused",
+        uid = cred.uid(),
+        peer_pid = pid,
+        "control socket: refused uid {} (pid {pid})",
+        cred.uid()
+    );
+    Err(format!("permission denied: uid {} is neither the master's (uid {me}) nor root", cred.uid()))
+}
+
+/// Writes one line, or gives up on a client that does not read.
+async fn reply(wr: &mut OwnedWriteHalf, value: &Value) -> io::Result<()> {
+    let mut line = value.to_string();
+    line.push('\n');
+    match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(line.as_bytes())).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "the client does not read")),
+    }
+}
+
+/// Reads requests and answers them until the client leaves or misbehaves.
+async fn serve_client(rd: OwnedReadHalf, mut wr: OwnedWriteHalf, handle: Handle) -> io::Result<()> {
+    let mut rd = BufReader::with_capacity(8192, rd);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match tokio::time::timeout(IDLE_TIMEOUT, read_line(&mut rd, &mut line)).await {
+            Err(_) => return Ok(()),
+            Ok(Ok(false)) => return Ok(()),
+            Ok(Ok(true)) => {}
+            Ok(Err(e)) => {
+                return reply(&mut wr, &json!({"ok": false, "error": e.to_string()})).await;
+            }
+        }
+        let request: Value = match serde_json::from_slice(&line) {
+            Ok(request @ Value::Object(_)) => request,
+            Ok(_) => return reply(&mut wr, &json!({"ok": false, "error": "a request is a JSON object"})).await,
+            Err(e) => return reply(&mut wr, &json!({"ok": false, "error": format!("malformed request: {e}")})).await,
+        };
+        if !run(&request, &mut wr, &handle).await? {
+            return Ok(());
+        }
+    }
+}
+
+/// Reads one line (without its newline) into `line`; `false` at the end of the stream. A
+/// line longer than [`MAX_LINE`] is an error.
+async fn read_line(rd: &mut BufReader<OwnedReadHalf>, line: &mut Vec<u8>) -> io::Result<bool> {
+    loop {
+        let buf = rd.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(!line.is_empty());
+        }
+        let (chunk, done) = match buf.iter().position(|b| *b == b'\n') {
+            Some(at) => (&buf[..at], Some(at + 1)),
+            None => (buf, None),
+        };
+        if line.len() + chunk.len() > MAX_LINE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("request line longer than {MAX_LINE} bytes"),
+            ));
+        }
+        line.extend_from_slice(chunk);
+        let used = done.unwrap_or(buf.len());
+        rd.consume(used);
+        if done.is_some() {
+            return Ok(true);
+        }
+    }
+}
+
+/// Runs one request; `false` when the connection should end.
+async fn run(request: &Value, wr: &mut OwnedWriteHalf, handle: &Handle) -> io::Result<bool> {
+    let cmd = request.get("cmd").and_then(Value::as_str).unwrap_or("");
+    let fail = |e: &str| json!({"ok": false, "error": e});
+    let out = match cmd {
+        "ping" => json!({"ok": true, "pid": sys::getpid()}),
+        "status" => match handle.overview().await {
+            Some(overview) => status_json(&overview),
+            None => fail("the master is stopping"),
+        },
+        "metrics" => match handle.metrics().await {
+            Some(text) => json!({"ok": true, "metrics": text}),
+            None => fail("the master is stopping"),
+        },
+        "scale" => {
+            let to = match request.get("workers") {
+                Some(Value::Number(n)) => n.to_string().parse::<Scale>(),
+                Some(Value::String(s)) => s.parse::<Scale>(),
+                _ => Err("scale needs \"workers\": N, \"+N\" or \"-N\"".to_string()),
+            };
+            match to {
+                Ok(to) => match handle.scale(to).await {
+                    Ok((from, to)) => json!({"ok": true, "from": from, "to": to}),
+                    Err(e) => fail(&e.to_string()),
+                },
+                Err(e) => fail(&e),
+            }
+        }
+        "reload" => {
+            let progress = ring::ring().subscribe();
+            let done = with_progress(wr, progress, handle.reload_and_wait()).await?;
+            match done {
+                Ok(r) => json!({"ok": true, "replaced": r.replaced, "took_ms": r.took.as_millis() as u64}),
+                Err(ControlError::Abandoned { id, reason }) => json!({
+                    "ok": false,
+                    "error": ControlError::Abandoned { id, reason: reason.clone() }.to_string(),
+                    "id": id,
+                    "reason": reason,
+                }),
+                Err(e) => fail(&e.to_string()),
+            }
+        }
+        "restart" => match request.get("id").and_then(Value::as_u64).and_then(|id| u32::try_from(id).ok()) {
+            Some(id) => {
+                let progress = ring::ring().subscribe();
+                match with_progress(wr, progress, handle.restart(id)).await? {
+                    Ok((old_pid, pid)) => json!({"ok": true, "id": id, "old_pid": old_pid, "pid": pid}),
+                    Err(e) => fail(&e.to_string()),
+                }
+            }
+            None => fail("restart needs \"id\": a worker id"),
+        },
+        "stop" => {
+            let fast = request.get("fast").and_then(Value::as_bool).unwrap_or(false);
+            handle.stop(fast);
+            reply(wr, &json!({"ok": true, "stopping": true, "pid": sys::getpid()})).await?;
+            // The connection closes when the master exits: that is how the client knows.
+            std::future::pending::<()>().await;
+            return Ok(false);
+        }
+        "upgrade" => fail(
+            "master upgrade is not supported yet: restart the service to run a new master binary \
+             (`clusterctl reload` replaces the workers with the binary on disk)",
+        ),
+        "logs" => {
+            let lines = request.get("lines").and_then(Value::as_u64).unwrap_or(20) as usize;
+            let follow = request.get("follow").and_then(Value::as_bool).unwrap_or(false);
+            let (last, mut rx) = ring::ring().tail(lines.min(ring::CAPACITY));
+            for record in last {
+                reply(wr, &json!({"log": raw(&record)})).await?;
+            }
+            if !follow {
+                json!({"ok": true})
+            } else {
+                loop {
+                    match rx.recv().await {
+                        Ok(record) => reply(wr, &json!({"log": raw(&record)})).await?,
+                        Err(broadcast::error::RecvError::Lagged(n)) => reply(wr, &json!({"dropped": n})).await?,
+                        Err(broadcast::error::RecvError::Closed) => return Ok(false),
+                    }
+                }
+            }
+        }
+        "" => fail("a request needs \"cmd\""),
+        other => fail(&format!(
+            "unknown command {other:?}; commands: status, reload, scale, restart, stop, upgrade, logs, metrics, ping"
+        )),
+    };
+    reply(wr, &out).await?;
+    Ok(true)
+}
+
+/// Waits for `done`, sending the master's log records meanwhile as progress lines.
+async fn with_progress<T>(
+    wr: &mut OwnedWriteHalf,
+    mut progress: broadcast::Receiver<Arc<str>>,
+    done: impl Future<Output = T>,
+) -> io::Result<T> {
+    tokio::pin!(done);
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut done => {
+                // What was logged up to the end comes before the answer.
+                while let Ok(record) = progress.try_recv() {
+                    reply(wr, &json!({"progress": raw(&record)})).await?;
+                }
+                return Ok(out);
+            }
+            record = progress.recv() => match record {
+                Ok(record) => reply(wr, &json!({"progress": raw(&record)})).await?,
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => {}
+            },
+        }
+    }
+}
+
+/// A ring record (a JSON object in text) as a value.
+fn raw(record: &str) -> Value {
+    serde_json::from_str(record).unwrap_or(Value::Null)
+}
+
+fn status_json(o: &Overview) -> Value {
+    let m = &o.master;
+    let workers: Vec<Value> = o.workers.iter().map(worker_json).collect();
+    let ready = o.workers.iter().filter(|w| w.id != AGENT_ID && w.state == super::WorkerState::Ready).count();
+    json!({
+        "ok": true,
+        "master": {
+            "pid": m.pid,
+            "name": m.name,
+            "uptime_ms": m.uptime.as_millis() as u64,
+            "version": m.version,
+            "policy": format!("{:?}", m.policy).to_lowercase(),
+            "balancer": balancer_name(m.balancer),
+            "workers_target": m.workers_target,
+            "workers_ready": ready,
+            "listeners": m.listeners,
+            "reloading": m.reloading,
+            "stopping": m.stopping,
+            "control_socket": m.control_socket.as_ref().map(|p| p.display().to_string()),
+        },
+        "workers": workers,
+    })
+}
+
+fn worker_json(w: &WorkerStatus) -> Value {
+    json!({
+        "id": if w.id == AGENT_ID { json!("agent") } else { json!(w.id) },
+        "pid": w.pid,
+        "state": state_name(w.state),
+        "uptime_ms": w.uptime.as_millis() as u64,
+        "restarts": w.restarts,
+        "cpu_percent": w.cpu_percent.map(|c| (c * 10.0).round() / 10.0),
+        "cpu_ms": w.cpu_time.map(|c| c.as_millis() as u64),
+        "rss_bytes": w.rss,
+        "connections_open": w.open_connections,
+        "connections_total": w.connections,
+        "restart_in_ms": w.restart_in.map(|d| d.as_millis() as u64),
+    })
+}
+
+fn balancer_name(b: crate::Balancer) -> &'static str {
+    match b {
+        crate::Balancer::RoundRobin => "round-robin",
+        crate::Balancer::LeastConnections => "least-connections",
+        crate::Balancer::Sticky => "sticky",
+    }
+}
