@@ -552,6 +552,12 @@ pub(crate) fn run(cfg: Config, hook: Option<MasterHook>) -> i32 {
                 1
             }
         };
+        // Let control clients (`logs -f`, `stop`) take the last records before their
+        // connections close with the runtime: their tasks were woken by them, and each runs
+        // when this one yields.
+        for _ in 0..16 {
+            tokio::task::yield_now().await;
+        }
         drop((control, admin));
         code
     });

@@ -58,6 +58,8 @@ pub(super) struct Launcher {
     exe: PathBuf,
     argv0: OsString,
     args: Vec<OsString>,
+    /// Workers' stdout and stderr go through the master (`CLUSTER_LOG_CAPTURE`).
+    capture: bool,
 }
 
 /// A running worker process.
@@ -79,11 +81,11 @@ impl Child {
 }
 
 impl Launcher {
-    pub(super) fn new() -> io::Result<Launcher> {
+    pub(super) fn new(capture: bool) -> io::Result<Launcher> {
         let exe = std::env::current_exe()?;
         let mut argv = std::env::args_os();
         let argv0 = argv.next().unwrap_or_else(|| exe.clone().into_os_string());
-        Ok(Launcher { exe, argv0, args: argv.collect() })
+        Ok(Launcher { exe, argv0, args: argv.collect(), capture })
     }
 
     /// Starts worker `id` (or the agent) as process `serial`, with its channel reader.
@@ -99,6 +101,12 @@ impl Launcher {
         };
         drop(child_end);
         let pid = child.id().unwrap_or(0);
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(capture(id, pid, "stdout", out, tokio::io::stdout()));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(capture(id, pid, "stderr", err, tokio::io::stderr()));
+        }
         let channel = Arc::new(channel);
         links.dispatch.add_worker(serial, id, channel.clone());
         let relay = relay(id, serial, channel.clone(), links);
@@ -126,7 +134,56 @@ impl Launcher {
         let unique = if id == AGENT { AGENT_UNIQUE_ID.to_string() } else { id.to_string() };
         cmd.arg0(&self.argv0).args(&self.args).env(ENV_UNIQUE_ID, unique).env(ENV_CHANNEL_FD, CHANNEL_FD.to_string());
         sys::prepare_worker_command(cmd.as_std_mut(), channel, CHANNEL_FD);
+        if self.capture {
+            cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        }
         cmd
+    }
+}
+
+/// Longest line of a worker's output kept whole; longer ones are cut into pieces this long.
+const MAX_OUTPUT_LINE: usize = 16 * 1024;
+
+/// Copies one output stream of a worker to the master's, each line prefixed with the worker
+/// (`worker 2 | …`, as foreman and compose do) and kept in the ring of recent records for
+/// `clusterctl logs`.
+async fn capture(
+    id: u32,
+    pid: u32,
+    stream: &'static str,
+    from: impl tokio::io::AsyncRead + Unpin,
+    mut to: impl tokio::io::AsyncWrite + Unpin,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let mut from = tokio::io::BufReader::new(from);
+    let ring = crate::log::ring::ring();
+    let prefix = format!("{} | ", Peer::from_wire(id));
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        // At most one piece of a long line at a time: memory stays bounded.
+        let mut limited = (&mut from).take(MAX_OUTPUT_LINE as u64);
+        match limited.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        }
+        let text = String::from_utf8_lossy(&line);
+        let mut out = String::with_capacity(prefix.len() + text.len() + 1);
+        out.push_str(&prefix);
+        out.push_str(&text);
+        out.push('\n');
+        let _ = to.write_all(out.as_bytes()).await;
+        let mut record = serde_json::Map::new();
+        record.insert("level".into(), "INFO".into());
+        record.insert("event".into(), "output".into());
+        record.insert("id".into(), if id == AGENT { "agent".into() } else { id.into() });
+        record.insert("pid".into(), pid.into());
+        record.insert("stream".into(), stream.into());
+        record.insert("message".into(), text.into_owned().into());
+        ring.push(record);
     }
 }
 

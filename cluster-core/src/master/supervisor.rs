@@ -97,7 +97,7 @@ impl Supervisor {
             started: Instant::now(),
             waiting: Waiting::default(),
             core: Core::new(cfg.clone(), RandomState::new().hash_one(sys::getpid())),
-            launcher: Launcher::new()?,
+            launcher: Launcher::new(cfg.log_capture)?,
             links: Links {
                 dispatch: dispatch.clone(),
                 reports: reports_tx,
