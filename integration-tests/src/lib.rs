@@ -15,13 +15,51 @@ pub fn example_bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "examples", "--bins"])
+            .args(["build", "--quiet", "-p", "examples", "-p", "cluster-cli", "--bins"])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("run cargo build");
         assert!(status.success(), "building the examples failed");
     });
     target_dir().join(name)
+}
+
+/// `clusterctl` run with `XDG_RUNTIME_DIR=runtime_dir` (where the test's masters put their
+/// control sockets): its exit code, stdout and stderr.
+pub fn clusterctl(runtime_dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(example_bin("clusterctl"))
+        .args(args)
+        .env("XDG_RUNTIME_DIR", runtime_dir)
+        .env_remove("RUNTIME_DIRECTORY")
+        .output()
+        .expect("run clusterctl");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+/// A directory of its own for a test (removed when dropped), e.g. as `XDG_RUNTIME_DIR`.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// `/tmp/cluster-test-<name>-<pid>`, mode 0700, empty.
+    pub fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("cluster-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).expect("chmod");
+        TempDir(dir)
+    }
+
+    /// The directory, as a string.
+    pub fn path(&self) -> &str {
+        self.0.to_str().expect("utf-8 path")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn target_dir() -> PathBuf {
