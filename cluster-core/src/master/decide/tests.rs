@@ -664,3 +664,51 @@ fn without_fail_fast_a_failing_first_start_keeps_trying() {
         serial = spawns(&out)[0].0;
     }
 }
+
+fn answers(actions: &[Action]) -> Vec<&Answer> {
+    actions.iter().filter_map(|a| if let Action::Answer(answer) = a { Some(answer) } else { None }).collect()
+}
+
+#[test]
+fn a_reload_waiter_is_answered_by_the_reload_that_covers_its_request() {
+    let mut sim = Sim::started(cfg(1));
+    assert_eq!(sim.core.reload_ticket(), Some(1));
+    sim.cmd(Command::Reload);
+    // Asked during reload 1: answered by reload 2, which starts after it.
+    assert_eq!(sim.core.reload_ticket(), Some(2));
+    sim.cmd(Command::Reload);
+    let out = sim.ready(2);
+    assert_eq!(answers(&out), [&Answer::Reload { upto: 1, result: Ok((1, 0)) }]);
+    let out = sim.ready(3);
+    assert_eq!(answers(&out), [&Answer::Reload { upto: 2, result: Ok((1, 0)) }]);
+}
+
+#[test]
+fn an_abandoned_reload_answers_the_one_queued_behind_it_too() {
+    let mut sim = Sim::started(cfg(2));
+    sim.cmd(Command::Reload);
+    sim.cmd(Command::Reload);
+    let out = sim.exit(3, 3);
+    let why = "its new process exited with code 3 before it was ready".to_string();
+    assert!(matches!(answers(&out)[..], [Answer::Reload { upto: 2, result: Err((1, w)) }] if *w == why), "{out:?}");
+    // Stopping: no reload will run.
+    sim.core.command(Command::Stop(StopKind::Graceful));
+    assert_eq!(sim.core.reload_ticket(), None);
+}
+
+#[test]
+fn a_restart_replaces_one_worker_new_one_first_and_answers_with_both_pids() {
+    let mut sim = Sim::started(cfg(2));
+    assert!(sim.core.can_restart(3).is_err() && sim.core.can_restart(AGENT_ID).is_err());
+    let out = sim.cmd(Command::Restart(2));
+    assert_eq!(spawns(&out), [(3, 2)]);
+    assert!(closes(&out).is_empty(), "the old one serves until the new one is ready");
+    let out = sim.ready(3);
+    assert_eq!(answers(&out), [&Answer::Restart { id: 2, result: Ok((1002, 1003)) }]);
+    assert_eq!(closes(&out), [2]);
+    // A restart whose new process dies is answered with why; the old one keeps serving.
+    sim.cmd(Command::Restart(1));
+    let out = sim.exit(4, 3);
+    assert!(matches!(answers(&out)[..], [Answer::Restart { id: 1, result: Err(_) }]), "{out:?}");
+    assert_eq!(sim.current(1), 1);
+}
