@@ -712,3 +712,19 @@ fn a_restart_replaces_one_worker_new_one_first_and_answers_with_both_pids() {
     assert!(matches!(answers(&out)[..], [Answer::Restart { id: 1, result: Err(_) }]), "{out:?}");
     assert_eq!(sim.current(1), 1);
 }
+
+/// Found by the simulation (seed 641 before the fix): a reload took over a restart's new
+/// process, was abandoned, and killed that process without telling the restart's waiter.
+#[test]
+fn a_restart_taken_over_by_a_reload_that_is_abandoned_is_answered() {
+    let mut sim = Sim::started(Config { reload_concurrency: 2, ..cfg(2) });
+    assert_eq!(spawns(&sim.cmd(Command::Restart(1))), [(3, 1)]);
+    let out = sim.cmd(Command::Reload);
+    assert_eq!(spawns(&out), [(4, 2)], "the reload takes over worker 1's replacement");
+    let out = sim.exit(4, 3);
+    assert_eq!(kills(&out), [3]);
+    assert!(
+        answers(&out).iter().any(|a| matches!(a, Answer::Restart { id: 1, result: Err(_) })),
+        "the restart's waiter hears: {out:?}"
+    );
+}
