@@ -215,7 +215,7 @@ fn ls_lists_every_master_and_targets_pick_one() {
     std::fs::set_permissions(stale.parent().unwrap(), std::fs::Permissions::from_mode(0o700)).unwrap();
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
     let a = start(&dir, "alpha", 1, &[]);
-    let b = start(&dir, "beta", 1, &[]);
+    let mut b = start(&dir, "beta", 1, &[]);
     socket_of(&a);
     socket_of(&b);
     assert!(!stale.exists(), "the stale socket was removed");
@@ -239,6 +239,12 @@ fn ls_lists_every_master_and_targets_pick_one() {
     let socket = socket_of(&a);
     assert_eq!(status(&dir, &["-s", socket.to_str().unwrap()])["master"]["name"], "alpha");
     assert_eq!(ctl(&dir, &["-t", "gamma", "status"]).0, 1);
+
+    // A fast stop of one leaves the other alone.
+    let (code, _, err) = ctl(&dir, &["-t", "beta", "stop", "--fast"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(b.wait_exit(T).and_then(|s| s.code()), Some(0));
+    assert_eq!(status(&dir, &[])["master"]["name"], "alpha", "the only one left needs no target");
 }
 
 /// Connects to a control socket and reads the greeting.
