@@ -186,6 +186,21 @@ impl Builder {
         self
     }
 
+    /// Runs workers (and the agent) as this user (a name or a uid) with its groups; the master
+    /// stays as it was started, so it can bind privileged ports. Env `CLUSTER_USER`. An
+    /// unknown user stops the master before anything starts (exit 2).
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.cfg.user = Some(user.into());
+        self
+    }
+
+    /// Runs workers as this group (a name or a gid; default: the user's primary group). Env
+    /// `CLUSTER_GROUP`.
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.cfg.group = Some(group.into());
+        self
+    }
+
     /// Runs `hook` in the master beside the supervisor, with a [`Master`] handle for worker
     /// events and messages.
     pub fn master<F, Fut>(mut self, hook: F) -> Self
@@ -236,6 +251,9 @@ impl Builder {
         };
         match start {
             Start::Master { workers } => {
+                // In a container, as PID 1: an init process of our own reaps orphans and
+                // forwards signals; the master runs as its child.
+                crate::sys::become_init_if_pid_1();
                 let _ = ROLE.set(Role::Master);
                 let cfg = Config { workers, ..self.cfg };
                 std::process::exit(master::run(cfg, self.master));

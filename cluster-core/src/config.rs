@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::role::StartError;
 use crate::role::{
     ENV_ADMIN_ADDR, ENV_BALANCER, ENV_CONTROL_SOCKET, ENV_FAIL_FAST, ENV_LOG, ENV_LOG_CAPTURE, ENV_LOG_FORMAT,
-    ENV_MAX_WORKER_CONNECTIONS, ENV_NAME, ENV_PID_FILE, ENV_SCHED_POLICY, ENV_WINDOW,
+    ENV_GROUP, ENV_MAX_WORKER_CONNECTIONS, ENV_NAME, ENV_PID_FILE, ENV_SCHED_POLICY, ENV_USER, ENV_WINDOW,
 };
 use crate::role::{
     ENV_HEARTBEAT_TIMEOUT_MS, ENV_KILL_TIMEOUT_MS, ENV_MAX_CONNECTIONS, ENV_MAX_CONNECTIONS_JITTER, ENV_MAX_RSS_MB,
@@ -55,6 +55,11 @@ pub(crate) struct Config {
     pub(crate) pid_file: Option<std::path::PathBuf>,
     /// `CLUSTER_ADMIN_ADDR`: the admin HTTP endpoint.
     pub(crate) admin_addr: Option<std::net::SocketAddr>,
+    /// `CLUSTER_USER` / `CLUSTER_GROUP`: who workers run as (names or numbers).
+    pub(crate) user: Option<String>,
+    pub(crate) group: Option<String>,
+    /// The two above, resolved by the master before anything starts.
+    pub(crate) credentials: Option<std::sync::Arc<crate::sys::Credentials>>,
 }
 
 /// Where the master serves its control socket (`CLUSTER_CONTROL_SOCKET`).
@@ -265,6 +270,12 @@ impl Config {
         if let Some(v) = var(ENV_ADMIN_ADDR)? {
             self.admin_addr = Some(v);
         }
+        if let Some(v) = var::<String>(ENV_USER)? {
+            self.user = Some(v);
+        }
+        if let Some(v) = var::<String>(ENV_GROUP)? {
+            self.group = Some(v);
+        }
         Ok(())
     }
 }
@@ -300,6 +311,9 @@ impl Default for Config {
             control_socket: ControlSocket::Default,
             pid_file: None,
             admin_addr: None,
+            user: None,
+            group: None,
+            credentials: None,
         }
     }
 }

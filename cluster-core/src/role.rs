@@ -52,6 +52,11 @@ pub const ENV_LOG_FORMAT: &str = "CLUSTER_LOG_FORMAT";
 pub const ENV_LOG: &str = "CLUSTER_LOG";
 /// Workers replaced at a time by a rolling reload.
 pub const ENV_RELOAD_CONCURRENCY: &str = "CLUSTER_RELOAD_CONCURRENCY";
+/// The user workers (and the agent) run as: a name or a uid. The master stays as it was
+/// started (e.g. root, to bind port 80).
+pub const ENV_USER: &str = "CLUSTER_USER";
+/// The group workers run as (default: the user's primary group).
+pub const ENV_GROUP: &str = "CLUSTER_GROUP";
 /// The cluster's name (control socket file name, `clusterctl ls`); default: the binary's name.
 pub const ENV_NAME: &str = "CLUSTER_NAME";
 /// Path of the control socket, or `off`; default `<dir>/<name>-<pid>.sock` (README,

@@ -89,9 +89,21 @@ fn single_threaded() -> bool {
 /// # Safety
 /// Must only be called in the child of a `fork`, as a `pre_exec` hook: it only makes
 /// async-signal-safe calls.
-pub(crate) unsafe fn child_setup(channel: RawFd, target: RawFd, master_pid: libc::pid_t) -> io::Result<()> {
+pub(crate) unsafe fn child_setup(
+    channel: RawFd,
+    target: RawFd,
+    master_pid: libc::pid_t,
+    creds: Option<&Credentials>,
+) -> io::Result<()> {
     // SAFETY (all calls below): async-signal-safe syscalls on descriptors of this process.
     unsafe {
+        // Groups, then the group, then the user (after which nothing else could be changed);
+        // before PR_SET_PDEATHSIG, which a change of credentials clears.
+        if let Some(c) = creds {
+            check(libc::setgroups(c.groups.len(), c.groups.as_ptr()))?;
+            check(libc::setgid(c.gid))?;
+            check(libc::setuid(c.uid))?;
+        }
         if channel == target {
             let flags = check(libc::fcntl(target, libc::F_GETFD))?;
             check(libc::fcntl(target, libc::F_SETFD, flags & !libc::FD_CLOEXEC))?;
@@ -117,6 +129,12 @@ pub(crate) fn accept(listener: &socket2::Socket) -> io::Result<(socket2::Socket,
 /// This process's id.
 pub(crate) fn getpid() -> u32 {
     std::process::id()
+}
+
+/// This process's effective user id.
+pub(crate) fn geteuid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 /// This process's real user id.
@@ -220,13 +238,184 @@ pub(crate) fn exit_now(code: i32) -> ! {
 }
 
 /// Arranges for [`child_setup`] to run in the worker between fork and exec.
-pub(crate) fn prepare_worker_command(cmd: &mut std::process::Command, channel: RawFd, target: RawFd) {
+pub(crate) fn prepare_worker_command(
+    cmd: &mut std::process::Command,
+    channel: RawFd,
+    target: RawFd,
+    creds: Option<std::sync::Arc<Credentials>>,
+) {
     use std::os::unix::process::CommandExt;
     // SAFETY: `getpid` has no preconditions.
     let master = unsafe { libc::getpid() };
-    // SAFETY: the hook runs in the forked child and makes only async-signal-safe calls.
+    // SAFETY: the hook runs in the forked child and makes only async-signal-safe calls (the
+    // group list was read in the parent).
     unsafe {
-        cmd.pre_exec(move || child_setup(channel, target, master));
+        cmd.pre_exec(move || child_setup(channel, target, master, creds.as_deref()));
+    }
+}
+
+/// Who workers run as (`CLUSTER_USER` / `CLUSTER_GROUP`), resolved in the master before
+/// anything starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Credentials {
+    pub(crate) uid: libc::uid_t,
+    pub(crate) gid: libc::gid_t,
+    /// Supplementary groups: the user's (as `initgroups` would set them), or just `gid`.
+    pub(crate) groups: Vec<libc::gid_t>,
+}
+
+/// Resolves a user (name or number) and optionally a group (name or number; default: the
+/// user's primary group) into credentials, with the user's supplementary groups.
+pub(crate) fn lookup_credentials(user: Option<&str>, group: Option<&str>) -> Result<Credentials, String> {
+    let (uid, mut gid, name) = match user {
+        Some(user) => {
+            let (uid, gid, name) = lookup_user(user)?;
+            (uid, gid, Some(name))
+        }
+        // Only a group: keep this user.
+        // SAFETY: getgid has no preconditions and cannot fail.
+        None => (getuid(), unsafe { libc::getgid() }, None),
+    };
+    if let Some(group) = group {
+        gid = lookup_group(group)?;
+    }
+    let groups = match &name {
+        Some(name) => supplementary_groups(name, gid)?,
+        None => vec![gid],
+    };
+    Ok(Credentials { uid, gid, groups })
+}
+
+fn lookup_user(user: &str) -> Result<(libc::uid_t, libc::gid_t, std::ffi::CString), String> {
+    let cname = std::ffi::CString::new(user).map_err(|_| format!("user {user:?} contains a NUL byte"))?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: getpwnam_r/getpwuid_r write only into `pwd`, `buf` (of the length given) and
+    // `found`; the pointers in `pwd` point into `buf`, which outlives their use here.
+    unsafe {
+        let mut pwd: libc::passwd = std::mem::zeroed();
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        let rc = match user.parse::<libc::uid_t>() {
+            Ok(uid) => libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut found),
+            Err(_) => libc::getpwnam_r(cname.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut found),
+        };
+        if rc != 0 {
+            return Err(format!("cannot look up user {user:?}: {}", io::Error::from_raw_os_error(rc)));
+        }
+        if found.is_null() {
+            return Err(format!("no such user: {user:?}"));
+        }
+        let name = std::ffi::CStr::from_ptr(pwd.pw_name).to_owned();
+        Ok((pwd.pw_uid, pwd.pw_gid, name))
+    }
+}
+
+fn lookup_group(group: &str) -> Result<libc::gid_t, String> {
+    let cname = std::ffi::CString::new(group).map_err(|_| format!("group {group:?} contains a NUL byte"))?;
+    let mut buf = vec![0 as libc::c_char; 64 * 1024];
+    // SAFETY: as in `lookup_user`, for the group database.
+    unsafe {
+        let mut grp: libc::group = std::mem::zeroed();
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        let rc = match group.parse::<libc::gid_t>() {
+            Ok(gid) => libc::getgrgid_r(gid, &mut grp, buf.as_mut_ptr(), buf.len(), &mut found),
+            Err(_) => libc::getgrnam_r(cname.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut found),
+        };
+        if rc != 0 {
+            return Err(format!("cannot look up group {group:?}: {}", io::Error::from_raw_os_error(rc)));
+        }
+        if found.is_null() {
+            return Err(format!("no such group: {group:?}"));
+        }
+        Ok(grp.gr_gid)
+    }
+}
+
+/// The groups `initgroups(name, gid)` would set, read here so the child only calls `setgroups`.
+fn supplementary_groups(name: &std::ffi::CStr, gid: libc::gid_t) -> Result<Vec<libc::gid_t>, String> {
+    let mut n: libc::c_int = 64;
+    loop {
+        let mut groups = vec![0 as libc::gid_t; n as usize];
+        let before = n;
+        // SAFETY: getgrouplist writes at most `n` entries into `groups` and sets `n`.
+        let rc = unsafe { libc::getgrouplist(name.as_ptr(), gid, groups.as_mut_ptr(), &mut n) };
+        if rc >= 0 {
+            groups.truncate(n as usize);
+            return Ok(groups);
+        }
+        if n <= before {
+            n = before * 2;
+        }
+        if n > 65_536 {
+            return Err(format!("user {name:?} is in too many groups"));
+        }
+    }
+}
+
+/// Takes ownership of `fd`, inherited from a service manager, if it is a socket; `None` (and
+/// the descriptor left alone) otherwise.
+pub(crate) fn adopt_inherited_socket(fd: RawFd) -> Option<socket2::Socket> {
+    // SAFETY: fstat writes into `stat` only.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut stat) } != 0 || stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return None;
+    }
+    // SAFETY: the service manager passed this descriptor to this process for it to own, and
+    // nothing else in the process has taken it (it is read once, at start).
+    Some(unsafe { <socket2::Socket as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// As PID 1 (a container's init), forks: the child returns and runs the master; this process
+/// stays as a minimal init that forwards signals to it, reaps every orphan that the kernel
+/// hands to PID 1, and exits with the master's status. Anything else: returns at once.
+/// Call it before any thread starts.
+pub(crate) fn become_init_if_pid_1() {
+    // SAFETY: getpid has no preconditions.
+    if unsafe { libc::getpid() } != 1 {
+        return;
+    }
+    // SAFETY: sigset operations on a local set; fork before any other thread exists (the
+    // caller's contract), so the child is a full copy of a single-threaded process. Signals
+    // stay blocked in this process: blocked signals are queued even for a namespace's init,
+    // whose default dispositions would otherwise drop them.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigprocmask(libc::SIG_BLOCK, &all, &mut old);
+        let master = libc::fork();
+        if master < 0 {
+            // No init: run as PID 1 directly (orphans then stay zombies).
+            libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+            return;
+        }
+        if master == 0 {
+            libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+            return;
+        }
+        loop {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            let sig = libc::sigwaitinfo(&all, &mut info);
+            if sig == libc::SIGCHLD {
+                loop {
+                    let mut status = 0;
+                    let pid = libc::waitpid(-1, &mut status, libc::WNOHANG);
+                    if pid <= 0 {
+                        break;
+                    }
+                    if pid == master {
+                        let code = if libc::WIFEXITED(status) {
+                            libc::WEXITSTATUS(status)
+                        } else {
+                            128 + libc::WTERMSIG(status)
+                        };
+                        libc::_exit(code);
+                    }
+                }
+            } else if sig > 0 {
+                // Everything else is for the master (SIGTERM from `docker stop`, SIGHUP, …).
+                libc::kill(master, sig);
+            }
+        }
     }
 }
 

@@ -118,7 +118,16 @@ impl Server {
 
     /// Starts `path` without waiting for anything.
     pub fn spawn(path: PathBuf, env: &[(&str, &str)]) -> Server {
-        let mut cmd = Command::new(&path);
+        Self::spawn_with(path.as_os_str(), &[], env)
+    }
+
+    /// Starts `program args…` (a wrapper such as `unshare` or `systemd-socket-activate`, with
+    /// the cluster's binary among its arguments) without waiting for anything; `pid()` is the
+    /// wrapper's.
+    pub fn spawn_with(program: &std::ffi::OsStr, args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> Server {
+        let path = PathBuf::from(program);
+        let mut cmd = Command::new(program);
+        cmd.args(args);
         // The master's log as JSON lines: tests wait on its `event` fields, not on its wording.
         cmd.env("HOST", "127.0.0.1")
             .env("PORT", "0")

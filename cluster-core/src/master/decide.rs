@@ -508,6 +508,12 @@ impl Core {
         self.procs.values().any(|p| p.life.alive() && p.keys.contains(&key))
     }
 
+    /// Worker ids (not the agent) whose current process is ready.
+    pub(super) fn ready_count(&self) -> usize {
+        let ready = |s: &Slot| s.current.and_then(|c| self.procs.get(&c)).is_some_and(|p| p.life == Life::Ready);
+        self.slots.range(..AGENT_ID).filter(|(_, s)| ready(s)).count()
+    }
+
     /// Whether a rolling reload is under way.
     pub(super) fn reloading(&self) -> bool {
         self.reload.is_some()

@@ -17,6 +17,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::task::JoinHandle;
 
 use super::dispatch::{self, Dispatch};
+use super::systemd;
 use crate::config::{Config, Policy};
 use crate::ipc::message::{Endpoint, ListenKey};
 use crate::log::{log, note, warning};
@@ -47,6 +48,10 @@ pub(super) struct Listeners {
     /// TCP sockets being closed. See [`Draining`].
     draining: Vec<Draining>,
     next_key: ListenKey,
+    /// Sockets passed by the service manager and not asked for yet.
+    inherited: Vec<systemd::Inherited>,
+    /// Endpoints served by an inherited socket: every worker gets that one socket.
+    adopted: Vec<Endpoint>,
 }
 
 /// A socket the master owns.
@@ -56,6 +61,9 @@ struct Listener {
     kind: Kind,
     /// A Unix socket's file, removed when the master stops listening.
     unix_path: Option<PathBuf>,
+    /// Passed by the service manager, which keeps its own copy: never shut down or drained
+    /// (that would act on the manager's socket too); the master only lets go of it.
+    inherited: bool,
 }
 
 enum Kind {
@@ -76,7 +84,22 @@ impl Listeners {
             reuseport_addr: HashMap::new(),
             draining: Vec::new(),
             next_key: 1,
+            inherited: systemd::inherited(),
+            adopted: Vec::new(),
         }
+    }
+
+    /// Says which inherited sockets no worker asked for (once the first workers are ready).
+    pub(super) fn report_unused(&mut self) {
+        for i in &self.inherited {
+            warning!(event = "inherited_unused", addr = %i.kind, name = %i.name, "socket {} ({}) passed by the service manager: no worker listens on it", i.kind, i.name);
+        }
+    }
+
+    /// The inherited socket for `endpoint`, if the service manager passed one.
+    fn take_inherited(&mut self, endpoint: &Endpoint) -> Option<systemd::Inherited> {
+        let at = self.inherited.iter().position(|i| i.kind.serves(endpoint))?;
+        Some(self.inherited.remove(at))
     }
 
     /// The key and address of the socket for `endpoint` that worker `id` asked for, bound on
@@ -89,7 +112,13 @@ impl Listeners {
         stopping: bool,
     ) -> io::Result<(ListenKey, Option<SocketAddr>)> {
         let index = if endpoint.is_port_zero() { index } else { 0 };
-        let reuseport = self.cfg.policy == Policy::ReusePort && !matches!(endpoint, Endpoint::Unix { .. });
+        // An address the service manager passed a socket for is served by that one socket,
+        // under every policy: under `reuseport` too, since the kernel lets a socket join a
+        // port's group only if it was set up for it before binding, and the clients queued on
+        // the inherited socket must be served (README, "Deploying").
+        let inherited = self.adopted.contains(&endpoint) || self.inherited.iter().any(|i| i.kind.serves(&endpoint));
+        let reuseport =
+            !inherited && self.cfg.policy == Policy::ReusePort && !matches!(endpoint, Endpoint::Unix { .. });
         let lookup = (endpoint, index, if reuseport { id } else { 0 });
         if let Some(key) = self.by_addr.get(&lookup) {
             return Ok((*key, self.open[key].addr));
@@ -98,6 +127,28 @@ impl Listeners {
             return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
         }
         let key = self.next_key;
+        if let Some(passed) = self.take_inherited(&lookup.0) {
+            let shown = passed.kind.to_string();
+            let addr = passed.socket.local_addr()?.as_socket();
+            let stream = matches!(passed.kind, systemd::Kind::Unix(_))
+                || (matches!(passed.kind, systemd::Kind::Tcp(_)) && self.cfg.policy == Policy::Rr);
+            let mut listener = if stream {
+                self.stream_listener(passed.socket, key, addr, None)?
+            } else {
+                Listener { addr, kind: Kind::Handed(passed.socket), unix_path: None, inherited: true }
+            };
+            listener.inherited = true;
+            if self.cfg.policy == Policy::ReusePort {
+                note!(event = "bind", key, addr = %shown, inherited = true, "listening on {shown} (the service manager's socket, shared by every worker: reuseport cannot apply to it)");
+            } else {
+                note!(event = "bind", key, addr = %shown, inherited = true, "listening on {shown} (the service manager's socket)");
+            }
+            self.next_key += 1;
+            self.adopted.push(lookup.0.clone());
+            self.open.insert(key, listener);
+            self.by_addr.insert(lookup, key);
+            return Ok((key, addr));
+        }
         let group = (lookup.0.clone(), index);
         let at = |addr: &SocketAddr| self.reuseport_addr.get(&group).copied().unwrap_or(*addr);
         let (listener, shown) = match &lookup.0 {
@@ -105,7 +156,7 @@ impl Listeners {
                 let socket = dispatch::bind_tcp(at(addr), self.cfg.backlog, reuseport)?;
                 let bound = socket.local_addr()?.as_socket();
                 let listener = if reuseport || self.cfg.policy == Policy::Shared {
-                    Listener { addr: bound, kind: Kind::Handed(socket), unix_path: None }
+                    Listener { addr: bound, kind: Kind::Handed(socket), unix_path: None, inherited: false }
                 } else {
                     self.stream_listener(socket, key, bound, None)?
                 };
@@ -113,12 +164,16 @@ impl Listeners {
             }
             Endpoint::Unix { path, mode } => {
                 let socket = crate::net::bind_unix(path, *mode, self.cfg.backlog)?;
+                // The workers' user owns the file, so that its mode means what it says for them.
+                if let Some(c) = &self.cfg.credentials {
+                    std::os::unix::fs::chown(path, Some(c.uid), Some(c.gid))?;
+                }
                 (self.stream_listener(socket, key, None, Some(path.clone()))?, format!("unix:{}", path.display()))
             }
             Endpoint::Udp(addr) => {
                 let socket = dispatch::bind_udp(at(addr), reuseport)?;
                 let bound = socket.local_addr()?.as_socket();
-                let listener = Listener { addr: bound, kind: Kind::Handed(socket), unix_path: None };
+                let listener = Listener { addr: bound, kind: Kind::Handed(socket), unix_path: None, inherited: false };
                 (listener, format!("udp {}", bound.unwrap_or(*addr)))
             }
         };
@@ -145,7 +200,6 @@ impl Listeners {
         }
     }
 
-    /// The address socket `key` is bound to (none for Unix sockets).
     /// What the master listens on, as `tcp 127.0.0.1:8080`, `udp …`, `unix /path` (one line per
     /// address, however many sockets `reuseport` has for it).
     pub(super) fn addresses(&self) -> Vec<String> {
@@ -166,6 +220,7 @@ impl Listeners {
         out
     }
 
+    /// The address socket `key` is bound to (none for Unix sockets).
     pub(super) fn addr(&self, key: ListenKey) -> Option<SocketAddr> {
         self.open.get(&key).and_then(|l| l.addr)
     }
@@ -196,6 +251,10 @@ impl Listeners {
         }
         let open: Vec<_> = self.open.drain().collect();
         for (key, listener) in open {
+            if listener.inherited {
+                listener.kind.release();
+                continue;
+            }
             if let Some(path) = &listener.unix_path {
                 let _ = std::fs::remove_file(path);
             }
@@ -291,7 +350,7 @@ impl Listeners {
     ) -> io::Result<Listener> {
         let socket = Arc::new(sys::watch(socket)?);
         let task = tokio::spawn(dispatch::accept_loop(socket.clone(), key, self.dispatch.clone()));
-        Ok(Listener { addr, kind: Kind::Stream { socket, task }, unix_path })
+        Ok(Listener { addr, kind: Kind::Stream { socket, task }, unix_path, inherited: false })
     }
 }
 
@@ -414,6 +473,14 @@ impl Kind {
     /// socket workers accept on is just shut down. Leaves the listening state (and its
     /// `SO_REUSEPORT` group) now, not when the last copy, held by a worker or an aborted task,
     /// is closed.
+    /// Lets go of a socket someone else keeps (the service manager's): stops accepting and
+    /// drops this copy, leaving the socket and its queue as they are.
+    fn release(self) {
+        if let Kind::Stream { task, .. } = self {
+            task.abort();
+        }
+    }
+
     fn close(self, key: ListenKey, sweep: Option<&Dispatch>) {
         let tcp = self.tcp_addr().is_some();
         match self {

@@ -10,6 +10,7 @@ mod listeners;
 mod observe;
 mod process;
 mod supervisor;
+mod systemd;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -506,6 +507,16 @@ pub(crate) fn run(cfg: Config, hook: Option<MasterHook>) -> i32 {
             return 1;
         }
     };
+    let mut cfg = cfg;
+    if cfg.user.is_some() || cfg.group.is_some() {
+        match credentials(&cfg) {
+            Ok(creds) => cfg.credentials = Some(Arc::new(creds)),
+            Err(e) => {
+                crate::log::say!("{e}");
+                return 2;
+            }
+        }
+    }
     let cfg = Arc::new(cfg);
     let name = cfg.name.clone().unwrap_or_else(crate::control::default_name);
     if let Some(pid_file) = &cfg.pid_file
@@ -566,6 +577,21 @@ pub(crate) fn run(cfg: Config, hook: Option<MasterHook>) -> i32 {
         pid_file::remove(pid_file);
     }
     code
+}
+
+/// Who workers run as, checked before anything starts.
+fn credentials(cfg: &Config) -> Result<crate::sys::Credentials, String> {
+    let creds = crate::sys::lookup_credentials(cfg.user.as_deref(), cfg.group.as_deref())
+        .map_err(|e| format!("{}/{}: {e}", crate::role::ENV_USER, crate::role::ENV_GROUP))?;
+    let me = crate::sys::geteuid();
+    if me != 0 && creds.uid != me {
+        return Err(format!(
+            "{}: workers can run as uid {} only if the master runs as root (it runs as uid {me})",
+            crate::role::ENV_USER,
+            creds.uid
+        ));
+    }
+    Ok(creds)
 }
 
 /// `CLUSTER_PID_FILE`: the master's pid, written atomically, removed on exit if it still

@@ -60,6 +60,8 @@ pub(super) struct Launcher {
     args: Vec<OsString>,
     /// Workers' stdout and stderr go through the master (`CLUSTER_LOG_CAPTURE`).
     capture: bool,
+    /// Who workers run as (`CLUSTER_USER`).
+    credentials: Option<Arc<sys::Credentials>>,
 }
 
 /// A running worker process.
@@ -81,11 +83,11 @@ impl Child {
 }
 
 impl Launcher {
-    pub(super) fn new(capture: bool) -> io::Result<Launcher> {
+    pub(super) fn new(capture: bool, credentials: Option<Arc<sys::Credentials>>) -> io::Result<Launcher> {
         let exe = std::env::current_exe()?;
         let mut argv = std::env::args_os();
         let argv0 = argv.next().unwrap_or_else(|| exe.clone().into_os_string());
-        Ok(Launcher { exe, argv0, args: argv.collect(), capture })
+        Ok(Launcher { exe, argv0, args: argv.collect(), capture, credentials })
     }
 
     /// Starts worker `id` (or the agent) as process `serial`, with its channel reader.
@@ -133,13 +135,22 @@ impl Launcher {
         let mut cmd = tokio::process::Command::new(exe);
         let unique = if id == AGENT { AGENT_UNIQUE_ID.to_string() } else { id.to_string() };
         cmd.arg0(&self.argv0).args(&self.args).env(ENV_UNIQUE_ID, unique).env(ENV_CHANNEL_FD, CHANNEL_FD.to_string());
-        sys::prepare_worker_command(cmd.as_std_mut(), channel, CHANNEL_FD);
+        // The service manager speaks to the master only: workers must not notify it, nor take
+        // the sockets it passed.
+        for var in SERVICE_MANAGER_ENV {
+            cmd.env_remove(var);
+        }
+        sys::prepare_worker_command(cmd.as_std_mut(), channel, CHANNEL_FD, self.credentials.clone());
         if self.capture {
             cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
         }
         cmd
     }
 }
+
+/// What systemd (or another service manager) tells the master alone.
+const SERVICE_MANAGER_ENV: [&str; 6] =
+    ["NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID"];
 
 /// Longest line of a worker's output kept whole; longer ones are cut into pieces this long.
 const MAX_OUTPUT_LINE: usize = 16 * 1024;

@@ -21,6 +21,7 @@ use super::dispatch::{Dispatch, Serial};
 use super::events::Events;
 use super::listeners::Listeners;
 use super::observe::{Snapshot, Stats};
+use super::systemd::{Notifier, Seen};
 use super::process::{Child, Launcher, Links, Report};
 use super::{ControlError, MasterStatus, Reloaded, Scale};
 use super::{Event, Registry, WorkerStatus};
@@ -62,6 +63,9 @@ struct Waiting {
 
 pub(super) struct Supervisor {
     cfg: Arc<Config>,
+    notifier: Notifier,
+    /// Inherited sockets no worker asked for have been reported.
+    unused_reported: bool,
     info: Info,
     started: Instant,
     stats: Arc<Stats>,
@@ -93,11 +97,13 @@ impl Supervisor {
         let (reports_tx, reports) = mpsc::unbounded_channel();
         let stats = Arc::new(Stats::default());
         Ok(Supervisor {
+            notifier: Notifier::new(Instant::now()),
+            unused_reported: false,
             info,
             started: Instant::now(),
             waiting: Waiting::default(),
             core: Core::new(cfg.clone(), RandomState::new().hash_one(sys::getpid())),
-            launcher: Launcher::new(cfg.log_capture)?,
+            launcher: Launcher::new(cfg.log_capture, cfg.credentials.clone())?,
             links: Links {
                 dispatch: dispatch.clone(),
                 reports: reports_tx,
@@ -135,7 +141,11 @@ impl Supervisor {
             if let Some(code) = self.step(now) {
                 return code;
             }
-            let wake = self.listeners.wake_at().map_or(self.core.next_wake(now), |t| t.min(self.core.next_wake(now)));
+            self.tell_service_manager(now);
+            let wake = [self.listeners.wake_at(), self.notifier.wake_at()]
+                .into_iter()
+                .flatten()
+                .fold(self.core.next_wake(now), Instant::min);
             // Signals first: a stop that arrived with a worker's exit (one signal to the whole
             // process group) is known before that exit is acted on, so no replacement starts.
             tokio::select! {
@@ -146,7 +156,10 @@ impl Supervisor {
                     self.core.command(Command::Stop(kind));
                 }
                 _ = signals.quit.recv() => self.core.command(Command::Stop(StopKind::Fast)),
-                _ = signals.hup.recv() => self.core.command(Command::Reload),
+                _ = signals.hup.recv() => {
+                    self.notifier.reload_asked();
+                    self.core.command(Command::Reload);
+                }
                 _ = signals.ttin.recv() => self.core.command(Command::SetWorkers(self.core.target() + 1)),
                 _ = signals.ttou.recv() => {
                     self.core.command(Command::SetWorkers(self.core.target().saturating_sub(1)));
@@ -156,6 +169,23 @@ impl Supervisor {
                 _ = sleep_until(wake.into()) => {}
             }
         }
+    }
+
+    /// Readiness, reloads, stopping and the watchdog, for systemd; and, once the first workers
+    /// are ready, the sockets it passed that no worker asked for.
+    fn tell_service_manager(&mut self, now: Instant) {
+        let seen = Seen {
+            ready: self.core.ready_count(),
+            target: self.core.target(),
+            reloading: self.core.reloading(),
+            stopping: self.core.stopping(),
+            ready_timeout: self.cfg.ready_timeout,
+        };
+        if !self.unused_reported && seen.ready >= seen.target {
+            self.unused_reported = true;
+            self.listeners.report_unused();
+        }
+        self.notifier.update(now, &seen);
     }
 
     fn on_ask(&mut self, ask: Ask) {
@@ -170,6 +200,7 @@ impl Supervisor {
             }
             Ask::Reload(reply) => match self.core.reload_ticket() {
                 Some(ticket) => {
+                    self.notifier.reload_asked();
                     self.core.command(Command::Reload);
                     self.waiting.reloads.push((ticket, reply));
                 }

@@ -119,6 +119,24 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
                 std::thread::sleep(Duration::from_secs(3600));
             }
         }
+        // Leaves an orphan: a shell starts `sleep` in the background and exits, so the sleep's
+        // parent becomes the namespace's init. Answers its pid.
+        "/orphan" if debug => {
+            let ms = query(&req, "ms").unwrap_or(200);
+            let script = format!("sleep {}.{:03} & echo $!", ms / 1000, ms % 1000);
+            match std::process::Command::new("sh").args(["-c", &script]).output() {
+                Ok(out) => text(StatusCode::OK, String::from_utf8_lossy(&out.stdout).into_owned()),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+            }
+        }
+        // The state of process `pid` as this worker's /proc shows it (`Z`: a zombie), or `gone`.
+        "/pidstate" if debug => {
+            let pid = query(&req, "pid").unwrap_or(0);
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next().map(str::to_string)));
+            text(StatusCode::OK, format!("{}\n", state.as_deref().unwrap_or("gone")))
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     };
     if cluster::worker::is_shutting_down() {

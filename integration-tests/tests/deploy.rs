@@ -1,0 +1,300 @@
+//! Deployment with the real tools: systemd's socket activation (`systemd-socket-activate`),
+//! its notification protocol (a datagram socket of the test's own as `NOTIFY_SOCKET`), the
+//! SIGTERM systemd sends to a whole control group, workers running as another user
+//! (`CLUSTER_USER`), the master as PID 1 of a new PID namespace (`unshare`), and the unit files
+//! and manifests in `deploy/`.
+
+use std::ffi::OsStr;
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use integration_tests::{Server, TempDir, alive, children, closed_loop, example_bin, get, wait_for};
+
+const T: Duration = Duration::from_secs(20);
+const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+
+fn have(tool: &str) -> bool {
+    std::process::Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
+}
+
+fn root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A free port on 127.0.0.1 (bound to 0, then released for the tool under test to bind).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Messages on a datagram socket of the test's own, as systemd's notify socket receives them.
+fn notify_socket(dir: &TempDir) -> (String, mpsc::Receiver<(Instant, String)>) {
+    let path = dir.0.join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 4096];
+        while let Ok(n) = socket.recv(&mut buf) {
+            if tx.send((Instant::now(), String::from_utf8_lossy(&buf[..n]).into_owned())).is_err() {
+                return;
+            }
+        }
+    });
+    (path.to_str().unwrap().to_string(), rx)
+}
+
+/// The next notification (watchdog pings aside) that contains `what`, within `T`.
+fn expect(rx: &mpsc::Receiver<(Instant, String)>, what: &str, seen: &mut Vec<String>) -> String {
+    let deadline = Instant::now() + T;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (_, msg) = rx.recv_timeout(left).unwrap_or_else(|_| panic!("no {what} within {T:?}; got {seen:?}"));
+        if msg.trim() != "WATCHDOG=1" {
+            seen.push(msg.clone());
+        }
+        if msg.lines().any(|l| l == what) {
+            return msg;
+        }
+    }
+}
+
+#[test]
+fn under_socket_activation_the_master_serves_the_passed_socket_and_notifies_systemd() {
+    if !have("systemd-socket-activate") {
+        eprintln!("skipped: systemd-socket-activate is missing (Debian package systemd)");
+        return;
+    }
+    let dir = TempDir::new("socket-activation");
+    let (notify, rx) = notify_socket(&dir);
+    let port = free_port();
+    let hello = example_bin("hello");
+    // systemd-socket-activate passes only the variables named with -E.
+    let vars = [
+        format!("NOTIFY_SOCKET={notify}"),
+        "WATCHDOG_USEC=400000".into(),
+        "CLUSTER_WORKERS=2".into(),
+        "CLUSTER_LOG_FORMAT=json".into(),
+        "CLUSTER_CONTROL_SOCKET=off".into(),
+        "HOST=127.0.0.1".into(),
+        format!("PORT={port}"),
+    ];
+    let listen = format!("127.0.0.1:{port}");
+    let mut args: Vec<&OsStr> = vec![OsStr::new("--fdname=web"), OsStr::new("-l"), OsStr::new(&listen)];
+    for v in &vars {
+        args.extend([OsStr::new("-E"), OsStr::new(v)]);
+    }
+    args.push(hello.as_os_str());
+    let mut server = Server::spawn_with(OsStr::new("systemd-socket-activate"), &args, &[]);
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+    // The tool starts the service on the first connection: that client waits in the passed
+    // socket's queue while the master starts, and is served.
+    let first = wait_for(T, "the socket to be passed", || get(addr, "/worker").ok());
+    assert_eq!(first.status, 200);
+    let bind = server.wait_event("bind", T, |e| e["inherited"] == true);
+    assert_eq!(bind["addr"], format!("tcp {listen}"));
+    assert!(server.events("bind").iter().all(|(_, e)| e["inherited"] == true), "nothing else was bound");
+
+    let mut seen = Vec::new();
+    let ready = expect(&rx, "READY=1", &mut seen);
+    assert!(ready.contains(&format!("MAINPID={}", server.pid())), "{ready}");
+    // Workers see none of systemd's variables.
+    for pid in children(server.pid()) {
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        let env = String::from_utf8_lossy(&env);
+        for var in ["NOTIFY_SOCKET=", "LISTEN_FDS=", "LISTEN_PID=", "LISTEN_FDNAMES=", "WATCHDOG_USEC="] {
+            assert!(!env.split('\0').any(|e| e.starts_with(var)), "worker {pid} has {var}");
+        }
+    }
+
+    // Watchdog pings at half of WATCHDOG_USEC (200 ms), from the supervisor loop.
+    while rx.try_recv().is_ok() {}
+    let window = Instant::now();
+    let mut pings = Vec::new();
+    while window.elapsed() < Duration::from_millis(1500) {
+        if let Ok((at, msg)) = rx.recv_timeout(Duration::from_millis(100))
+            && msg.lines().any(|l| l == "WATCHDOG=1")
+        {
+            pings.push(at);
+        }
+    }
+    assert!((5..=10).contains(&pings.len()), "{} pings in 1.5 s at a 200 ms period", pings.len());
+    for gap in pings.windows(2).map(|w| w[1] - w[0]) {
+        assert!(gap >= Duration::from_millis(150) && gap <= Duration::from_millis(400), "ping gap {gap:?}");
+    }
+
+    // A reload: RELOADING=1 with the time, then READY=1 when it is done.
+    server.signal(libc::SIGHUP);
+    let reloading = expect(&rx, "RELOADING=1", &mut seen);
+    assert!(reloading.lines().any(|l| l.starts_with("MONOTONIC_USEC=")), "{reloading}");
+    expect(&rx, "READY=1", &mut seen);
+    server.wait_events("reload_done", 1, T);
+    assert_eq!(get(addr, "/").unwrap().status, 200);
+
+    server.signal(libc::SIGTERM);
+    expect(&rx, "STOPPING=1", &mut seen);
+    assert_eq!(server.wait_exit(T).and_then(|s| s.code()), Some(0));
+    let order: Vec<&str> = seen
+        .iter()
+        .flat_map(|m| m.lines())
+        .filter(|l| ["READY=1", "RELOADING=1", "STOPPING=1"].contains(l))
+        .collect();
+    assert_eq!(order, ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]);
+}
+
+#[test]
+fn sigterm_to_the_whole_control_group_under_load_fails_no_request() {
+    // systemd's default KillMode=control-group: every process gets SIGTERM at once.
+    for round in 0..3 {
+        let mut server = Server::start("hello", &[("CLUSTER_WORKERS", "2"), ("CLUSTER_KILL_TIMEOUT_MS", "5000")], 2);
+        let master = server.pid();
+        let (answered, load) = closed_loop(server.addr, 16, move || !alive(master));
+        wait_for(T, "load to run", || (answered.load(Ordering::Relaxed) > 1000).then_some(()));
+        server.signal_group(libc::SIGTERM);
+        assert_eq!(server.wait_exit(T).and_then(|s| s.code()), Some(0), "round {round}");
+        let report = load.join().unwrap();
+        assert!(report.ok > 100, "round {round}: {report:?}");
+        assert_eq!(report.failed, 0, "round {round}: {report:?}\n{}", server.stderr());
+        assert_eq!(server.events("fork").len(), 2, "round {round}: a worker was started during the stop");
+    }
+}
+
+#[test]
+fn workers_run_as_cluster_user_and_the_master_stays_root() {
+    let mut bad = Server::spawn(example_bin("hello"), &[("CLUSTER_USER", "no-such-user-here")]);
+    assert_eq!(bad.wait_exit(T).and_then(|s| s.code()), Some(2), "an unknown user stops everything at once");
+    assert!(bad.stderr().contains("no-such-user-here"), "says which: {}", bad.stderr());
+    assert!(bad.events("fork").is_empty());
+    if !root() {
+        eprintln!("skipped the rest: needs root to run workers as another user");
+        return;
+    }
+    let server = Server::start("hello", &[("CLUSTER_WORKERS", "2"), ("CLUSTER_USER", "nobody")], 2);
+    let ids = |pid: u32, field: &str| -> Vec<String> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with(field)).unwrap().to_string();
+        line.split_whitespace().skip(1).map(str::to_string).collect()
+    };
+    let workers = server.workers();
+    assert_eq!(workers.len(), 2);
+    for pid in &workers {
+        assert_eq!(ids(*pid, "Uid:"), ["65534"; 4], "worker {pid}");
+        assert_eq!(ids(*pid, "Gid:"), ["65534"; 4], "worker {pid}");
+        assert_eq!(ids(*pid, "Groups:"), ["65534"], "worker {pid}: nobody's groups only");
+    }
+    assert_eq!(ids(server.pid(), "Uid:"), ["0"; 4], "the master stays root");
+    for _ in 0..10 {
+        assert_eq!(server.get("/").status, 200);
+    }
+    // A crash is replaced by a worker that is again unprivileged.
+    integration_tests::kill(workers[0], libc::SIGKILL);
+    wait_for(T, "a replacement", || {
+        let now = server.workers();
+        (now.len() == 2 && !now.contains(&workers[0])).then_some(now)
+    })
+    .iter()
+    .for_each(|pid| assert_eq!(ids(*pid, "Uid:"), ["65534"; 4]));
+}
+
+#[test]
+fn as_pid_1_of_a_pid_namespace_the_master_reaps_orphans_and_stops_on_sigterm() {
+    if !root() || !have("unshare") {
+        eprintln!("skipped: needs root and unshare (util-linux) for a new PID namespace");
+        return;
+    }
+    let hello = example_bin("hello");
+    let args = [OsStr::new("--pid"), OsStr::new("--fork"), OsStr::new("--mount-proc"), hello.as_os_str()];
+    let env = [("CLUSTER_WORKERS", "2"), ("HELLO_DEBUG", "1"), ("CLUSTER_CONTROL_SOCKET", "off")];
+    let mut server = Server::spawn_with(OsStr::new("unshare"), &args, &env);
+    let addr = wait_for(T, "workers to listen", || {
+        let out = server.stdout();
+        let addrs: Vec<&str> = out.lines().filter_map(|l| l.split("listening on http://").nth(1)).collect();
+        (addrs.len() >= 2).then(|| addrs[0].trim().parse::<std::net::SocketAddr>().unwrap())
+    });
+    server.addr = addr;
+    // The namespace's PID 1 (the unshare's child) is our init; the master is its child.
+    let init = wait_for(T, "the namespace's init", || children(server.pid()).first().copied());
+    let masters = children(init);
+    assert_eq!(masters.len(), 1, "init runs one master");
+    for round in 0..3 {
+        // A worker leaves an orphan that exits 200 ms later: PID 1 must reap it.
+        let orphan = server.get("/orphan?ms=200").body.trim().to_string();
+        assert!(orphan.parse::<u32>().is_ok(), "an orphan's pid: {orphan:?}");
+        wait_for(T, "the orphan to be reaped, not left a zombie", || {
+            let state = server.get(&format!("/pidstate?pid={orphan}")).body.trim().to_string();
+            assert_ne!(state, "", "round {round}");
+            (state == "gone").then_some(())
+        });
+    }
+    integration_tests::kill(init, libc::SIGTERM);
+    let status = server.wait_exit(T).expect("the namespace ends");
+    assert_eq!(status.code(), Some(0), "{}", server.stderr());
+    assert!(server.events("stop").iter().any(|(_, e)| e["kind"] == "graceful"));
+}
+
+#[test]
+fn the_systemd_units_verify() {
+    if !have("systemd-analyze") {
+        eprintln!("skipped: systemd-analyze is missing (Debian package systemd)");
+        return;
+    }
+    let dir = TempDir::new("units");
+    // The unit points at the installed binary; verify checks that it exists.
+    let service = std::fs::read_to_string(format!("{ROOT}/deploy/systemd/hello.service")).unwrap();
+    let service = service.replace("/usr/local/bin/hello", example_bin("hello").to_str().unwrap());
+    std::fs::write(dir.0.join("hello.service"), service).unwrap();
+    std::fs::copy(format!("{ROOT}/deploy/systemd/hello.socket"), dir.0.join("hello.socket")).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .args([dir.0.join("hello.socket"), dir.0.join("hello.service")])
+        .output()
+        .unwrap();
+    let version = std::process::Command::new("systemd-analyze").arg("--version").output().unwrap();
+    let version: u32 = String::from_utf8_lossy(&version.stdout)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let complaints: Vec<String> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .chain(String::from_utf8_lossy(&out.stdout).lines())
+        .filter(|l| !l.trim().is_empty())
+        // Type=notify-reload and ReloadSignal= came with systemd 253.
+        .filter(|l| !(version < 253 && (l.contains("notify-reload") || l.contains("ReloadSignal"))))
+        .map(str::to_string)
+        .collect();
+    assert!(out.status.success() && complaints.is_empty(), "systemd {version}: {complaints:#?}");
+    let text = std::fs::read_to_string(format!("{ROOT}/deploy/systemd/hello.service")).unwrap();
+    for needed in ["Type=notify-reload", "KillMode=mixed", "WatchdogSec=", "RuntimeDirectory=", "NotifyAccess=all"] {
+        assert!(text.lines().any(|l| l.starts_with(needed)), "hello.service lacks {needed}");
+    }
+}
+
+#[test]
+fn the_kubernetes_manifests_parse_and_carry_probes_grace_and_resources() {
+    use serde_yaml::Value;
+    let read = |f: &str| -> Value {
+        serde_yaml::from_str(&std::fs::read_to_string(Path::new(ROOT).join("deploy/kubernetes").join(f)).unwrap())
+            .unwrap_or_else(|e| panic!("{f}: {e}"))
+    };
+    let d = read("deployment.yaml");
+    assert_eq!(d["kind"], "Deployment");
+    let pod = &d["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert!(c["lifecycle"]["preStop"].is_mapping(), "a preStop lets endpoints update");
+    assert!(c["resources"]["requests"]["cpu"].is_string() && c["resources"]["limits"]["memory"].is_string());
+    let env = |name: &str| -> String {
+        c["env"].as_sequence().unwrap().iter().find(|e| e["name"] == name).unwrap()["value"].as_str().unwrap().into()
+    };
+    let kill_timeout_s = env("CLUSTER_KILL_TIMEOUT_MS").parse::<u64>().unwrap() / 1000;
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(grace > kill_timeout_s + 5, "grace {grace} s must exceed the kill timeout {kill_timeout_s} s + preStop");
+    assert!(env("CLUSTER_ADMIN_ADDR").ends_with(":9100"));
+    let s = read("service.yaml");
+    assert_eq!(s["kind"], "Service");
+    assert_eq!(s["spec"]["selector"]["app"], d["spec"]["template"]["metadata"]["labels"]["app"]);
+}
