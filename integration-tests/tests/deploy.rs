@@ -17,7 +17,10 @@ const T: Duration = Duration::from_secs(20);
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 
 fn have(tool: &str) -> bool {
-    std::process::Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 fn root() -> bool {
@@ -136,11 +139,8 @@ fn under_socket_activation_the_master_serves_the_passed_socket_and_notifies_syst
     server.signal(libc::SIGTERM);
     expect(&rx, "STOPPING=1", &mut seen);
     assert_eq!(server.wait_exit(T).and_then(|s| s.code()), Some(0));
-    let order: Vec<&str> = seen
-        .iter()
-        .flat_map(|m| m.lines())
-        .filter(|l| ["READY=1", "RELOADING=1", "STOPPING=1"].contains(l))
-        .collect();
+    let order: Vec<&str> =
+        seen.iter().flat_map(|m| m.lines()).filter(|l| ["READY=1", "RELOADING=1", "STOPPING=1"].contains(l)).collect();
     assert_eq!(order, ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]);
 }
 
@@ -252,11 +252,8 @@ fn the_systemd_units_verify() {
         .output()
         .unwrap();
     let version = std::process::Command::new("systemd-analyze").arg("--version").output().unwrap();
-    let version: u32 = String::from_utf8_lossy(&version.stdout)
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let version: u32 =
+        String::from_utf8_lossy(&version.stdout).split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
     let complaints: Vec<String> = String::from_utf8_lossy(&out.stderr)
         .lines()
         .chain(String::from_utf8_lossy(&out.stdout).lines())
@@ -297,4 +294,23 @@ fn the_kubernetes_manifests_parse_and_carry_probes_grace_and_resources() {
     let s = read("service.yaml");
     assert_eq!(s["kind"], "Service");
     assert_eq!(s["spec"]["selector"]["app"], d["spec"]["template"]["metadata"]["labels"]["app"]);
+}
+
+#[test]
+fn a_worker_signalled_alone_is_replaced_new_one_first() {
+    let server = Server::start("hello", &[("CLUSTER_WORKERS", "2")], 2);
+    let before = server.workers();
+    integration_tests::kill(before[0], libc::SIGTERM);
+    let event = server.wait_event("stop_asked", T, |_| true);
+    assert_eq!(event["pid"], before[0]);
+    server.wait_event("replaced", T, |e| e["old_pid"] == before[0]);
+    wait_for(T, "the signalled worker to go", || (!alive(before[0]) || zombie(before[0])).then_some(()));
+    assert_eq!(server.workers().len(), 2);
+    assert!(server.workers().contains(&before[1]), "the other worker was left alone");
+    assert_eq!(server.get("/").status, 200);
+}
+
+fn zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
 }

@@ -29,6 +29,7 @@ fn encode_to_master(msg: &ToMaster, out: &mut BytesMut) {
         ToMaster::Heartbeat => encode::heartbeat(out),
         ToMaster::Ready => encode::ready(out),
         ToMaster::Closed { count } => encode::closed(out, *count),
+        ToMaster::StopAsked => encode::stop_asked(out),
     }
 }
 
@@ -70,6 +71,7 @@ fn to_master_round_trips() {
     round_trip(ToMaster::Heartbeat);
     round_trip(ToMaster::Ready);
     round_trip(ToMaster::Closed { count: 17 });
+    round_trip(ToMaster::StopAsked);
 }
 
 #[test]

@@ -125,6 +125,10 @@ pub(crate) fn ready(out: &mut BytesMut) {
     out.put_u8(tag::READY);
 }
 
+pub(crate) fn stop_asked(out: &mut BytesMut) {
+    out.put_u8(tag::STOP_ASKED);
+}
+
 pub(crate) fn closed(out: &mut BytesMut, count: u32) {
     out.put_u8(tag::CLOSED);
     out.put_u32(count);

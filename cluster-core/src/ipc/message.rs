@@ -16,7 +16,7 @@ use std::os::fd::OwnedFd;
 use bytes::{Buf, Bytes};
 
 /// Version of this protocol; sent by a worker in its first message.
-pub(crate) const PROTOCOL_VERSION: u16 = 4;
+pub(crate) const PROTOCOL_VERSION: u16 = 5;
 
 /// Largest datagram either side sends or accepts.
 pub(crate) const MAX_MESSAGE: usize = 64 * 1024;
@@ -189,6 +189,9 @@ pub(crate) enum ToMaster {
     /// `count` more of the connections this worker accepted are closed (sent, batched, only
     /// when the balancer or a connection cap needs it).
     Closed { count: u32 },
+    /// The worker got SIGTERM or SIGINT from outside (a service manager signalling the whole
+    /// group, an operator): it keeps serving until the master retires it.
+    StopAsked,
 }
 
 /// Result of a listen request: the key and bound address (none for Unix sockets) and, for a
@@ -258,6 +261,7 @@ pub(crate) mod tag {
     pub(crate) const CLOSED: u8 = 0x0d;
     pub(crate) const RETURNED: u8 = 0x0e;
     pub(crate) const BUSY: u8 = 0x0f;
+    pub(crate) const STOP_ASKED: u8 = 0x10;
 
     pub(crate) const LISTEN_REPLY: u8 = 0x81;
     pub(crate) const NEWCONN: u8 = 0x82;
@@ -287,6 +291,7 @@ impl ToMaster {
             Self::Heartbeat => "heartbeat",
             Self::Ready => "ready",
             Self::Closed { .. } => "closed",
+            Self::StopAsked => "stop asked",
         }
     }
 
@@ -355,6 +360,10 @@ impl ToMaster {
             tag::READY => {
                 r.message = "ready";
                 Self::Ready
+            }
+            tag::STOP_ASKED => {
+                r.message = "stop asked";
+                Self::StopAsked
             }
             tag::CLOSED => {
                 r.message = "closed";

@@ -41,6 +41,9 @@ pub(super) const FAST_TICK: Duration = Duration::from_millis(20);
 /// Two steps this far apart mean the master itself was stopped or starved: heartbeats that
 /// could not be read meanwhile must not get workers killed.
 const SUSPENDED: Duration = Duration::from_secs(1);
+/// How long a worker's report of a stop signal from outside waits for the master's own stop
+/// (the same signal to the whole group reaches the master at the same time).
+pub(super) const STOP_ASK_WAIT: Duration = Duration::from_millis(250);
 /// How often resident memory is checked, with a memory limit.
 const RSS_CHECK: Duration = Duration::from_secs(1);
 /// Most workers: ids stay below the wire addresses of the agent and of "all workers".
@@ -68,6 +71,8 @@ pub(super) enum Fact {
     Unlisten(ListenKey),
     /// It called `worker::ready()`.
     SaidReady,
+    /// It got SIGTERM or SIGINT from outside and waits to be retired.
+    StopAsked,
     /// Any other message: proof of life.
     Heard,
     /// It reported a panic and is exiting.
@@ -206,6 +211,8 @@ struct Proc {
     /// Connections after which it is replaced (`max_connections` plus its jitter).
     max_connections: Option<u64>,
     reason: Option<ExitReason>,
+    /// When it said it got a stop signal from outside (see `decide/life.rs`, `stop_asked`).
+    stop_asked: Option<Instant>,
 }
 
 /// One worker id and the restart history of the processes that held it.
@@ -340,6 +347,9 @@ impl Core {
             Fact::Listening(key) if !p.keys.contains(&key) => p.keys.push(key),
             Fact::Unlisten(key) => p.keys.retain(|k| *k != key),
             Fact::SaidReady => p.said_ready = true,
+            Fact::StopAsked => {
+                p.stop_asked.get_or_insert(now);
+            }
             Fact::Panicked(reason) => {
                 warning!(event = "panic", id = p.id, pid = p.pid, reason = %reason, "{} (pid {}) is exiting: {reason}", Peer::from_wire(p.id), p.pid);
                 p.reason = Some(ExitReason::Panic(reason));

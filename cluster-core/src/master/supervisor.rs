@@ -21,8 +21,8 @@ use super::dispatch::{Dispatch, Serial};
 use super::events::Events;
 use super::listeners::Listeners;
 use super::observe::{Snapshot, Stats};
-use super::systemd::{Notifier, Seen};
 use super::process::{Child, Launcher, Links, Report};
+use super::systemd::{Notifier, Seen};
 use super::{ControlError, MasterStatus, Reloaded, Scale};
 use super::{Event, Registry, WorkerStatus};
 use crate::config::Config;
@@ -417,6 +417,7 @@ impl Supervisor {
             }
             ToMaster::Unlisten { key } => Fact::Unlisten(key),
             ToMaster::Ready => Fact::SaidReady,
+            ToMaster::StopAsked => Fact::StopAsked,
             ToMaster::Exiting { reason } => Fact::Panicked(reason),
             // Acknowledgements go to the dispatch table, user messages to the relay: only
             // heartbeats get here.

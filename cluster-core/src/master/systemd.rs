@@ -68,7 +68,11 @@ pub(super) fn inherited() -> Vec<Inherited> {
     let mut out = Vec::new();
     for (fd, name) in fds {
         let Some(socket) = sys::adopt_inherited_socket(fd) else {
-            warning!(event = "inherited_bad", fd, "descriptor {fd} ({name}) passed by the service manager is not a socket; ignored");
+            warning!(
+                event = "inherited_bad",
+                fd,
+                "descriptor {fd} ({name}) passed by the service manager is not a socket; ignored"
+            );
             continue;
         };
         match describe(&socket) {

@@ -446,20 +446,48 @@ fn encode_returned(key: ListenKey, conns: &[NewConn]) -> BytesMut {
     out
 }
 
-/// Reads the master's messages. Also turns SIGINT / SIGTERM sent to the worker itself (a
-/// terminal's Ctrl-C reaches the whole process group) into a graceful stop, so in-flight
-/// requests finish; the master's kill timeout still bounds it.
+/// How long a worker signalled from outside waits for the master to retire it before it
+/// stops on its own (the master is then not stopping, and did not replace it).
+const UNANSWERED_STOP: Duration = Duration::from_secs(5);
+
+/// Reads the master's messages. Also handles SIGINT / SIGTERM sent to the worker itself: a
+/// terminal's Ctrl-C, or systemd's `KillMode=control-group`, reaches every process of the
+/// group at once, master included. Stopping at once would race the master, which may still
+/// hand this worker connections while it drains its sockets: the worker tells the master
+/// (`StopAsked`) and keeps serving until the master retires it (`disconnect`), as it does
+/// when it is stopping or replacing it. A second signal, a master that does not answer within
+/// [`UNANSWERED_STOP`], or a closed channel start a graceful stop at once.
 async fn read_loop(client: Arc<Client>) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut rx = Receiver::new();
     let mut fragments = Reassembly::default();
     let (mut term, mut int) = (signal(SignalKind::terminate()).ok(), signal(SignalKind::interrupt()).ok());
     let mut out_of_fds = false;
+    let mut asked: Option<tokio::time::Instant> = None;
     loop {
+        let signalled = |asked: &mut Option<tokio::time::Instant>| {
+            if asked.is_some() {
+                client.begin_shutdown();
+                return;
+            }
+            *asked = Some(tokio::time::Instant::now() + UNANSWERED_STOP);
+            let mut out = BytesMut::new();
+            encode::stop_asked(&mut out);
+            let no_fds: &[std::os::fd::BorrowedFd<'_>] = &[];
+            if client.channel.try_send_with_fds(&out, no_fds).is_err() {
+                client.begin_shutdown();
+            }
+        };
         let received = tokio::select! {
             received = rx.recv(&client.channel) => received,
-            Some(()) = recv_signal(&mut term) => { client.begin_shutdown(); continue }
-            Some(()) = recv_signal(&mut int) => { client.begin_shutdown(); continue }
+            Some(()) = recv_signal(&mut term) => { signalled(&mut asked); continue }
+            Some(()) = recv_signal(&mut int) => { signalled(&mut asked); continue }
+            () = sleep_until_opt(asked) => {
+                // Stopping on its own; a later signal only repeats that.
+                asked = Some(tokio::time::Instant::now() + Duration::from_secs(365 * 86_400));
+                client.begin_shutdown();
+                continue
+            }
         };
         let received = match received {
             // New connections whose descriptors did not fit in this process's table: hand them
@@ -521,6 +549,14 @@ async fn read_loop(client: Arc<Client>) {
 /// A reassembled user message, as if it had come in one datagram.
 fn whole(message: Option<Whole>) -> Option<ToWorker> {
     message.map(|(from, call, data)| ToWorker::User { from, call, data })
+}
+
+/// Sleeps until `at`, or forever.
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn recv_signal(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {

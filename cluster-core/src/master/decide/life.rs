@@ -149,6 +149,7 @@ impl Core {
                 self.became_ready(serial, now, out);
             }
         }
+        self.stop_asked(now, out);
         let late: Vec<u32> = self
             .slots
             .iter()
@@ -161,6 +162,43 @@ impl Core {
                 self.kill(incoming.serial, Some(ExitReason::NotReady), out);
             }
             self.incoming_failed(id, &why, now, out);
+        }
+    }
+
+    /// Workers that got SIGTERM or SIGINT from outside. Under systemd's default
+    /// `KillMode=control-group` every process gets it at once: the master's own stop then
+    /// retires each worker in order, so nothing is done for a worker until [`STOP_ASK_WAIT`]
+    /// has passed without the master stopping. After that (only the worker was signalled), it
+    /// is replaced like a restart: the new process first, then it retires.
+    fn stop_asked(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if self.stop != Stop::Running {
+            return;
+        }
+        let due: Vec<(Serial, u32)> = self
+            .procs
+            .iter()
+            .filter(|(_, p)| p.life.alive() && p.stop_asked.is_some_and(|at| now >= at + STOP_ASK_WAIT))
+            .map(|(s, p)| (*s, p.id))
+            .collect();
+        for (serial, id) in due {
+            self.procs.get_mut(&serial).expect("the process").stop_asked = None;
+            let Some(slot) = self.slots.get(&id) else { continue };
+            if slot.current != Some(serial) || slot.incoming.is_some() {
+                continue; // already being replaced, or itself a replacement that will be retired
+            }
+            note!(
+                event = "stop_asked",
+                id,
+                pid = self.procs[&serial].pid,
+                "{} was signalled to stop; replacing it",
+                Peer::from_wire(id)
+            );
+            if id == AGENT_ID {
+                // A singleton: it goes first, and its slot starts a new one.
+                self.retire(serial, true, now, out);
+            } else {
+                self.start_incoming(id, Cause::Limit, now, out);
+            }
         }
     }
 
@@ -316,6 +354,7 @@ impl Core {
             last_seen: now,
             max_connections,
             reason: None,
+            stop_asked: None,
         };
         self.procs.insert(serial, p);
         out.push(Action::Spawn { serial, id });

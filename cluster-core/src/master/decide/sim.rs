@@ -192,6 +192,7 @@ impl Sim {
                 _ if !said_hello => Fact::Hello,
                 _ if !listening && !crashes => Fact::Listening(1),
                 2..=4 => Fact::SaidReady,
+                5 => Fact::StopAsked,
                 _ => Fact::Heard,
             };
             let p = self.running.get_mut(&serial).expect("running");

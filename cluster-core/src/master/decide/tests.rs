@@ -728,3 +728,46 @@ fn a_restart_taken_over_by_a_reload_that_is_abandoned_is_answered() {
         "the restart's waiter hears: {out:?}"
     );
 }
+
+#[test]
+fn a_worker_signalled_alone_is_replaced_new_one_first_after_a_wait() {
+    let mut sim = Sim::started(cfg(2));
+    let out = sim.fact(1, Fact::StopAsked);
+    assert!(spawns(&out).is_empty(), "the master's own stop may be on its way: {out:?}");
+    let out = sim.advance(STOP_ASK_WAIT, &[]);
+    assert_eq!(spawns(&out), [(3, 1)]);
+    assert!(closes(&out).is_empty(), "it serves until its replacement is ready");
+    let out = sim.ready(3);
+    assert_eq!(closes(&out), [1]);
+}
+
+#[test]
+fn workers_signalled_with_the_master_are_retired_by_its_stop_and_nothing_starts() {
+    // systemd's KillMode=control-group: SIGTERM to every process at once.
+    let mut sim = Sim::started(cfg(2));
+    sim.fact(1, Fact::StopAsked);
+    sim.fact(2, Fact::StopAsked);
+    let mut out = sim.cmd(Command::Stop(StopKind::Graceful));
+    out.extend(sim.advance(Duration::from_secs(1), &[]));
+    assert!(spawns(&out).is_empty(), "{out:?}");
+    assert_eq!(sorted(disconnects(&out)), [1, 2]);
+}
+
+fn sorted(mut v: Vec<Serial>) -> Vec<Serial> {
+    v.sort_unstable();
+    v
+}
+
+/// Found by the simulation (seed 27): a signalled agent was "replaced new one first", which
+/// ran two agents at once.
+#[test]
+fn a_signalled_agent_is_restarted_never_doubled() {
+    let mut sim = Sim::started(Config { agent: true, ..cfg(1) });
+    let agent = sim.current(AGENT_ID);
+    sim.fact(agent, Fact::StopAsked);
+    let out = sim.advance(STOP_ASK_WAIT, &[]);
+    assert_eq!(closes(&out), [agent]);
+    assert!(!spawns(&out).iter().any(|(_, id)| *id == AGENT_ID), "not while the old one runs");
+    let out = sim.exit(agent, 0);
+    assert_eq!(spawns(&out).iter().filter(|(_, id)| *id == AGENT_ID).count(), 1);
+}
