@@ -314,3 +314,25 @@ fn zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
 }
+
+#[test]
+fn unix_socket_files_belong_to_the_workers_user() {
+    if !root() {
+        eprintln!("skipped: needs root to run workers as another user");
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let dir = TempDir::new("unix-owner");
+    let path = dir.0.join("app.sock");
+    let env = [("SOCKET_PATH", path.to_str().unwrap()), ("SOCKET_MODE", "660"), ("CLUSTER_USER", "nobody")];
+    let server = Server::spawn(env!("CARGO_BIN_EXE_unix-hello").into(), &env);
+    wait_for(T, "both workers to listen", || {
+        (server.stdout().matches("listening on unix:").count() == 2).then_some(())
+    });
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (65534, 65534), "nobody owns the socket file, mode 660 means it");
+    let mut stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    let mut reply = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut reply).unwrap();
+    assert!(reply.contains(':'), "{reply}");
+}
