@@ -85,7 +85,15 @@ fn under_socket_activation_the_master_serves_the_passed_socket_and_notifies_syst
         format!("PORT={port}"),
     ];
     let listen = format!("127.0.0.1:{port}");
-    let mut args: Vec<&OsStr> = vec![OsStr::new("--fdname=web"), OsStr::new("-l"), OsStr::new(&listen)];
+    // A second socket that no worker binds: adopted by nobody, and said so.
+    let unused = format!("127.0.0.1:{}", free_port());
+    let mut args: Vec<&OsStr> = vec![
+        OsStr::new("--fdname=web:spare"),
+        OsStr::new("-l"),
+        OsStr::new(&listen),
+        OsStr::new("-l"),
+        OsStr::new(&unused),
+    ];
     for v in &vars {
         args.extend([OsStr::new("-E"), OsStr::new(v)]);
     }
@@ -99,6 +107,11 @@ fn under_socket_activation_the_master_serves_the_passed_socket_and_notifies_syst
     let bind = server.wait_event("bind", T, |e| e["inherited"] == true);
     assert_eq!(bind["addr"], format!("tcp {listen}"));
     assert!(server.events("bind").iter().all(|(_, e)| e["inherited"] == true), "nothing else was bound");
+    let spare = server.wait_event("inherited_unused", T, |_| true);
+    assert_eq!(
+        (spare["addr"].as_str(), spare["name"].as_str()),
+        (Some(format!("tcp {unused}").as_str()), Some("spare"))
+    );
 
     let mut seen = Vec::new();
     let ready = expect(&rx, "READY=1", &mut seen);
@@ -335,4 +348,44 @@ fn unix_socket_files_belong_to_the_workers_user() {
     let mut reply = String::new();
     std::io::Read::read_to_string(&mut stream, &mut reply).unwrap();
     assert!(reply.contains(':'), "{reply}");
+}
+
+#[test]
+fn the_passed_socket_serves_under_shared_and_reuseport_too() {
+    if !have("systemd-socket-activate") {
+        eprintln!("skipped: systemd-socket-activate is missing (Debian package systemd)");
+        return;
+    }
+    for policy in ["shared", "reuseport"] {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let vars = [
+            format!("CLUSTER_SCHED_POLICY={policy}"),
+            "CLUSTER_WORKERS=2".into(),
+            "CLUSTER_LOG_FORMAT=json".into(),
+            "CLUSTER_CONTROL_SOCKET=off".into(),
+            "HOST=127.0.0.1".into(),
+            format!("PORT={port}"),
+        ];
+        let hello = example_bin("hello");
+        let mut args: Vec<&OsStr> = vec![OsStr::new("-l"), OsStr::new(&listen)];
+        for v in &vars {
+            args.extend([OsStr::new("-E"), OsStr::new(v)]);
+        }
+        args.push(hello.as_os_str());
+        let mut server = Server::spawn_with(OsStr::new("systemd-socket-activate"), &args, &[]);
+        let addr: std::net::SocketAddr = listen.parse().unwrap();
+        wait_for(T, "the first request", || get(addr, "/").ok().filter(|r| r.status == 200));
+        server.wait_events("ready", 2, T);
+        let mut pids = std::collections::HashSet::new();
+        for _ in 0..40 {
+            pids.insert(integration_tests::parse_worker(&get(addr, "/worker").unwrap().body).1);
+        }
+        assert_eq!(pids.len(), 2, "{policy}: both workers serve the one passed socket");
+        let binds = server.events("bind");
+        assert_eq!(binds.len(), 1, "{policy}: one socket, the passed one: {binds:?}");
+        assert_eq!(binds[0].1["inherited"], true);
+        server.signal(libc::SIGTERM);
+        assert_eq!(server.wait_exit(T).and_then(|s| s.code()), Some(0), "{policy}");
+    }
 }
