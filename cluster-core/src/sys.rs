@@ -351,6 +351,60 @@ fn supplementary_groups(name: &std::ffi::CStr, gid: libc::gid_t) -> Result<Vec<l
     }
 }
 
+/// Whether `creds` may create files in `dir` (write and search permission, by the mode bits).
+pub(crate) fn may_write_dir(dir: &std::path::Path, creds: &Credentials) -> io::Result<bool> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(dir)?;
+    let mode = meta.permissions().mode();
+    let bits = if creds.uid == 0 {
+        return Ok(true);
+    } else if meta.uid() == creds.uid {
+        mode >> 6
+    } else if creds.groups.contains(&meta.gid()) || meta.gid() == creds.gid {
+        mode >> 3
+    } else {
+        mode
+    };
+    Ok(bits & 0o3 == 0o3)
+}
+
+/// Sets the mode and owner of the socket file at `path` through a descriptor of the file
+/// itself (`O_PATH | O_NOFOLLOW`): if `path` is not a socket any more (a symlink or another
+/// file was put there), nothing is changed and it is an error.
+pub(crate) fn set_socket_file(
+    path: &std::path::Path,
+    mode: Option<u32>,
+    owner: Option<(libc::uid_t, libc::gid_t)>,
+) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path with a NUL byte"))?;
+    // SAFETY: `cpath` is a valid C string; the returned descriptor is owned below.
+    let fd = check(unsafe { libc::open(cpath.as_ptr(), libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC) })?;
+    // SAFETY: `fd` was just opened and is owned by nothing else.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: fstat writes into `stat` only.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut stat) })?;
+    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} is not the socket just bound (replaced meanwhile?)", path.display()),
+        ));
+    }
+    if let Some((uid, gid)) = owner {
+        // SAFETY: AT_EMPTY_PATH with "" acts on `fd` itself.
+        check(unsafe { libc::fchownat(fd.as_raw_fd(), c"".as_ptr(), uid, gid, libc::AT_EMPTY_PATH) })?;
+    }
+    if let Some(mode) = mode {
+        // chmod has no "empty path" form for an O_PATH descriptor; its /proc link names the
+        // file it was opened on, not whatever `path` holds now.
+        let perms = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(mode);
+        std::fs::set_permissions(format!("/proc/self/fd/{}", fd.as_raw_fd()), perms)?;
+    }
+    Ok(())
+}
+
 /// Takes ownership of `fd`, inherited from a service manager, if it is a socket; `None` (and
 /// the descriptor left alone) otherwise.
 pub(crate) fn adopt_inherited_socket(fd: RawFd) -> Option<socket2::Socket> {

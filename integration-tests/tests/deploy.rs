@@ -334,8 +334,21 @@ fn unix_socket_files_belong_to_the_workers_user() {
         eprintln!("skipped: needs root to run workers as another user");
         return;
     }
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let dir = TempDir::new("unix-owner");
+    // A directory only root may write: the master (root) would be able to bind there, but a
+    // worker's request gets no more than the worker could do itself.
+    let closed = dir.0.join("root-only");
+    std::fs::create_dir(&closed).unwrap();
+    let path = closed.join("app.sock");
+    let env = [("SOCKET_PATH", path.to_str().unwrap()), ("SOCKET_MODE", "660"), ("CLUSTER_USER", "nobody")];
+    let refused = Server::spawn(env!("CARGO_BIN_EXE_unix-hello").into(), &env);
+    let failed = refused.wait_event("listen_failed", T, |_| true);
+    assert!(failed["error"].as_str().unwrap().contains("cannot create files"), "{failed}");
+    assert!(!path.exists(), "no socket file was created");
+    drop(refused);
+    // A sticky world-writable directory, like /tmp: nobody may create files there.
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o1777)).unwrap();
     let path = dir.0.join("app.sock");
     let env = [("SOCKET_PATH", path.to_str().unwrap()), ("SOCKET_MODE", "660"), ("CLUSTER_USER", "nobody")];
     let server = Server::spawn(env!("CARGO_BIN_EXE_unix-hello").into(), &env);
@@ -348,6 +361,16 @@ fn unix_socket_files_belong_to_the_workers_user() {
     let mut reply = String::new();
     std::io::Read::read_to_string(&mut stream, &mut reply).unwrap();
     assert!(reply.contains(':'), "{reply}");
+
+    // A stale socket of another user in the shared directory: the master (root) could remove
+    // it, the workers' user could not, so it is left alone.
+    let theirs = dir.0.join("theirs.sock");
+    drop(std::os::unix::net::UnixListener::bind(&theirs).unwrap());
+    std::os::unix::fs::lchown(&theirs, Some(4242), Some(4242)).unwrap();
+    let env = [("SOCKET_PATH", theirs.to_str().unwrap()), ("CLUSTER_USER", "nobody")];
+    let other = Server::spawn(env!("CARGO_BIN_EXE_unix-hello").into(), &env);
+    other.wait_event("listen_failed", T, |_| true);
+    assert_eq!(std::fs::symlink_metadata(&theirs).unwrap().uid(), 4242, "their file is untouched");
 }
 
 #[test]

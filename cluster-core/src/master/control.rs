@@ -10,7 +10,7 @@
 //! client that sends garbage, a huge line or never reads disturbs no one else.
 
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -102,7 +102,7 @@ fn bind(path: &Path) -> io::Result<(UnixListener, u64)> {
         }
     }
     let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    sys::set_socket_file(path, Some(0o600), None)?;
     let inode = std::fs::symlink_metadata(path)?.ino();
     Ok((listener, inode))
 }

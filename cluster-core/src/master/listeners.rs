@@ -163,11 +163,9 @@ impl Listeners {
                 (listener, format!("{}", bound.unwrap_or(*addr)))
             }
             Endpoint::Unix { path, mode } => {
-                let socket = crate::net::bind_unix(path, *mode, self.cfg.backlog)?;
-                // The workers' user owns the file, so that its mode means what it says for them.
-                if let Some(c) = &self.cfg.credentials {
-                    std::os::unix::fs::chown(path, Some(c.uid), Some(c.gid))?;
-                }
+                // With CLUSTER_USER, the workers' user owns the file, so that its mode means what
+                // it says for them, and a worker gets no more than it could do itself.
+                let socket = crate::net::bind_unix(path, *mode, self.cfg.backlog, self.cfg.credentials.as_deref())?;
                 (self.stream_listener(socket, key, None, Some(path.clone()))?, format!("unix:{}", path.display()))
             }
             Endpoint::Udp(addr) => {

@@ -1,5 +1,5 @@
 use std::io;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::task::{Context, Poll, ready};
 
@@ -49,7 +49,7 @@ impl UnixListener {
                 Inner::Cluster(Proxy::new(client.clone(), key, queue))
             }
             None => {
-                let socket = bind_unix(&path, mode, 1024)?;
+                let socket = bind_unix(&path, mode, 1024, None)?;
                 Inner::Direct(tokio::net::UnixListener::from_std(std::os::unix::net::UnixListener::from(
                     std::os::fd::OwnedFd::from(socket),
                 ))?)
@@ -110,17 +110,49 @@ fn check_len(path: &Path) -> io::Result<()> {
 }
 
 /// Binds a listening Unix socket at `path`: replaces a stale socket file (nobody accepts on
-/// it), refuses one a live process listens on, sets `mode`, non-blocking, close-on-exec.
-pub(crate) fn bind_unix(path: &Path, mode: Option<u32>, backlog: i32) -> io::Result<socket2::Socket> {
+/// it) of the same owner, refuses one a live process listens on, sets `mode`, non-blocking,
+/// close-on-exec.
+///
+/// `owner`: the user the workers run as, when it is not the master's (`CLUSTER_USER`). A
+/// worker's request must not get more from the master than the worker could do itself: the
+/// directory must be writable by that user, only that user's stale socket is replaced, and the
+/// new file is given to that user. Mode and owner are set through a descriptor of the file
+/// itself (`O_PATH | O_NOFOLLOW`), so a symlink swapped in meanwhile is never followed.
+pub(crate) fn bind_unix(
+    path: &Path,
+    mode: Option<u32>,
+    backlog: i32,
+    owner: Option<&crate::sys::Credentials>,
+) -> io::Result<socket2::Socket> {
     check_len(path)?;
+    if let Some(owner) = owner {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if !crate::sys::may_write_dir(dir, owner)? {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("the workers' user (uid {}) cannot create files in {}", owner.uid, dir.display()),
+            ));
+        }
+    }
+    let uid = owner.map_or_else(crate::sys::geteuid, |o| o.uid);
     let listener = match std::os::unix::net::UnixListener::bind(path) {
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+            let meta = std::fs::symlink_metadata(path).ok();
+            let is_socket = meta.as_ref().is_some_and(|m| m.file_type().is_socket());
             match std::os::unix::net::UnixStream::connect(path) {
                 _ if !is_socket => {
                     return Err(io::Error::new(
                         io::ErrorKind::AlreadyExists,
                         format!("{} exists and is not a socket", path.display()),
+                    ));
+                }
+                _ if meta.as_ref().is_some_and(|m| std::os::unix::fs::MetadataExt::uid(m) != uid) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!("{} is another user's socket; it is left alone", path.display()),
                     ));
                 }
                 Ok(_) => {
@@ -138,8 +170,8 @@ pub(crate) fn bind_unix(path: &Path, mode: Option<u32>, backlog: i32) -> io::Res
         }
         other => other?,
     };
-    if let Some(mode) = mode {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    if mode.is_some() || owner.is_some() {
+        crate::sys::set_socket_file(path, mode, owner.map(|o| (o.uid, o.gid)))?;
     }
     let socket = socket2::Socket::from(std::os::fd::OwnedFd::from(listener));
     socket.listen(backlog)?;
