@@ -16,18 +16,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Semaphore, broadcast};
 use tokio::task::JoinHandle;
 
+use self::request::{Refused, Request};
 use super::observe::state_name;
-use super::{AGENT_ID, ControlError, Handle, Overview, Scale, WorkerStatus};
+use super::{AGENT_ID, ControlError, Handle, Overview, WorkerStatus};
 use crate::config::{Config, ControlSocket};
 use crate::control::{MAX_LINE, PROTOCOL_VERSION, parse_socket_file_name, prepare_dir, socket_dir, socket_file_name};
 use crate::log::{note, ring, warning};
 use crate::sys;
+
+mod request;
 
 /// Clients served at once; more are told so and closed.
 const MAX_CLIENTS: usize = 64;
@@ -195,7 +198,7 @@ async fn serve_client(rd: OwnedReadHalf, mut wr: OwnedWriteHalf, handle: Handle)
     let mut line = Vec::new();
     loop {
         line.clear();
-        match tokio::time::timeout(IDLE_TIMEOUT, read_line(&mut rd, &mut line)).await {
+        match tokio::time::timeout(IDLE_TIMEOUT, request::read_line(&mut rd, &mut line, MAX_LINE)).await {
             Err(_) => return Ok(()),
             Ok(Ok(false)) => return Ok(()),
             Ok(Ok(true)) => {}
@@ -203,76 +206,40 @@ async fn serve_client(rd: OwnedReadHalf, mut wr: OwnedWriteHalf, handle: Handle)
                 return reply(&mut wr, &json!({"ok": false, "error": e.to_string()})).await;
             }
         }
-        let request: Value = match serde_json::from_slice(&line) {
-            Ok(request @ Value::Object(_)) => request,
-            Ok(_) => return reply(&mut wr, &json!({"ok": false, "error": "a request is a JSON object"})).await,
-            Err(e) => return reply(&mut wr, &json!({"ok": false, "error": format!("malformed request: {e}")})).await,
+        let request = match request::parse(&line) {
+            Ok(request) => request,
+            Err(Refused::Malformed(why)) => return reply(&mut wr, &json!({"ok": false, "error": why})).await,
+            Err(Refused::Invalid(why)) => {
+                reply(&mut wr, &json!({"ok": false, "error": why})).await?;
+                continue;
+            }
         };
-        if !run(&request, &mut wr, &handle).await? {
+        if !run(request, &mut wr, &handle).await? {
             return Ok(());
         }
     }
 }
 
-/// Reads one line (without its newline) into `line`; `false` at the end of the stream. A
-/// line longer than [`MAX_LINE`] is an error.
-async fn read_line(rd: &mut BufReader<OwnedReadHalf>, line: &mut Vec<u8>) -> io::Result<bool> {
-    loop {
-        let buf = rd.fill_buf().await?;
-        if buf.is_empty() {
-            return Ok(!line.is_empty());
-        }
-        let (chunk, done) = match buf.iter().position(|b| *b == b'\n') {
-            Some(at) => (&buf[..at], Some(at + 1)),
-            None => (buf, None),
-        };
-        if line.len() + chunk.len() > MAX_LINE {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("request line longer than {MAX_LINE} bytes"),
-            ));
-        }
-        line.extend_from_slice(chunk);
-        let used = done.unwrap_or(buf.len());
-        rd.consume(used);
-        if done.is_some() {
-            return Ok(true);
-        }
-    }
-}
-
 /// Runs one request; `false` when the connection should end.
-async fn run(request: &Value, wr: &mut OwnedWriteHalf, handle: &Handle) -> io::Result<bool> {
-    let cmd = request.get("cmd").and_then(Value::as_str).unwrap_or("");
+async fn run(request: Request, wr: &mut OwnedWriteHalf, handle: &Handle) -> io::Result<bool> {
     let fail = |e: &str| json!({"ok": false, "error": e});
-    let out = match cmd {
-        "ping" => json!({"ok": true, "pid": sys::getpid()}),
-        "status" => match handle.overview().await {
+    let out = match request {
+        Request::Ping => json!({"ok": true, "pid": sys::getpid()}),
+        Request::Status => match handle.overview().await {
             Some(overview) => status_json(&overview),
             None => fail("the master is stopping"),
         },
-        "metrics" => match handle.metrics().await {
+        Request::Metrics => match handle.metrics().await {
             Some(text) => json!({"ok": true, "metrics": text}),
             None => fail("the master is stopping"),
         },
-        "scale" => {
-            let to = match request.get("workers") {
-                Some(Value::Number(n)) => n.to_string().parse::<Scale>(),
-                Some(Value::String(s)) => s.parse::<Scale>(),
-                _ => Err("scale needs \"workers\": N, \"+N\" or \"-N\"".to_string()),
-            };
-            match to {
-                Ok(to) => match handle.scale(to).await {
-                    Ok((from, to)) => json!({"ok": true, "from": from, "to": to}),
-                    Err(e) => fail(&e.to_string()),
-                },
-                Err(e) => fail(&e),
-            }
-        }
-        "reload" => {
+        Request::Scale(to) => match handle.scale(to).await {
+            Ok((from, to)) => json!({"ok": true, "from": from, "to": to}),
+            Err(e) => fail(&e.to_string()),
+        },
+        Request::Reload => {
             let progress = ring::ring().subscribe();
-            let done = with_progress(wr, progress, handle.reload_and_wait()).await?;
-            match done {
+            match with_progress(wr, progress, handle.reload_and_wait()).await? {
                 Ok(r) => json!({"ok": true, "replaced": r.replaced, "took_ms": r.took.as_millis() as u64}),
                 Err(ControlError::Abandoned { id, reason }) => json!({
                     "ok": false,
@@ -283,31 +250,25 @@ async fn run(request: &Value, wr: &mut OwnedWriteHalf, handle: &Handle) -> io::R
                 Err(e) => fail(&e.to_string()),
             }
         }
-        "restart" => match request.get("id").and_then(Value::as_u64).and_then(|id| u32::try_from(id).ok()) {
-            Some(id) => {
-                let progress = ring::ring().subscribe();
-                match with_progress(wr, progress, handle.restart(id)).await? {
-                    Ok((old_pid, pid)) => json!({"ok": true, "id": id, "old_pid": old_pid, "pid": pid}),
-                    Err(e) => fail(&e.to_string()),
-                }
+        Request::Restart(id) => {
+            let progress = ring::ring().subscribe();
+            match with_progress(wr, progress, handle.restart(id)).await? {
+                Ok((old_pid, pid)) => json!({"ok": true, "id": id, "old_pid": old_pid, "pid": pid}),
+                Err(e) => fail(&e.to_string()),
             }
-            None => fail("restart needs \"id\": a worker id"),
-        },
-        "stop" => {
-            let fast = request.get("fast").and_then(Value::as_bool).unwrap_or(false);
+        }
+        Request::Stop { fast } => {
             handle.stop(fast);
             reply(wr, &json!({"ok": true, "stopping": true, "pid": sys::getpid()})).await?;
             // The connection closes when the master exits: that is how the client knows.
             std::future::pending::<()>().await;
             return Ok(false);
         }
-        "upgrade" => fail(
+        Request::Upgrade => fail(
             "master upgrade is not supported yet: restart the service to run a new master binary \
              (`clusterctl reload` replaces the workers with the binary on disk)",
         ),
-        "logs" => {
-            let lines = request.get("lines").and_then(Value::as_u64).unwrap_or(20) as usize;
-            let follow = request.get("follow").and_then(Value::as_bool).unwrap_or(false);
+        Request::Logs { lines, follow } => {
             let (last, mut rx) = ring::ring().tail(lines.min(ring::CAPACITY));
             for record in last {
                 reply(wr, &json!({"log": raw(&record)})).await?;
@@ -324,10 +285,6 @@ async fn run(request: &Value, wr: &mut OwnedWriteHalf, handle: &Handle) -> io::R
                 }
             }
         }
-        "" => fail("a request needs \"cmd\""),
-        other => fail(&format!(
-            "unknown command {other:?}; commands: status, reload, scale, restart, stop, upgrade, logs, metrics, ping"
-        )),
     };
     reply(wr, &out).await?;
     Ok(true)

@@ -3,7 +3,7 @@
 //! misbehaving worker (so its replacement behaves); `GARBAGE_KIND` picks the garbage:
 //! `tag` (unknown tag after a valid hello), `fd` (a file descriptor on a message that takes
 //! none), `first` (a valid message other than hello first), `version` (a hello of another
-//! protocol version). The hello comes from the library's own encoder. The master's hook prints
+//! protocol version), `liar` (a hello naming the pid in `GARBAGE_PID`, then garbage). The hello comes from the library's own encoder. The master's hook prints
 //! each worker exit with its reason, for the test to check which error the master saw.
 
 use std::os::fd::AsRawFd;
@@ -36,6 +36,13 @@ fn misbehave_if_chosen() {
             send(fd, &hello, None);
             let file = std::fs::File::open("/dev/null").expect("/dev/null");
             send(fd, b"\x03\x00\x00\x00\x01", Some(file.as_raw_fd()));
+        }
+        // A hello that names another process (`GARBAGE_PID`), then garbage: the master must
+        // kill the worker it started, never the pid it was told.
+        Ok("liar") => {
+            let other: u32 = std::env::var("GARBAGE_PID").expect("GARBAGE_PID").parse().expect("a pid");
+            send(fd, &cluster::__private::hello(other), None);
+            send(fd, b"\x7fgarbage", None);
         }
         _ => {
             send(fd, &hello, None);
