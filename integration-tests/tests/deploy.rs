@@ -64,6 +64,22 @@ fn expect(rx: &mpsc::Receiver<(Instant, String)>, what: &str, seen: &mut Vec<Str
     }
 }
 
+/// `hello` under `systemd-socket-activate`, listening on `listen` (named `fdnames`), with
+/// `vars` (the tool passes only the variables named with -E).
+fn socket_activate(listen: &[&str], fdnames: Option<&str>, vars: &[String]) -> Server {
+    let hello = example_bin("hello");
+    let names = fdnames.map(|n| format!("--fdname={n}"));
+    let mut args: Vec<&OsStr> = names.iter().map(OsStr::new).collect();
+    for l in listen {
+        args.extend([OsStr::new("-l"), OsStr::new(l)]);
+    }
+    for v in vars {
+        args.extend([OsStr::new("-E"), OsStr::new(v)]);
+    }
+    args.push(hello.as_os_str());
+    Server::spawn_with(OsStr::new("systemd-socket-activate"), &args, &[])
+}
+
 #[test]
 fn under_socket_activation_the_master_serves_the_passed_socket_and_notifies_systemd() {
     if !have("systemd-socket-activate") {
@@ -73,8 +89,6 @@ fn under_socket_activation_the_master_serves_the_passed_socket_and_notifies_syst
     let dir = TempDir::new("socket-activation");
     let (notify, rx) = notify_socket(&dir);
     let port = free_port();
-    let hello = example_bin("hello");
-    // systemd-socket-activate passes only the variables named with -E.
     let vars = [
         format!("NOTIFY_SOCKET={notify}"),
         "WATCHDOG_USEC=400000".into(),
@@ -87,18 +101,7 @@ fn under_socket_activation_the_master_serves_the_passed_socket_and_notifies_syst
     let listen = format!("127.0.0.1:{port}");
     // A second socket that no worker binds: adopted by nobody, and said so.
     let unused = format!("127.0.0.1:{}", free_port());
-    let mut args: Vec<&OsStr> = vec![
-        OsStr::new("--fdname=web:spare"),
-        OsStr::new("-l"),
-        OsStr::new(&listen),
-        OsStr::new("-l"),
-        OsStr::new(&unused),
-    ];
-    for v in &vars {
-        args.extend([OsStr::new("-E"), OsStr::new(v)]);
-    }
-    args.push(hello.as_os_str());
-    let mut server = Server::spawn_with(OsStr::new("systemd-socket-activate"), &args, &[]);
+    let mut server = socket_activate(&[&listen, &unused], Some("web:spare"), &vars);
     let addr: std::net::SocketAddr = listen.parse().unwrap();
     // The tool starts the service on the first connection: that client waits in the passed
     // socket's queue while the master starts, and is served.
@@ -390,13 +393,7 @@ fn the_passed_socket_serves_under_shared_and_reuseport_too() {
             "HOST=127.0.0.1".into(),
             format!("PORT={port}"),
         ];
-        let hello = example_bin("hello");
-        let mut args: Vec<&OsStr> = vec![OsStr::new("-l"), OsStr::new(&listen)];
-        for v in &vars {
-            args.extend([OsStr::new("-E"), OsStr::new(v)]);
-        }
-        args.push(hello.as_os_str());
-        let mut server = Server::spawn_with(OsStr::new("systemd-socket-activate"), &args, &[]);
+        let mut server = socket_activate(&[&listen], None, &vars);
         let addr: std::net::SocketAddr = listen.parse().unwrap();
         wait_for(T, "the first request", || get(addr, "/").ok().filter(|r| r.status == 200));
         server.wait_events("ready", 2, T);
