@@ -10,9 +10,11 @@ Servers, all with the identical hello-world handler (examples::bench::serve) exc
   tokio-mt (bench-server with CLUSTER_WORKERS=0: one process, multi-threaded runtime);
   node-rr (../shared/anchors/node/hello-cluster.js, 2 workers) when `node` is present.
 Each round starts every server in turn and drives it with wrk (-t1 -c64) keep-alive and
-`Connection: close`; medians over rounds, ratios against `plain`. Then: spawn-to-ready
-times, RSS, master CPU per 100k dispatched connections, and how connections spread across
-workers under each balancer (uniform load, and a mixed load with slow requests).
+`Connection: close`; medians over rounds, ratios against `plain`; and the CPU time of all
+the server's processes per request (utime + stime from /proc over each run), with the
+master's share. Then: spawn-to-ready times, RSS, master CPU per 100k dispatched connections,
+and how connections spread across workers under each balancer (uniform load, and a mixed
+load with slow requests).
 Writes benches/results.svg (a bar chart of the medians). Needs wrk and a release build.
 """
 
@@ -114,22 +116,48 @@ def children(pid):
         return []
 
 
+def tree_cpu(pid):
+    """CPU seconds of a server's first process and of its children, by pid."""
+    out = {}
+    for q in [pid] + children(pid):
+        try:
+            out[q] = cpu_seconds(q)
+        except OSError:
+            pass
+    return out
+
+
+def cpu_per_request(before, after, requests, only=None):
+    """Microseconds of CPU per request between two `tree_cpu` readings (of `only` if given)."""
+    used = sum(after[q] - before.get(q, 0.0) for q in after if only is None or q == only)
+    return used / max(requests, 1) * 1e6
+
+
 def throughput():
-    results = {}  # name -> {"ka": [...], "close": [...]}
+    results = {}  # name -> {"ka": [...], "close": [...], "cpu_ka": [...], "cpu_close": [...], ...}
     master_cpu = []  # (cpu seconds, connections) for rr close runs
     for r in range(ROUNDS):
         for name, cmd, env in servers():
             p = start(cmd, env)
+            t0 = tree_cpu(p.pid)
             ka = wrk(False)
-            before = cpu_seconds(p.pid)
+            t1 = tree_cpu(p.pid)
             cl = wrk(True)
+            t2 = tree_cpu(p.pid)
             if name == "rr":
-                master_cpu.append((cpu_seconds(p.pid) - before, cl[1]))
+                master_cpu.append((t2.get(p.pid, 0.0) - t1.get(p.pid, 0.0), cl[1]))
             stop(p)
-            d = results.setdefault(name, {"ka": [], "close": [], "errors": 0})
+            d = results.setdefault(name, {"ka": [], "close": [], "errors": 0, "cpu_ka": [], "cpu_close": [],
+                                          "master_ka": [], "master_close": []})
             d["ka"].append(ka[0])
             d["close"].append(cl[0])
             d["errors"] += ka[2] + cl[2]
+            # Server CPU per request: the steadier figure on a shared machine (every process of
+            # the server; the master's own share apart, for the clusters).
+            d["cpu_ka"].append(cpu_per_request(t0, t1, ka[1]))
+            d["cpu_close"].append(cpu_per_request(t1, t2, cl[1]))
+            d["master_ka"].append(cpu_per_request(t0, t1, ka[1], only=p.pid))
+            d["master_close"].append(cpu_per_request(t1, t2, cl[1], only=p.pid))
             print(f"round {r + 1}: {name:10} keep-alive {ka[0]:>10.0f} req/s   close {cl[0]:>9.0f} req/s", flush=True)
     return results, master_cpu
 
@@ -234,6 +262,16 @@ def main():
         ka, cl = statistics.median(d["ka"]), statistics.median(d["close"])
         print(f"| {name} | {ka:.0f} | {ka / statistics.median(plain['ka']):.2f} | {cl:.0f} | "
               f"{cl / statistics.median(plain['close']):.2f} | {d['errors']} |")
+    # CPU time of every server process per request: far steadier than req/s on a shared
+    # machine. The master's share is its own process (for `plain`, `tokio-mt` and Node, the
+    # first process, which serves or forks).
+    med = statistics.median
+    print("\n| server | CPU µs/request keep-alive | ratio | CPU µs/request close | ratio | first process's share (close) |")
+    print("|---|---|---|---|---|---|")
+    for name, d in results.items():
+        ka, cl = med(d["cpu_ka"]), med(d["cpu_close"])
+        print(f"| {name} | {ka:.1f} | {ka / med(plain['cpu_ka']):.2f} | {cl:.1f} | {cl / med(plain['cpu_close']):.2f} | "
+              f"{med(d['master_close']):.1f} |")
     if "node-rr" in results:
         ratio = statistics.median(results["rr"]["close"]) / statistics.median(results["node-rr"]["close"])
         print(f"\nrr vs Node cluster rr, new connections: {ratio:.2f}x")
