@@ -70,11 +70,19 @@ fn start_with(name: &str, value: &std::ffi::OsStr) -> (Option<i32>, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let status = wait_for(T, "hello to exit", || match child.try_wait().unwrap() {
-        Some(status) => Some(Some(status)),
-        None if alive(child.id()) => None,
-        None => Some(None),
-    });
+    // It should exit at once; one that started anyway is stopped after the deadline.
+    let deadline = std::time::Instant::now() + T;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     let mut stderr = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
     (status.and_then(|s| s.code()), stderr)
