@@ -139,9 +139,11 @@ fn under_socket_activation_the_master_serves_the_passed_socket_and_notifies_syst
             pings.push(at);
         }
     }
-    assert!((5..=10).contains(&pings.len()), "{} pings in 1.5 s at a 200 ms period", pings.len());
+    // 7 or 8 expected; a loaded machine (other tests run beside this one) may delay some.
+    assert!((4..=10).contains(&pings.len()), "{} pings in 1.5 s at a 200 ms period", pings.len());
     for gap in pings.windows(2).map(|w| w[1] - w[0]) {
-        assert!(gap >= Duration::from_millis(150) && gap <= Duration::from_millis(400), "ping gap {gap:?}");
+        // Never faster than the period; late by at most a loaded scheduler's hiccup.
+        assert!(gap >= Duration::from_millis(150) && gap <= Duration::from_millis(800), "ping gap {gap:?}");
     }
 
     // A reload: RELOADING=1 with the time, then READY=1 when it is done.
