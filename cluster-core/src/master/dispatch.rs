@@ -150,6 +150,15 @@ pub(crate) struct Counts {
     pub(crate) in_flight: u64,
 }
 
+impl std::ops::AddAssign for Counts {
+    fn add_assign(&mut self, other: Counts) {
+        self.dispatched += other.dispatched;
+        self.acknowledged += other.acknowledged;
+        self.returned += other.returned;
+        self.in_flight += other.in_flight;
+    }
+}
+
 /// What the data path has done so far (see [`Dispatch::counts`]).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Totals {
@@ -216,12 +225,7 @@ impl Dispatch {
         let state = self.state.lock().unwrap();
         let mut workers = state.gone.clone();
         for t in &state.targets {
-            let c = t.counts();
-            let sum = workers.entry(t.id).or_default();
-            sum.dispatched += c.dispatched;
-            sum.acknowledged += c.acknowledged;
-            sum.returned += c.returned;
-            sum.in_flight += c.in_flight;
+            *workers.entry(t.id).or_default() += t.counts();
         }
         Totals {
             workers,
@@ -292,12 +296,10 @@ impl Dispatch {
         let Some(i) = state.targets.iter().position(|t| t.serial == serial) else { return };
         let target = state.targets.remove(i);
         let mut counts = target.counts();
+        // What it had in flight comes back to the master.
         counts.returned += counts.in_flight;
         counts.in_flight = 0;
-        let sum = state.gone.entry(target.id).or_default();
-        sum.dispatched += counts.dispatched;
-        sum.acknowledged += counts.acknowledged;
-        sum.returned += counts.returned;
+        *state.gone.entry(target.id).or_default() += counts;
         let mut orphans: Vec<_> = target.inflight.into_iter().collect();
         orphans.sort_by_key(|(id, _)| *id);
         let n = orphans.len();
