@@ -156,8 +156,13 @@ fn run(cli: Cli) -> Result<(), Fail> {
             println!("stopped");
         }
         Command::Upgrade => {
-            ok(conn.call(&cmd("upgrade"), |line| progress(line, colour))?)?;
-            println!("upgraded");
+            let reply = ok(conn.call(&cmd("upgrade"), |line| progress(line, colour))?)?;
+            println!(
+                "upgraded: master {} serves; master {} retires (took {} ms)",
+                reply["pid"],
+                reply["old_pid"],
+                reply["took_ms"].as_u64().unwrap_or(0)
+            );
         }
         Command::Logs { follow, lines, json } => {
             conn.send(&json!({"cmd": "logs", "lines": lines, "follow": follow}))?;

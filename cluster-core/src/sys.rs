@@ -254,6 +254,34 @@ pub(crate) fn prepare_worker_command(
     }
 }
 
+/// Arranges for a new master (an upgrade's successor) to get `channel` at `target`, with
+/// close-on-exec cleared only in it. Unlike a worker it gets no parent-death signal: it must
+/// outlive the master that starts it.
+pub(crate) fn prepare_successor_command(cmd: &mut std::process::Command, channel: RawFd, target: RawFd) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the hook runs in the forked child and makes only async-signal-safe calls
+    // (fcntl, dup2) on a descriptor the child inherited.
+    unsafe {
+        cmd.pre_exec(move || {
+            if channel == target {
+                let flags = check(libc::fcntl(target, libc::F_GETFD))?;
+                check(libc::fcntl(target, libc::F_SETFD, flags & !libc::FD_CLOEXEC))?;
+            } else {
+                check(libc::dup2(channel, target))?;
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Sends `sig` to process `pid`. Only for a child not yet reaped (its pid cannot have been
+/// reused).
+pub(crate) fn signal(pid: u32, sig: libc::c_int) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: kill has no memory-safety preconditions.
+    check(unsafe { libc::kill(pid, sig) }).map(drop)
+}
+
 /// Who workers run as (`CLUSTER_USER` / `CLUSTER_GROUP`), resolved in the master before
 /// anything starts.
 #[derive(Debug, Clone, PartialEq, Eq)]

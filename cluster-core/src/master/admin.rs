@@ -6,10 +6,12 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::{AGENT_ID, Handle, WorkerState};
@@ -21,21 +23,55 @@ const MAX_HEAD: usize = 8192;
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The endpoint, served until dropped.
-pub(super) struct Admin(JoinHandle<()>);
+pub(super) struct Admin {
+    task: JoinHandle<()>,
+    /// A copy of the listening socket, for a successor.
+    fd: OwnedFd,
+}
 
-impl Drop for Admin {
-    fn drop(&mut self) {
-        self.0.abort();
+impl Admin {
+    /// Another copy of the listening socket.
+    pub(super) fn dup(&self) -> io::Result<OwnedFd> {
+        self.fd.try_clone()
     }
 }
 
-pub(super) async fn serve(addr: SocketAddr, handle: Handle) -> io::Result<Admin> {
-    let listener = TcpListener::bind(addr).await?;
+impl Drop for Admin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Serves the endpoint on `addr`, or on the socket an old master handed over (`handed`), while
+/// `serving` says so (see `upgrade.rs`).
+pub(super) async fn serve(
+    addr: SocketAddr,
+    handed: Option<OwnedFd>,
+    handle: Handle,
+    mut serving: watch::Receiver<bool>,
+) -> io::Result<Admin> {
+    let listener = match handed {
+        Some(fd) => {
+            let listener = std::net::TcpListener::from(fd);
+            listener.set_nonblocking(true)?;
+            TcpListener::from_std(listener)?
+        }
+        None => TcpListener::bind(addr).await?,
+    };
     let local = listener.local_addr()?;
-    note!(event = "admin", addr = %local, "admin endpoint on http://{local}");
-    Ok(Admin(tokio::spawn(async move {
+    let fd = listener.as_fd().try_clone_to_owned()?;
+    let task = tokio::spawn(async move {
+        if serving.wait_for(|serving| *serving).await.is_err() {
+            return;
+        }
+        note!(event = "admin", addr = %local, "admin endpoint on http://{local}");
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let accepted = tokio::select! {
+                biased;
+                _ = serving.wait_for(|serving| !*serving) => return,
+                accepted = listener.accept() => accepted,
+            };
+            let Ok((stream, _)) = accepted else {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
@@ -44,7 +80,8 @@ pub(super) async fn serve(addr: SocketAddr, handle: Handle) -> io::Result<Admin>
                 let _ = tokio::time::timeout(TIMEOUT, answer(stream, handle)).await;
             });
         }
-    })))
+    });
+    Ok(Admin { task, fd })
 }
 
 async fn answer(mut stream: TcpStream, handle: Handle) -> io::Result<()> {

@@ -10,6 +10,7 @@
 //! client that sends garbage, a huge line or never reads disturbs no one else.
 
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{Semaphore, broadcast};
+use tokio::sync::{Semaphore, broadcast, watch};
 use tokio::task::JoinHandle;
 
 use self::request::{Refused, Request};
@@ -39,10 +40,15 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client that sends no request within this is dropped.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// The control socket, served until dropped (then its file is removed).
+/// The control socket, served until dropped (then its file is removed, unless a new master
+/// took it over).
 pub(super) struct Server {
     path: PathBuf,
     inode: u64,
+    /// A copy of the listening socket, for a successor.
+    fd: OwnedFd,
+    /// Whether this master serves it (see `upgrade.rs`).
+    serving: watch::Receiver<bool>,
     task: JoinHandle<()>,
 }
 
@@ -50,21 +56,35 @@ impl Server {
     pub(super) fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Another copy of the listening socket.
+    pub(super) fn dup(&self) -> io::Result<OwnedFd> {
+        self.fd.try_clone()
+    }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
         self.task.abort();
-        // Only our own file: a new master may have taken the path meanwhile.
-        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
+        // Only our own file: a new master may have taken the path meanwhile, or been handed it.
+        if *self.serving.borrow() && std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
             let _ = std::fs::remove_file(&self.path);
         }
     }
 }
 
 /// Starts serving the control socket, unless it is off. A socket that cannot be set up is
-/// reported and the cluster runs without it.
-pub(super) fn serve(cfg: &Config, name: &str, handle: Handle) -> Option<Server> {
+/// reported and the cluster runs without it. A new master started by an upgrade gets the old
+/// one's socket (`handed`, with the path its file has) and serves it once `serving` says so,
+/// renaming its file after itself if it has the default name; a master that handed over stops
+/// accepting when `serving` turns false.
+pub(super) fn serve(
+    cfg: &Config,
+    name: &str,
+    handle: Handle,
+    handed: Option<(PathBuf, OwnedFd)>,
+    serving: watch::Receiver<bool>,
+) -> Option<Server> {
     let path = match &cfg.control_socket {
         ControlSocket::Off => return None,
         ControlSocket::Path(path) => path.clone(),
@@ -78,12 +98,22 @@ pub(super) fn serve(cfg: &Config, name: &str, handle: Handle) -> Option<Server> 
             dir.join(socket_file_name(name, sys::getpid()))
         }
     };
-    match bind(&path) {
-        Ok((listener, inode)) => {
-            note!(event = "control", path = %path.display(), "control socket: {}", path.display());
+    let (bound, rename) = match handed {
+        Some((from, fd)) => {
+            let adopted = adopt(fd, &from);
+            (adopted, (from != path).then_some(from))
+        }
+        None => (bind(&path), None),
+    };
+    match bound.and_then(|(listener, inode)| Ok((listener.as_fd().try_clone_to_owned()?, listener, inode))) {
+        Ok((fd, listener, inode)) => {
+            if rename.is_none() {
+                note!(event = "control", path = %path.display(), "control socket: {}", path.display());
+            }
             let info = Arc::new(Greeting { name: name.to_string() });
-            let task = tokio::spawn(accept_loop(listener, handle, info));
-            Some(Server { path, inode, task })
+            let task =
+                tokio::spawn(accept_loop(listener, handle, info, serving.clone(), rename.map(|r| (r, path.clone()))));
+            Some(Server { path, inode, fd, serving, task })
         }
         Err(e) => {
             warning!(event = "control_failed", path = %path.display(), error = %e, "no control socket at {}: {e}", path.display());
@@ -110,6 +140,14 @@ fn bind(path: &Path) -> io::Result<(UnixListener, u64)> {
     Ok((listener, inode))
 }
 
+/// Takes the control socket an old master handed over, its file at `path`.
+fn adopt(fd: OwnedFd, path: &Path) -> io::Result<(UnixListener, u64)> {
+    let listener = std::os::unix::net::UnixListener::from(fd);
+    listener.set_nonblocking(true)?;
+    let inode = std::fs::symlink_metadata(path)?.ino();
+    Ok((UnixListener::from_std(listener)?, inode))
+}
+
 /// Removes the socket files of masters that are gone from `dir`.
 fn remove_stale(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
@@ -127,10 +165,35 @@ struct Greeting {
     name: String,
 }
 
-async fn accept_loop(listener: UnixListener, handle: Handle, info: Arc<Greeting>) {
+async fn accept_loop(
+    listener: UnixListener,
+    handle: Handle,
+    info: Arc<Greeting>,
+    mut serving: watch::Receiver<bool>,
+    rename: Option<(PathBuf, PathBuf)>,
+) {
+    if serving.wait_for(|serving| *serving).await.is_err() {
+        return;
+    }
+    if let Some((from, to)) = rename {
+        // The old master's file, named after it: named after this one from now on (the socket
+        // is the same; clients that connect by either name reach it).
+        match std::fs::rename(&from, &to) {
+            Ok(()) => note!(event = "control", path = %to.display(), "control socket: {} (taken over)", to.display()),
+            Err(e) => {
+                warning!(event = "control_failed", path = %from.display(), error = %e, "cannot rename the control socket {} to {}: {e}", from.display(), to.display())
+            }
+        }
+    }
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
     loop {
-        let stream = match listener.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            // Handed over: the new master accepts on this socket now.
+            _ = serving.wait_for(|serving| !*serving) => return,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(e) => {
                 // Out of descriptors and the like: nothing queued is lost, try again shortly.
@@ -264,10 +327,13 @@ async fn run(request: Request, wr: &mut OwnedWriteHalf, handle: &Handle) -> io::
             std::future::pending::<()>().await;
             return Ok(false);
         }
-        Request::Upgrade => fail(
-            "master upgrade is not supported yet: restart the service to run a new master binary \
-             (`clusterctl reload` replaces the workers with the binary on disk)",
-        ),
+        Request::Upgrade => {
+            let progress = ring::ring().subscribe();
+            match with_progress(wr, progress, handle.upgrade()).await? {
+                Ok(u) => json!({"ok": true, "old_pid": u.old_pid, "pid": u.pid, "took_ms": u.took.as_millis() as u64}),
+                Err(e) => fail(&e.to_string()),
+            }
+        }
         Request::Logs { lines, follow } => {
             let (last, mut rx) = ring::ring().tail(lines.min(ring::CAPACITY));
             for record in last {

@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 
 use super::dispatch::{self, Dispatch};
 use super::systemd;
+use super::upgrade;
 use crate::config::{Config, Policy};
 use crate::ipc::message::{Endpoint, ListenKey};
 use crate::log::{log, note, warning};
@@ -52,6 +53,24 @@ pub(super) struct Listeners {
     inherited: Vec<systemd::Inherited>,
     /// Endpoints served by an inherited socket: every worker gets that one socket.
     adopted: Vec<Endpoint>,
+    /// Sockets handed over by the master this one replaces (`upgrade.rs`), by the same
+    /// (endpoint, index, owner) as `by_addr`, not asked for yet.
+    handed: HashMap<(Endpoint, u32, u32), Socket>,
+    /// Whether this master accepts on its sockets; false in a new master until its predecessor
+    /// hands over (a connection it took before could be lost with it if the upgrade failed).
+    live: bool,
+}
+
+/// Who else holds a socket, and so what letting go of it may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    /// This master alone: drained, then shut down, when it stops listening.
+    Own,
+    /// The service manager keeps its own copy: never shut down or drained (that would act on
+    /// the manager's socket too); the master only lets go of it.
+    Systemd,
+    /// The other master of an upgrade serves it too: only let go of, like `Systemd`.
+    Upgrade,
 }
 
 /// A socket the master owns.
@@ -61,14 +80,12 @@ struct Listener {
     kind: Kind,
     /// A Unix socket's file, removed when the master stops listening.
     unix_path: Option<PathBuf>,
-    /// Passed by the service manager, which keeps its own copy: never shut down or drained
-    /// (that would act on the manager's socket too); the master only lets go of it.
-    inherited: bool,
+    keep: Keep,
 }
 
 enum Kind {
-    /// The master accepts and dispatches connections.
-    Stream { socket: Arc<AsyncFd<Socket>>, task: JoinHandle<()> },
+    /// The master accepts and dispatches connections (once it is live: see `Listeners::live`).
+    Stream { socket: Arc<AsyncFd<Socket>>, task: Option<JoinHandle<()>> },
     /// Workers get the socket itself and use it directly: UDP, and TCP under the `shared` and
     /// `reuseport` policies.
     Handed(Socket),
@@ -86,6 +103,69 @@ impl Listeners {
             next_key: 1,
             inherited: systemd::inherited(),
             adopted: Vec::new(),
+            handed: HashMap::new(),
+            live: true,
+        }
+    }
+
+    /// The sockets a new master gets from its predecessor (`upgrade.rs`): it accepts on none
+    /// of them until [`take_over`](Self::take_over).
+    pub(super) fn adopt_handed(&mut self, sockets: Vec<upgrade::Listener>) {
+        self.live = false;
+        for socket in sockets {
+            match socket {
+                upgrade::Listener::Own { endpoint, index, owner, socket } => {
+                    self.handed.insert((endpoint, index, owner), socket);
+                }
+                upgrade::Listener::Systemd(inherited) => self.inherited.push(inherited),
+            }
+        }
+    }
+
+    /// Duplicates of every socket this master listens on, described for a successor
+    /// (`upgrade.rs`). Sockets being closed are not handed over.
+    pub(super) fn hand_out(&self) -> io::Result<Vec<upgrade::Listener>> {
+        let mut out = Vec::new();
+        for ((endpoint, index, owner), key) in &self.by_addr {
+            let listener = &self.open[key];
+            let socket = listener.kind.socket().try_clone()?;
+            out.push(match listener.keep {
+                Keep::Systemd => upgrade::Listener::Systemd(systemd::Inherited::describe(socket, "upgrade")?),
+                Keep::Own | Keep::Upgrade => {
+                    upgrade::Listener::Own { endpoint: endpoint.clone(), index: *index, owner: *owner, socket }
+                }
+            });
+        }
+        for i in &self.inherited {
+            out.push(upgrade::Listener::Systemd(systemd::Inherited::describe(i.socket.try_clone()?, &i.name)?));
+        }
+        Ok(out)
+    }
+
+    /// The successor took over: from now on this master only lets go of its sockets (their
+    /// queues are the successor's), and removes no socket file.
+    pub(super) fn handed_over(&mut self) {
+        for listener in self.open.values_mut() {
+            if listener.keep == Keep::Own {
+                listener.keep = Keep::Upgrade;
+            }
+        }
+    }
+
+    /// The predecessor handed over: accept on the sockets it handed, which are this master's
+    /// own from now on; say which ones no worker asked for (they close when it exits).
+    pub(super) fn take_over(&mut self) {
+        self.live = true;
+        for (key, listener) in &mut self.open {
+            if listener.keep == Keep::Upgrade {
+                listener.keep = Keep::Own;
+            }
+            if let Kind::Stream { socket, task: task @ None } = &mut listener.kind {
+                *task = Some(tokio::spawn(dispatch::accept_loop(socket.clone(), *key, self.dispatch.clone())));
+            }
+        }
+        for ((endpoint, _, _), _) in self.handed.drain() {
+            warning!(event = "handed_unused", addr = %endpoint, "socket {endpoint} handed over by the old master: no worker listens on it any more");
         }
     }
 
@@ -127,6 +207,34 @@ impl Listeners {
             return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
         }
         let key = self.next_key;
+        if let Some(socket) = self.handed.remove(&lookup) {
+            let addr = socket.local_addr()?.as_socket();
+            let unix_path = match &lookup.0 {
+                Endpoint::Unix { path, .. } => Some(path.clone()),
+                _ => None,
+            };
+            let stream = unix_path.is_some() || (matches!(lookup.0, Endpoint::Tcp(_)) && self.cfg.policy == Policy::Rr);
+            let mut listener = if stream {
+                self.stream_listener(socket, key, addr, unix_path)?
+            } else {
+                Listener { addr, kind: Kind::Handed(socket), unix_path: None, keep: Keep::Own }
+            };
+            listener.keep = Keep::Upgrade;
+            let shown = match (&lookup.0, addr) {
+                (Endpoint::Tcp(_), Some(addr)) => addr.to_string(),
+                (Endpoint::Udp(_), Some(addr)) => format!("udp {addr}"),
+                (Endpoint::Unix { path, .. }, _) => format!("unix:{}", path.display()),
+                (other, None) => other.to_string(),
+            };
+            note!(event = "bind", key, addr = %shown, handed = true, "listening on {shown} (handed over by the old master)");
+            if reuseport && let Some(addr) = addr {
+                self.reuseport_addr.entry((lookup.0.clone(), index)).or_insert(addr);
+            }
+            self.next_key += 1;
+            self.open.insert(key, listener);
+            self.by_addr.insert(lookup, key);
+            return Ok((key, addr));
+        }
         if let Some(passed) = self.take_inherited(&lookup.0) {
             let shown = passed.kind.to_string();
             let addr = passed.socket.local_addr()?.as_socket();
@@ -135,9 +243,9 @@ impl Listeners {
             let mut listener = if stream {
                 self.stream_listener(passed.socket, key, addr, None)?
             } else {
-                Listener { addr, kind: Kind::Handed(passed.socket), unix_path: None, inherited: true }
+                Listener { addr, kind: Kind::Handed(passed.socket), unix_path: None, keep: Keep::Systemd }
             };
-            listener.inherited = true;
+            listener.keep = Keep::Systemd;
             if self.cfg.policy == Policy::ReusePort {
                 note!(event = "bind", key, addr = %shown, inherited = true, "listening on {shown} (the service manager's socket, shared by every worker: reuseport cannot apply to it)");
             } else {
@@ -156,7 +264,7 @@ impl Listeners {
                 let socket = dispatch::bind_tcp(at(addr), self.cfg.backlog, reuseport)?;
                 let bound = socket.local_addr()?.as_socket();
                 let listener = if reuseport || self.cfg.policy == Policy::Shared {
-                    Listener { addr: bound, kind: Kind::Handed(socket), unix_path: None, inherited: false }
+                    Listener { addr: bound, kind: Kind::Handed(socket), unix_path: None, keep: Keep::Own }
                 } else {
                     self.stream_listener(socket, key, bound, None)?
                 };
@@ -171,7 +279,7 @@ impl Listeners {
             Endpoint::Udp(addr) => {
                 let socket = dispatch::bind_udp(at(addr), reuseport)?;
                 let bound = socket.local_addr()?.as_socket();
-                let listener = Listener { addr: bound, kind: Kind::Handed(socket), unix_path: None, inherited: false };
+                let listener = Listener { addr: bound, kind: Kind::Handed(socket), unix_path: None, keep: Keep::Own };
                 (listener, format!("udp {}", bound.unwrap_or(*addr)))
             }
         };
@@ -249,7 +357,7 @@ impl Listeners {
         }
         let open: Vec<_> = self.open.drain().collect();
         for (key, listener) in open {
-            if listener.inherited {
+            if listener.keep != Keep::Own {
                 listener.kind.release();
                 continue;
             }
@@ -347,8 +455,8 @@ impl Listeners {
         unix_path: Option<PathBuf>,
     ) -> io::Result<Listener> {
         let socket = Arc::new(sys::watch(socket)?);
-        let task = tokio::spawn(dispatch::accept_loop(socket.clone(), key, self.dispatch.clone()));
-        Ok(Listener { addr, kind: Kind::Stream { socket, task }, unix_path, inherited: false })
+        let task = self.live.then(|| tokio::spawn(dispatch::accept_loop(socket.clone(), key, self.dispatch.clone())));
+        Ok(Listener { addr, kind: Kind::Stream { socket, task }, unix_path, keep: Keep::Own })
     }
 }
 
@@ -474,7 +582,7 @@ impl Kind {
     /// Lets go of a socket someone else keeps (the service manager's): stops accepting and
     /// drops this copy, leaving the socket and its queue as they are.
     fn release(self) {
-        if let Kind::Stream { task, .. } = self {
+        if let Kind::Stream { task: Some(task), .. } = self {
             task.abort();
         }
     }
@@ -483,7 +591,9 @@ impl Kind {
         let tcp = self.tcp_addr().is_some();
         match self {
             Kind::Stream { socket, task } => {
-                task.abort();
+                if let Some(task) = task {
+                    task.abort();
+                }
                 if let Some(dispatch) = sweep {
                     if !tcp {
                         let _ = socket.get_ref().shutdown(std::net::Shutdown::Both);

@@ -11,6 +11,7 @@ mod observe;
 mod process;
 mod supervisor;
 mod systemd;
+mod upgrade;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -248,6 +249,18 @@ pub struct Reloaded {
     pub took: Duration,
 }
 
+/// A master upgrade that handed over to a new master ([`Handle::upgrade`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Upgraded {
+    /// The master that handed over (it retires its workers and exits).
+    pub old_pid: u32,
+    /// The new master, which serves now.
+    pub pid: u32,
+    /// How long it took, from the start of the new master to its taking over.
+    pub took: Duration,
+}
+
 /// Why an operation on the cluster did not happen or did not succeed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -472,6 +485,19 @@ impl Handle {
         rx.await.map_err(|_| ControlError::Gone)?
     }
 
+    /// Upgrades the master, as SIGUSR2 does: starts a new master from the binary on disk with
+    /// this one's arguments and environment, hands it every listening socket (and the control
+    /// socket and the admin endpoint), and once its workers are all ready lets it serve; this
+    /// master then retires its workers gracefully and exits 0. Fails, with this master serving
+    /// on, if the new one exits, is not ready within the ready timeout or cannot agree on the
+    /// handover; refused during a rolling reload or another upgrade (README, "Upgrading the
+    /// master").
+    pub async fn upgrade(&self) -> Result<Upgraded, ControlError> {
+        let (tx, rx) = oneshot::channel();
+        self.asks.send(Ask::Upgrade(tx)).map_err(|_| ControlError::Gone)?;
+        rx.await.unwrap_or(Err(ControlError::Gone))
+    }
+
     /// Stops the cluster, as SIGTERM (`fast: false`: workers finish their connections) or
     /// SIGQUIT (`fast: true`: workers are killed) do.
     pub fn stop(&self, fast: bool) {
@@ -517,9 +543,27 @@ pub(crate) fn run(cfg: Config, hook: Option<MasterHook>) -> i32 {
             }
         }
     }
+    // A master started by an upgrade takes what its predecessor hands over first.
+    let taken = match runtime.block_on(upgrade::Successor::connect()) {
+        None => None,
+        Some(Ok(taken)) => Some(taken),
+        Some(Err(e)) => {
+            log!("cannot take over from the old master: {e}");
+            return 1;
+        }
+    };
+    let (successor, mut handover) = match taken {
+        Some((successor, handover)) => (Some(successor), handover),
+        None => (None, upgrade::Handover::default()),
+    };
+    if successor.is_some() && handover.workers > 0 {
+        cfg.workers = handover.workers;
+    }
     let cfg = Arc::new(cfg);
     let name = cfg.name.clone().unwrap_or_else(crate::control::default_name);
-    if let Some(pid_file) = &cfg.pid_file
+    // A successor writes it when it takes over.
+    if successor.is_none()
+        && let Some(pid_file) = &cfg.pid_file
         && let Err(e) = pid_file::write(pid_file)
     {
         log!("cannot write the pid file {}: {e}", pid_file.display());
@@ -538,10 +582,12 @@ pub(crate) fn run(cfg: Config, hook: Option<MasterHook>) -> i32 {
             samples: Arc::new(observe::CpuSamples::default()),
         };
         // Operators' ways in: the control socket and the admin endpoint, both thin layers over
-        // the handle.
-        let control = control::serve(&cfg, &name, handle.clone());
+        // the handle. A successor serves them (on the sockets handed over) once it takes over;
+        // a master that handed over stops serving them.
+        let (serving_tx, serving) = tokio::sync::watch::channel(successor.is_none());
+        let control = control::serve(&cfg, &name, handle.clone(), handover.control.take(), serving.clone());
         let admin = match cfg.admin_addr {
-            Some(addr) => match admin::serve(addr, handle.clone()).await {
+            Some(addr) => match admin::serve(addr, handover.admin.take(), handle.clone(), serving).await {
                 Ok(admin) => Some(admin),
                 Err(e) => {
                     log!("cannot serve the admin endpoint on {addr}: {e}");
@@ -555,8 +601,16 @@ pub(crate) fn run(cfg: Config, hook: Option<MasterHook>) -> i32 {
         } else {
             drop(handle);
         }
-        let info = supervisor::Info { name, control_socket: control.as_ref().map(|c| c.path().to_path_buf()) };
-        let code = match supervisor::Supervisor::new(cfg.clone(), info, registry, calls, events, asks) {
+        let info = supervisor::Info {
+            name,
+            control_socket: control.as_ref().map(|c| c.path().to_path_buf()),
+            control_fd: control.as_ref().and_then(|c| Some((c.path().to_path_buf(), c.dup().ok()?))),
+            admin_fd: admin.as_ref().and_then(|a| a.dup().ok()),
+        };
+        let successor = successor.map(|s| (s, handover.listeners));
+        let supervisor =
+            supervisor::Supervisor::new(cfg.clone(), info, registry, calls, events, asks, serving_tx, successor);
+        let code = match supervisor {
             Ok(supervisor) => supervisor.run().await,
             Err(e) => {
                 log!("cannot start: {e}");
@@ -596,7 +650,7 @@ fn credentials(cfg: &Config) -> Result<crate::sys::Credentials, String> {
 
 /// `CLUSTER_PID_FILE`: the master's pid, written atomically, removed on exit if it still
 /// names this master.
-mod pid_file {
+pub(super) mod pid_file {
     use std::io;
     use std::path::Path;
 

@@ -131,13 +131,21 @@ impl Launcher {
         Ok(Child { id, pid, channel, kill: Some(kill) })
     }
 
+    /// A new master (an upgrade): the binary on disk, with this one's arguments; its
+    /// environment is this process's.
+    pub(super) fn successor_command(&self) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(&self.exe);
+        cmd.arg0(&self.argv0).args(&self.args);
+        cmd
+    }
+
     fn command(&self, exe: &Path, id: u32, channel: std::os::fd::RawFd) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(exe);
         let unique = if id == AGENT { AGENT_UNIQUE_ID.to_string() } else { id.to_string() };
         cmd.arg0(&self.argv0).args(&self.args).env(ENV_UNIQUE_ID, unique).env(ENV_CHANNEL_FD, CHANNEL_FD.to_string());
         // The service manager speaks to the master only: workers must not notify it, nor take
         // the sockets it passed.
-        for var in SERVICE_MANAGER_ENV {
+        for var in MASTER_ONLY_ENV {
             cmd.env_remove(var);
         }
         sys::prepare_worker_command(cmd.as_std_mut(), channel, CHANNEL_FD, self.credentials.clone());
@@ -148,9 +156,17 @@ impl Launcher {
     }
 }
 
-/// What systemd (or another service manager) tells the master alone.
-const SERVICE_MANAGER_ENV: [&str; 6] =
-    ["NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID"];
+/// What systemd (or another service manager) tells the master alone, and the channel of a
+/// master started by an upgrade.
+const MASTER_ONLY_ENV: [&str; 7] = [
+    "NOTIFY_SOCKET",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    super::upgrade::ENV_UPGRADE_FD,
+];
 
 /// Longest line of a worker's output kept whole; longer ones are cut into pieces this long.
 const MAX_OUTPUT_LINE: usize = 16 * 1024;

@@ -8,12 +8,13 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
 use tokio::signal::unix::{Signal, SignalKind, signal};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::sleep_until;
 
 use super::decide::{Action, Answer, Command, Core, Fact, StopKind, World};
@@ -23,7 +24,8 @@ use super::listeners::Listeners;
 use super::observe::{Snapshot, Stats};
 use super::process::{Child, Launcher, Links, Report};
 use super::systemd::{Notifier, Seen};
-use super::{ControlError, MasterStatus, Reloaded, Scale};
+use super::upgrade::{self, Handover, Successor, Word};
+use super::{ControlError, MasterStatus, Reloaded, Scale, Upgraded};
 use super::{Event, Registry, WorkerStatus};
 use crate::config::Config;
 use crate::ipc::Channel;
@@ -42,6 +44,7 @@ pub(super) enum Ask {
     Reload(Reply<Reloaded>),
     Restart(u32, Reply<(u32, u32)>),
     Scale(Scale, Reply<(usize, usize)>),
+    Upgrade(Reply<Upgraded>),
 }
 
 /// Where the outcome of an operation goes.
@@ -50,7 +53,29 @@ pub(super) type Reply<T> = oneshot::Sender<Result<T, ControlError>>;
 /// What the master says about itself in status and metrics.
 pub(super) struct Info {
     pub(super) name: String,
-    pub(super) control_socket: Option<std::path::PathBuf>,
+    pub(super) control_socket: Option<PathBuf>,
+    /// Copies of the control socket (with the path its file has) and of the admin endpoint's
+    /// socket, to hand to a successor.
+    pub(super) control_fd: Option<(PathBuf, OwnedFd)>,
+    pub(super) admin_fd: Option<OwnedFd>,
+}
+
+/// This master's part in an upgrade of the master (`upgrade.rs`).
+enum Upgrade {
+    /// None under way.
+    Idle,
+    /// This master started a successor and waits for it to serve.
+    Starting {
+        since: Instant,
+        done: oneshot::Receiver<Result<u32, String>>,
+        /// Dropped to call it off.
+        cancel: Option<oneshot::Sender<()>>,
+        waiters: Vec<Reply<Upgraded>>,
+    },
+    /// This master is a successor, waiting for its predecessor's go.
+    Taking(Successor),
+    /// This master handed over to the new one (its pid) and retires.
+    HandedOver(u32),
 }
 
 /// Those waiting for a reload or a restart to end.
@@ -71,6 +96,9 @@ pub(super) struct Supervisor {
     stats: Arc<Stats>,
     waiting: Waiting,
     core: Core,
+    upgrade: Upgrade,
+    /// Whether the control socket and the admin endpoint accept (see `upgrade.rs`).
+    serving: watch::Sender<bool>,
     launcher: Launcher,
     links: Links,
     children: HashMap<Serial, Child>,
@@ -85,6 +113,7 @@ pub(super) struct Supervisor {
 const ROUNDS: usize = 8;
 
 impl Supervisor {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         cfg: Arc<Config>,
         info: Info,
@@ -92,12 +121,26 @@ impl Supervisor {
         calls: Arc<Calls>,
         events: Events,
         asks: mpsc::UnboundedReceiver<Ask>,
+        serving: watch::Sender<bool>,
+        successor: Option<(Successor, Vec<upgrade::Listener>)>,
     ) -> io::Result<Self> {
         let dispatch = Arc::new(Dispatch::new(cfg.window, cfg.balancer, cfg.max_worker_connections));
         let (reports_tx, reports) = mpsc::unbounded_channel();
         let stats = Arc::new(Stats::default());
+        let mut notifier = Notifier::new(Instant::now());
+        let mut listeners = Listeners::new(cfg.clone(), dispatch.clone());
+        let upgrade = match successor {
+            Some((successor, handed)) => {
+                notifier.pause();
+                listeners.adopt_handed(handed);
+                Upgrade::Taking(successor)
+            }
+            None => Upgrade::Idle,
+        };
         Ok(Supervisor {
-            notifier: Notifier::new(Instant::now()),
+            notifier,
+            upgrade,
+            serving,
             unused_reported: false,
             info,
             started: Instant::now(),
@@ -114,7 +157,7 @@ impl Supervisor {
             },
             stats,
             children: HashMap::new(),
-            listeners: Listeners::new(cfg.clone(), dispatch),
+            listeners,
             cfg,
             events,
             asks,
@@ -142,6 +185,7 @@ impl Supervisor {
                 return code;
             }
             self.tell_service_manager(now);
+            self.tell_predecessor();
             let wake = [self.listeners.wake_at(), self.notifier.wake_at()]
                 .into_iter()
                 .flatten()
@@ -151,21 +195,21 @@ impl Supervisor {
             tokio::select! {
                 biased;
                 _ = signals.term.recv() => self.core.command(Command::Stop(StopKind::Graceful)),
+                _ = signals.usr2.recv() => self.start_upgrade(None),
                 _ = signals.int.recv() => {
                     let kind = if self.core.stopping() { StopKind::Abort } else { StopKind::Graceful };
                     self.core.command(Command::Stop(kind));
                 }
                 _ = signals.quit.recv() => self.core.command(Command::Stop(StopKind::Fast)),
-                _ = signals.hup.recv() => {
-                    self.notifier.reload_asked();
-                    self.core.command(Command::Reload);
-                }
-                _ = signals.ttin.recv() => self.core.command(Command::SetWorkers(self.core.target() + 1)),
-                _ = signals.ttou.recv() => {
-                    self.core.command(Command::SetWorkers(self.core.target().saturating_sub(1)));
-                }
+                _ = signals.hup.recv() => self.command(Command::Reload),
+                _ = signals.ttin.recv() => self.command(Command::SetWorkers(self.core.target() + 1)),
+                _ = signals.ttou.recv() => self.command(Command::SetWorkers(self.core.target().saturating_sub(1))),
                 Some(report) = self.reports.recv() => self.on_report(report),
                 Some(ask) = self.asks.recv() => self.on_ask(ask),
+                news = upgrade_news(&mut self.upgrade) => match news {
+                    UpgradeNews::Over(outcome) => self.upgrade_over(outcome),
+                    UpgradeNews::Word(word) => self.on_word(word, Instant::now()),
+                },
                 _ = sleep_until(wake.into()) => {}
             }
         }
@@ -188,9 +232,49 @@ impl Supervisor {
         self.notifier.update(now, &seen);
     }
 
+    /// A command from a signal or from code in the master; reloads and scaling wait for no
+    /// upgrade (they are refused while one is under way).
+    fn command(&mut self, command: Command) {
+        if !matches!(command, Command::Stop(_))
+            && let Some(why) = self.upgrading()
+        {
+            warning!(event = "refused", command = ?command, reason = %why, "{command:?} refused: {why}");
+            return;
+        }
+        if matches!(command, Command::Reload) {
+            self.notifier.reload_asked();
+        }
+        self.core.command(command);
+    }
+
+    /// Why changes to the workers are refused now, if they are.
+    fn upgrading(&self) -> Option<String> {
+        match &self.upgrade {
+            Upgrade::Starting { .. } => Some("a master upgrade is under way".into()),
+            Upgrade::Taking(s) => Some(format!("this master is taking over from the old one (pid {})", s.predecessor)),
+            Upgrade::Idle | Upgrade::HandedOver(_) => None,
+        }
+    }
+
     fn on_ask(&mut self, ask: Ask) {
+        if let Some(why) = self.upgrading() {
+            fn refuse<T>(reply: Reply<T>, why: &str) {
+                let _ = reply.send(Err(ControlError::Refused(why.to_string())));
+            }
+            match ask {
+                Ask::Reload(reply) => return refuse(reply, &why),
+                Ask::Restart(_, reply) => return refuse(reply, &why),
+                Ask::Scale(_, reply) => return refuse(reply, &why),
+                other => return self.on_ask_now(other),
+            }
+        }
+        self.on_ask_now(ask)
+    }
+
+    fn on_ask_now(&mut self, ask: Ask) {
         match ask {
-            Ask::Command(command) => self.core.command(command),
+            Ask::Command(command) => self.command(command),
+            Ask::Upgrade(reply) => self.start_upgrade(Some(reply)),
             Ask::Status(reply) => {
                 let world = Observed { dispatch: &self.links.dispatch, listeners: &self.listeners };
                 let _ = reply.send(self.core.status(Instant::now(), &world));
@@ -228,6 +312,165 @@ impl Supervisor {
                 self.core.command(Command::SetWorkers(n));
                 let _ = reply.send(Ok((from, n)));
             }
+        }
+    }
+
+    /// Starts an upgrade of the master (SIGUSR2, `clusterctl upgrade`), unless something is in
+    /// the way: a stop, another upgrade, a rolling reload.
+    fn start_upgrade(&mut self, reply: Option<Reply<Upgraded>>) {
+        let why = if let Upgrade::HandedOver(pid) = self.upgrade {
+            Err(ControlError::Refused(format!("this master handed over to the new master (pid {pid}) and retires")))
+        } else if self.core.stopping() {
+            Err(ControlError::Stopping)
+        } else if let Some(why) = self.upgrading() {
+            Err(ControlError::Refused(format!("{why}: one upgrade at a time")))
+        } else if self.core.reloading() {
+            Err(ControlError::Refused("a rolling reload is under way: upgrade once it is over".into()))
+        } else {
+            self.handover().map_err(|e| ControlError::Refused(format!("cannot hand over the sockets: {e}")))
+        };
+        let handover = match why {
+            Ok(handover) => handover,
+            Err(e) => {
+                warning!(event = "upgrade_refused", reason = %e, "upgrade refused: {e}");
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(e));
+                }
+                return;
+            }
+        };
+        note!(
+            event = "upgrade",
+            pid = sys::getpid(),
+            "upgrading the master: starting a new one from the binary on disk"
+        );
+        let plan = upgrade::Plan {
+            command: self.launcher.successor_command(),
+            handover,
+            ready_timeout: self.cfg.ready_timeout,
+            kill_timeout: self.cfg.kill_timeout,
+        };
+        let (cancel, cancelled) = oneshot::channel();
+        let (finished, done) = oneshot::channel();
+        tokio::spawn(async move {
+            let _ = finished.send(upgrade::predecessor(plan, cancelled).await);
+        });
+        self.upgrade = Upgrade::Starting {
+            since: Instant::now(),
+            done,
+            cancel: Some(cancel),
+            waiters: reply.into_iter().collect(),
+        };
+    }
+
+    /// Copies of everything a successor gets.
+    fn handover(&self) -> io::Result<Handover> {
+        let control = match &self.info.control_fd {
+            Some((path, fd)) => Some((path.clone(), fd.try_clone()?)),
+            None => None,
+        };
+        Ok(Handover {
+            listeners: self.listeners.hand_out()?,
+            control,
+            admin: self.info.admin_fd.as_ref().map(OwnedFd::try_clone).transpose()?,
+            workers: self.core.target(),
+        })
+    }
+
+    /// The successor serves (this master lets go of everything and retires), or the upgrade
+    /// failed (this master serves on).
+    fn upgrade_over(&mut self, outcome: Result<u32, String>) {
+        let Upgrade::Starting { since, waiters, .. } = std::mem::replace(&mut self.upgrade, Upgrade::Idle) else {
+            return;
+        };
+        let me = sys::getpid();
+        match outcome {
+            Ok(pid) => {
+                self.notifier.hand_over(pid);
+                self.listeners.handed_over();
+                self.serving.send_replace(false);
+                self.upgrade = Upgrade::HandedOver(pid);
+                note!(
+                    event = "upgraded",
+                    pid,
+                    old_pid = me,
+                    "the new master (pid {pid}) serves; this one (pid {me}) retires"
+                );
+                let upgraded = Upgraded { old_pid: me, pid, took: since.elapsed() };
+                for reply in waiters {
+                    let _ = reply.send(Ok(upgraded.clone()));
+                }
+                self.core.command(Command::Stop(StopKind::Graceful));
+            }
+            Err(why) => {
+                warning!(event = "upgrade_failed", reason = %why, "upgrade abandoned: {why}; this master (pid {me}) serves on");
+                for reply in waiters {
+                    let _ = reply.send(Err(ControlError::Refused(format!("upgrade abandoned: {why}"))));
+                }
+            }
+        }
+    }
+
+    /// A successor hears from its predecessor: take over, or stop (the upgrade is off).
+    fn on_word(&mut self, word: Word, now: Instant) {
+        let Upgrade::Taking(successor) = std::mem::replace(&mut self.upgrade, Upgrade::Idle) else { return };
+        match word {
+            Word::Go => {
+                self.listeners.take_over();
+                self.notifier.resume(now);
+                self.serving.send_replace(true);
+                if let Some(path) = &self.cfg.pid_file
+                    && let Err(e) = super::pid_file::write(path)
+                {
+                    warning!(event = "pid_file_failed", error = %e, "cannot write the pid file {}: {e}", path.display());
+                }
+                note!(
+                    event = "took_over",
+                    pid = sys::getpid(),
+                    old_pid = successor.predecessor,
+                    "took over from the old master (pid {})",
+                    successor.predecessor
+                );
+                successor.serving();
+            }
+            Word::Off(why) => {
+                warning!(event = "upgrade_failed", reason = %why, "not taking over: {why}; stopping");
+                self.core.command(Command::Stop(StopKind::Graceful));
+            }
+        }
+    }
+
+    /// A successor tells its predecessor once every worker is ready.
+    fn tell_predecessor(&mut self) {
+        if let Upgrade::Taking(successor) = &mut self.upgrade
+            && self.core.ready_count() >= self.core.target()
+        {
+            successor.ready();
+        }
+    }
+
+    /// A successor whose worker dies before they are all ready gives up: a crash loop would
+    /// only end at the ready timeout.
+    fn successor_failed(&mut self, event: &Event) {
+        if !matches!(self.upgrade, Upgrade::Taking(_)) {
+            return;
+        }
+        let why = match event {
+            Event::Exit(info) if !info.after_disconnect => {
+                let how = match (info.code, info.signal, &info.reason) {
+                    (_, _, Some(reason)) => reason.to_string(),
+                    (Some(code), _, _) => format!("exit code {code}"),
+                    (_, Some(signal), _) => format!("signal {signal}"),
+                    _ => "unknown status".into(),
+                };
+                format!("{} (pid {}) exited before every worker was ready: {how}", Peer::from_wire(info.id), info.pid)
+            }
+            _ => return,
+        };
+        if let Upgrade::Taking(mut successor) = std::mem::replace(&mut self.upgrade, Upgrade::Idle) {
+            warning!(event = "upgrade_failed", reason = %why, "not taking over: {why}; stopping");
+            successor.failed(&why);
+            self.core.command(Command::Stop(StopKind::Graceful));
         }
     }
 
@@ -294,6 +537,9 @@ impl Supervisor {
         }
         // Nothing waited for happens once the cluster stops.
         if self.core.stopping() {
+            if let Upgrade::Starting { cancel, .. } = &mut self.upgrade {
+                drop(cancel.take());
+            }
             for (_, reply) in self.waiting.reloads.drain(..) {
                 let _ = reply.send(Err(ControlError::Stopping));
             }
@@ -341,6 +587,7 @@ impl Supervisor {
             Action::StopListening { drain } => self.listeners.close_all(drain),
             Action::Emit(event) => {
                 self.count(&event);
+                self.successor_failed(&event);
                 self.events.emit(event);
             }
             Action::Answer(answer) => self.answer(answer),
@@ -427,6 +674,25 @@ impl Supervisor {
     }
 }
 
+/// What happens next in an upgrade.
+enum UpgradeNews {
+    /// How the upgrade this master started ended: the successor's pid, or why it failed.
+    Over(Result<u32, String>),
+    /// The predecessor's word to this successor.
+    Word(Word),
+}
+
+/// Pending while no upgrade is under way.
+async fn upgrade_news(upgrade: &mut Upgrade) -> UpgradeNews {
+    match upgrade {
+        Upgrade::Starting { done, .. } => {
+            UpgradeNews::Over(done.await.unwrap_or_else(|_| Err("the upgrade task ended".into())))
+        }
+        Upgrade::Taking(successor) => UpgradeNews::Word(successor.word().await),
+        Upgrade::Idle | Upgrade::HandedOver(_) => std::future::pending().await,
+    }
+}
+
 /// Removes and returns the items of `list` whose key matches.
 fn extract<K, V>(list: &mut Vec<(K, V)>, matches: impl Fn(&K) -> bool) -> Vec<(K, V)> {
     let (out, keep) = std::mem::take(list).into_iter().partition(|(k, _)| matches(k));
@@ -469,6 +735,7 @@ struct Signals {
     hup: Signal,
     ttin: Signal,
     ttou: Signal,
+    usr2: Signal,
 }
 
 impl Signals {
@@ -480,6 +747,7 @@ impl Signals {
             hup: signal(SignalKind::hangup())?,
             ttin: signal(SignalKind::from_raw(libc::SIGTTIN))?,
             ttou: signal(SignalKind::from_raw(libc::SIGTTOU))?,
+            usr2: signal(SignalKind::user_defined2())?,
         })
     }
 }

@@ -22,6 +22,14 @@ pub(super) struct Inherited {
     pub(super) name: String,
 }
 
+impl Inherited {
+    /// A socket the service manager passed to the old master, handed over in an upgrade.
+    pub(super) fn describe(socket: Socket, name: &str) -> std::io::Result<Inherited> {
+        let kind = describe(&socket).map_err(std::io::Error::other)?;
+        Ok(Inherited { socket, kind, name: name.to_string() })
+    }
+}
+
 /// What an inherited socket is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Kind {
@@ -110,6 +118,8 @@ fn describe(socket: &Socket) -> Result<Kind, String> {
 /// Tells the service manager how the cluster is doing.
 pub(super) struct Notifier {
     enabled: bool,
+    /// A new master says nothing until its predecessor hands over; an old one nothing after.
+    paused: bool,
     /// `READY=1` was sent since the start or the last reload.
     ready: bool,
     reloading: bool,
@@ -136,6 +146,7 @@ impl Notifier {
         let watchdog = sd_notify::watchdog_enabled().filter(|_| enabled).map(|every| (every / 2, now));
         Notifier {
             enabled,
+            paused: false,
             ready: false,
             reloading: false,
             stopping: false,
@@ -150,7 +161,7 @@ impl Notifier {
     /// watchdog ping when it is due. Called from the supervisor loop, so a stuck loop stops
     /// the pings.
     pub(super) fn update(&mut self, now: Instant, seen: &Seen) {
-        if !self.enabled {
+        if !self.enabled || self.paused {
             return;
         }
         let mut states = Vec::new();
@@ -204,7 +215,7 @@ impl Notifier {
     /// `Type=notify-reload` expects, even if the reload then ends within one step; `READY=1`
     /// follows when it is over.
     pub(super) fn reload_asked(&mut self) {
-        if !self.enabled || self.stopping || self.reloading {
+        if !self.enabled || self.paused || self.stopping || self.reloading {
             return;
         }
         self.reloading = true;
@@ -217,6 +228,35 @@ impl Notifier {
 
     /// When the next watchdog ping is due, if any.
     pub(super) fn wake_at(&self) -> Option<Instant> {
-        self.watchdog.map(|(_, next)| next)
+        self.watchdog.filter(|_| !self.paused).map(|(_, next)| next)
+    }
+
+    /// A new master, until its predecessor hands over: the service manager hears only the
+    /// predecessor.
+    pub(super) fn pause(&mut self) {
+        self.paused = true;
+    }
+
+    /// The predecessor handed over: `READY=1` and `MAINPID=` (this one) go out at the next
+    /// update, and the watchdog pings from here.
+    pub(super) fn resume(&mut self, now: Instant) {
+        self.paused = false;
+        self.started = now;
+        if let Some((_, next)) = &mut self.watchdog {
+            *next = now;
+        }
+    }
+
+    /// This master handed over to `successor`: the main process is that one now (sent by this
+    /// one too, which `NotifyAccess=main` accepts), and this one says nothing more, not even
+    /// `STOPPING=1` as it retires.
+    pub(super) fn hand_over(&mut self, successor: u32) {
+        if self.enabled
+            && !self.paused
+            && let Err(e) = sd_notify::notify(&[NotifyState::MainPid(successor)])
+        {
+            warning!(event = "notify_failed", error = %e, "cannot notify the service manager: {e}");
+        }
+        self.paused = true;
     }
 }

@@ -4,7 +4,8 @@
 //! `/worker` → `{"id":N,"pid":P}`, `/sleep?ms=N`. With `HELLO_DEBUG=1` also `/exit?code=N`,
 //! `/panic` and `/hang` (blocks the worker's runtime). Start-up failures on demand:
 //! `HELLO_CRASH_ON_START=1` (every worker exits 3), `HELLO_CRASH_WORKER=<id>` (that worker),
-//! `HELLO_FAIL_IF_EXISTS=<path>` (while the path exists).
+//! `HELLO_FAIL_IF_EXISTS=<path>` (while the path exists); a slow start on demand:
+//! `HELLO_START_DELAY_MS=<ms>` (each worker waits that long before it listens).
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -20,6 +21,9 @@ use hyper_util::rt::TokioIo;
 #[cluster::main]
 async fn main() -> std::io::Result<()> {
     crash_on_start_if_asked();
+    if let Some(ms) = std::env::var("HELLO_START_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     let mut listener = cluster::net::TcpListener::bind(examples::listen_addr()).await?;
     let id = cluster::worker::id().unwrap_or(0);
     println!("worker {id} (pid {}) listening on http://{}", std::process::id(), listener.local_addr()?);
