@@ -173,12 +173,27 @@ fn upgrades_under_the_shared_and_reuseport_policies_fail_no_request() {
 fn a_bad_build_is_stopped_and_the_old_master_serves_on() {
     let dir = TempDir::new("upgrade-bad-build");
     let broken = dir.0.join("broken");
-    let server = start(&dir, 2, &[("HELLO_FAIL_IF_EXISTS", broken.to_str().unwrap())]);
+    // Worker 1 of the bad build starts and listens; worker 2 does not start.
+    let env = [("HELLO_FAIL_IF_EXISTS", broken.to_str().unwrap()), ("HELLO_FAIL_WORKER", "2")];
+    let server = start(&dir, 2, &env);
     let mut masters = Masters::default();
     let workers = server.workers();
     let addr = server.addr;
     let load = std::thread::spawn(move || wrk(addr, &["-c8", "-d3s", "-H", "Connection: close"]));
     wait_for_load(addr.port(), 8);
+    // Which workers answer meanwhile: the new master accepts nothing before it takes over, so
+    // no client ever meets the bad build.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answered = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut pids = std::collections::BTreeSet::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                pids.insert(parse_worker(&get(addr, "/worker").expect("GET /worker").body).1);
+            }
+            pids
+        })
+    };
 
     // The new build's workers cannot start.
     std::fs::write(&broken, "").unwrap();
@@ -191,6 +206,9 @@ fn a_bad_build_is_stopped_and_the_old_master_serves_on() {
     server.wait_event("upgrade_failed", T, |e| e["target"] == "cluster");
     assert_eq!(pid_file(&dir), Some(server.pid()), "the pid file still names the old master");
     assert_eq!(server.workers(), workers, "the old workers serve on, untouched");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let answered: Vec<u32> = answered.join().unwrap().into_iter().collect();
+    assert_eq!(answered, workers, "only the old master's workers answered");
     assert_eq!(status(&dir)["master"]["pid"].as_u64(), Some(u64::from(server.pid())));
     let report = load.join().unwrap();
     assert_eq!(report.errors, [0; 4], "{}", report.output);

@@ -4,7 +4,8 @@
 //! `/worker` → `{"id":N,"pid":P}`, `/sleep?ms=N`. With `HELLO_DEBUG=1` also `/exit?code=N`,
 //! `/panic` and `/hang` (blocks the worker's runtime). Start-up failures on demand:
 //! `HELLO_CRASH_ON_START=1` (every worker exits 3), `HELLO_CRASH_WORKER=<id>` (that worker),
-//! `HELLO_FAIL_IF_EXISTS=<path>` (while the path exists); a slow start on demand:
+//! `HELLO_FAIL_IF_EXISTS=<path>` (while the path exists; only worker `HELLO_FAIL_WORKER` if
+//! set); a slow start on demand:
 //! `HELLO_START_DELAY_MS=<ms>` (each worker waits that long before it listens).
 
 use std::convert::Infallible;
@@ -80,7 +81,9 @@ fn crash_on_start_if_asked() {
     let id = cluster::worker::id().unwrap_or(0).to_string();
     let crash_all = std::env::var("HELLO_CRASH_ON_START").is_ok_and(|v| v == "1");
     let crash_me = std::env::var("HELLO_CRASH_WORKER").is_ok_and(|v| v == id);
-    let bad_deploy = std::env::var_os("HELLO_FAIL_IF_EXISTS").is_some_and(|p| std::path::Path::new(&p).exists());
+    let only = std::env::var("HELLO_FAIL_WORKER").ok();
+    let bad_deploy = std::env::var_os("HELLO_FAIL_IF_EXISTS").is_some_and(|p| std::path::Path::new(&p).exists())
+        && only.is_none_or(|only| only == id);
     if crash_all || crash_me || bad_deploy {
         eprintln!("hello: worker {id} crashing on start as asked");
         std::process::exit(3);
