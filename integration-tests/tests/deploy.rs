@@ -253,6 +253,42 @@ fn as_pid_1_of_a_pid_namespace_the_master_reaps_orphans_and_stops_on_sigterm() {
 }
 
 #[test]
+fn as_pid_1_an_upgraded_master_takes_the_old_ones_place_under_init() {
+    if !root() || !have("unshare") {
+        eprintln!("skipped: needs root and unshare (util-linux) for a new PID namespace");
+        return;
+    }
+    let hello = example_bin("hello");
+    let args = [OsStr::new("--pid"), OsStr::new("--fork"), OsStr::new("--mount-proc"), hello.as_os_str()];
+    let env = [("CLUSTER_WORKERS", "2"), ("CLUSTER_CONTROL_SOCKET", "off")];
+    let mut server = Server::spawn_with(OsStr::new("unshare"), &args, &env);
+    server.addr = wait_for(T, "workers to listen", || {
+        let out = server.stdout();
+        let addrs: Vec<&str> = out.lines().filter_map(|l| l.split("listening on http://").nth(1)).collect();
+        (addrs.len() >= 2).then(|| addrs[0].trim().parse::<std::net::SocketAddr>().unwrap())
+    });
+    let init = wait_for(T, "the namespace's init", || children(server.pid()).first().copied());
+    let old = children(init);
+    assert_eq!(old.len(), 1, "init runs one master");
+    integration_tests::kill(old[0], libc::SIGUSR2);
+    server.wait_events("upgraded", 1, T);
+    // The old master exits; the new one, its orphan, is init's child now, and the namespace
+    // (whose life is init's) goes on.
+    let new = wait_for(T, "the new master to be init's only child", || {
+        let kids = children(init);
+        (kids.len() == 1 && kids[0] != old[0]).then(|| kids[0])
+    });
+    assert_eq!(server.get("/").status, 200, "the namespace lives on");
+    // Signals to init reach the new master, and its exit status is the namespace's.
+    integration_tests::kill(init, libc::SIGTERM);
+    let status = server.wait_exit(T).expect("the namespace ends");
+    assert_eq!(status.code(), Some(0), "{}", server.stderr());
+    assert!(!integration_tests::alive(new));
+    let stops: Vec<_> = server.events("stop").into_iter().filter(|(_, e)| e["kind"] == "graceful").collect();
+    assert_eq!(stops.len(), 2, "the old master retired, then the new one stopped on SIGTERM");
+}
+
+#[test]
 fn the_systemd_units_verify() {
     if !have("systemd-analyze") {
         eprintln!("skipped: systemd-analyze is missing (Debian package systemd)");

@@ -387,6 +387,9 @@ impl Supervisor {
         match outcome {
             Ok(pid) => {
                 self.notifier.hand_over(pid);
+                if let Err(e) = sys::tell_init_successor(pid) {
+                    warning!(event = "init_failed", error = %e, "cannot name the new master to the container's init: {e}");
+                }
                 self.listeners.handed_over();
                 self.serving.send_replace(false);
                 self.upgrade = Upgrade::HandedOver(pid);

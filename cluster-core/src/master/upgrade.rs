@@ -16,10 +16,13 @@
 //! | successor   | `{"t":"hello","version":1,"pid":P}`             |                               |
 //! | predecessor | `{"t":"refused","reason":R}`                    | it stops the successor        |
 //! | predecessor | `{"t":"sockets","items":[…]}` + descriptors     | one item per descriptor       |
-//! | predecessor | `{"t":"start","workers":N,"pid":P}`             | the successor starts workers  |
+//! | predecessor | `{"t":"start","workers":N,"pid":P,"init":B}`    | the successor starts workers  |
 //! | successor   | `{"t":"ready"}` or `{"t":"failed","reason":R}`  |                               |
 //! | predecessor | `{"t":"go"}`                                    | the successor accepts         |
 //! | successor   | `{"t":"serving"}`                               | the predecessor lets go       |
+//!
+//! `init` says the predecessor runs under the minimal init of a container (see
+//! `sys::become_init_if_pid_1`), which the master that hands over tells who its successor is.
 //!
 //! Before `go`, the successor lives only as long as the channel: if the predecessor goes away,
 //! it stops (it never accepted a connection, so it loses none).
@@ -148,7 +151,8 @@ impl Talk<'_> {
             let fds: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
             self.send(&json!({"t": "sockets", "items": items}), &fds).await?;
         }
-        self.send(&json!({"t": "start", "workers": workers, "pid": sys::getpid()}), NO_FDS).await?;
+        let start = json!({"t": "start", "workers": workers, "pid": sys::getpid(), "init": sys::under_own_init()});
+        self.send(&start, NO_FDS).await?;
         let answer = self.next(ready_timeout + HANDSHAKE).await?;
         match answer["t"].as_str() {
             Some("ready") => {}
@@ -325,6 +329,9 @@ impl Successor {
                     let number = |key: &str| msg[key].as_u64().ok_or_else(|| format!("a bad start message: {msg}"));
                     handover.workers = usize::try_from(number("workers")?).map_err(|e| e.to_string())?;
                     me.predecessor = u32::try_from(number("pid")?).map_err(|e| e.to_string())?;
+                    if msg["init"] == true {
+                        sys::set_under_own_init();
+                    }
                     return Ok((me, handover));
                 }
                 _ => return Err(format!("unexpected message from the old master: {msg}")),
