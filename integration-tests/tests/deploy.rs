@@ -253,6 +253,74 @@ fn as_pid_1_of_a_pid_namespace_the_master_reaps_orphans_and_stops_on_sigterm() {
 }
 
 #[test]
+fn under_systemd_an_upgrade_keeps_the_passed_socket_and_moves_mainpid() {
+    if !have("systemd-socket-activate") {
+        eprintln!("skipped: systemd-socket-activate is missing (Debian package systemd)");
+        return;
+    }
+    let dir = TempDir::new("socket-activation-upgrade");
+    let (notify, rx) = notify_socket(&dir);
+    let port = free_port();
+    let vars = [
+        format!("NOTIFY_SOCKET={notify}"),
+        "WATCHDOG_USEC=400000".into(),
+        "CLUSTER_WORKERS=2".into(),
+        "CLUSTER_LOG_FORMAT=json".into(),
+        "CLUSTER_CONTROL_SOCKET=off".into(),
+        "HOST=127.0.0.1".into(),
+        format!("PORT={port}"),
+    ];
+    let listen = format!("127.0.0.1:{port}");
+    let mut server = socket_activate(&[&listen], None, &vars);
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+    wait_for(T, "the socket to be passed", || get(addr, "/").ok());
+    let mut seen = Vec::new();
+    expect(&rx, "READY=1", &mut seen);
+    let inode = integration_tests::listening_inode(port).expect("the passed socket");
+
+    server.signal(libc::SIGUSR2);
+    let new = server.wait_event("upgraded", T, |_| true)["pid"].as_u64().unwrap() as u32;
+    let _reap = Reap(new);
+    // The old master names the new one (NotifyAccess=main accepts that), and the new one says
+    // it is ready, with its pid (NotifyAccess=all).
+    let main_pid = format!("MAINPID={new}");
+    let (mut named, mut ready) = (false, false);
+    while !(named && ready) {
+        let msg = expect(&rx, &main_pid, &mut seen);
+        named |= msg.trim() == main_pid;
+        ready |= msg.lines().any(|l| l == "READY=1");
+    }
+    // The old master retires without a word: no STOPPING=1, which would stop the service.
+    assert_eq!(server.wait_exit(T).and_then(|s| s.code()), Some(0), "the old master exits 0");
+    while let Ok((_, msg)) = rx.try_recv() {
+        assert!(!msg.lines().any(|l| l == "STOPPING=1"), "{msg}");
+        seen.push(msg);
+    }
+    assert_eq!(integration_tests::listening_inode(port), Some(inode), "the very socket systemd passed");
+    assert_eq!(get(addr, "/").unwrap().status, 200);
+    // The new master keeps the watchdog fed.
+    let mut pings = 0;
+    while pings < 2 {
+        let (_, msg) = rx.recv_timeout(T).expect("watchdog pings from the new master");
+        pings += usize::from(msg.lines().any(|l| l == "WATCHDOG=1"));
+    }
+    integration_tests::kill(new, libc::SIGTERM);
+    expect(&rx, "STOPPING=1", &mut seen);
+    wait_for(T, "the new master to exit", || (!integration_tests::alive(new)).then_some(()));
+}
+
+/// SIGKILLs a master started by an upgrade (not the test's child) at the end of a test.
+struct Reap(u32);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        if integration_tests::alive(self.0) {
+            integration_tests::kill(self.0, libc::SIGKILL);
+        }
+    }
+}
+
+#[test]
 fn as_pid_1_an_upgraded_master_takes_the_old_ones_place_under_init() {
     if !root() || !have("unshare") {
         eprintln!("skipped: needs root and unshare (util-linux) for a new PID namespace");
