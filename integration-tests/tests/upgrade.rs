@@ -385,3 +385,110 @@ fn a_new_master_that_is_not_ready_in_time_is_stopped() {
     assert_eq!(server.workers(), workers);
     assert!(alive(server.pid()));
 }
+
+/// One connection to a Unix socket: the `<id>:<pid>` the answering worker of `unix-hello` says.
+fn ask_unix(path: &Path) -> Result<u32, String> {
+    use std::io::Read;
+    let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).map_err(|e| e.to_string())?;
+    reply.trim().split(':').nth(1).and_then(|p| p.parse().ok()).ok_or_else(|| format!("a reply: {reply:?}"))
+}
+
+#[test]
+fn a_unix_socket_is_handed_over_and_its_file_kept() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = TempDir::new("upgrade-unix");
+    let path = dir.0.join("app.sock");
+    let env = [("XDG_RUNTIME_DIR", dir.path()), ("SOCKET_PATH", path.to_str().unwrap())];
+    let server = Server::spawn(env!("CARGO_BIN_EXE_unix-hello").into(), &env);
+    let mut masters = Masters::default();
+    wait_for(T, "both workers to listen", || {
+        (server.stdout().matches("listening on unix:").count() == 2).then_some(())
+    });
+    let inode = std::fs::metadata(&path).unwrap().ino();
+    server.signal(libc::SIGUSR2);
+    let new = server.wait_event("upgraded", T, |_| true)["pid"].as_u64().unwrap() as u32;
+    masters.0.push(new);
+    wait_until(T, "a worker of the new master to answer", || {
+        let pid = ask_unix(&path)?;
+        if ppid(pid) == Some(new) { Ok(()) } else { Err(format!(" (worker {pid} answered)")) }
+    });
+    wait_until(T, "the old master to exit", || if alive(server.pid()) { Err(String::new()) } else { Ok(()) });
+    // The old master left the file alone: it is the same socket, served by the new master.
+    assert_eq!(std::fs::metadata(&path).map(|m| m.ino()).ok(), Some(inode));
+    assert!(ppid(ask_unix(&path).unwrap()) == Some(new));
+    // The new master owns it now, and removes it when it stops.
+    kill(new, libc::SIGTERM);
+    wait_until(T, "the new master to exit", || if alive(new) { Err(String::new()) } else { Ok(()) });
+    assert!(!path.exists(), "the socket file is removed when the new master stops");
+}
+
+/// The inode of the UDP socket bound to `port` (from `/proc/net/udp`).
+fn udp_inode(port: u16) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/udp").ok()?;
+    text.lines().skip(1).map(|l| l.split_whitespace().collect::<Vec<_>>()).find_map(|c| {
+        let local = c.get(1)?.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok())?;
+        if local == port { c.get(9)?.parse().ok() } else { None }
+    })
+}
+
+#[test]
+fn a_udp_socket_is_handed_over() {
+    let dir = TempDir::new("upgrade-udp");
+    let server = Server::spawn(
+        integration_tests::example_bin("udp-echo"),
+        &[("XDG_RUNTIME_DIR", dir.path()), ("CLUSTER_WORKERS", "2")],
+    );
+    let mut masters = Masters::default();
+    let bound = |server: &Server| -> Vec<String> {
+        server.stdout().lines().filter_map(|l| l.split("listening on udp://").nth(1)).map(|a| a.trim().into()).collect()
+    };
+    let addr: std::net::SocketAddr = wait_for(T, "both workers to bind", || {
+        let addrs = bound(&server);
+        (addrs.len() == 2).then(|| addrs[0].parse().unwrap())
+    });
+    let inode = udp_inode(addr.port()).expect("the UDP socket");
+    server.signal(libc::SIGUSR2);
+    let new = server.wait_event("upgraded", T, |_| true)["pid"].as_u64().unwrap() as u32;
+    masters.0.push(new);
+    let addrs = wait_for(T, "the new workers to bind", || Some(bound(&server)).filter(|a| a.len() == 4));
+    assert!(addrs.iter().all(|a| *a == addr.to_string()), "one address throughout: {addrs:?}");
+    wait_until(T, "the old master to exit", || if alive(server.pid()) { Err(String::new()) } else { Ok(()) });
+    assert_eq!(udp_inode(addr.port()), Some(inode), "the very socket");
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    client.send_to(b"ping", addr).unwrap();
+    let mut buf = [0u8; 64];
+    let n = client.recv(&mut buf).expect("an answer from the new master's workers");
+    assert!(buf[..n].ends_with(b":ping"), "{:?}", String::from_utf8_lossy(&buf[..n]));
+}
+
+#[test]
+fn port_zero_binds_get_the_same_ports_after_an_upgrade() {
+    let dir = TempDir::new("upgrade-port-zero");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let server = Server::spawn(
+        env!("CARGO_BIN_EXE_listeners").into(),
+        &[("XDG_RUNTIME_DIR", dir.path()), ("TAKEN_PORT", &port)],
+    );
+    let mut masters = Masters::default();
+    let reports = |server: &Server| -> Vec<String> {
+        let out = server.stdout();
+        out.lines().filter(|l| l.contains(" a=")).map(|l| l.split_once(' ').unwrap().1.to_string()).collect()
+    };
+    wait_for(T, "both workers to report", || (reports(&server).len() == 2).then_some(()));
+    server.signal(libc::SIGUSR2);
+    let new = server.wait_event("upgraded", T, |_| true)["pid"].as_u64().unwrap() as u32;
+    masters.0.push(new);
+    let all = wait_for(T, "the new workers to report", || Some(reports(&server)).filter(|r| r.len() == 4));
+    // "1 a=… b=… taken=…": each worker id binds the same two ports in the same order, before
+    // and after.
+    let mut old = all[..2].to_vec();
+    let mut now = all[2..].to_vec();
+    old.sort();
+    now.sort();
+    assert_eq!(old, now, "{all:?}");
+}
