@@ -419,7 +419,8 @@ fn a_unix_socket_is_handed_over_and_its_file_kept() {
     // The old master left the file alone: it is the same socket, served by the new master.
     assert_eq!(std::fs::metadata(&path).map(|m| m.ino()).ok(), Some(inode));
     assert!(ppid(ask_unix(&path).unwrap()) == Some(new));
-    // The new master owns it now, and removes it when it stops.
+    // The new master owns it now that the old one is gone, and removes it when it stops.
+    server.wait_event("predecessor_gone", T, |_| true);
     kill(new, libc::SIGTERM);
     wait_until(T, "the new master to exit", || if alive(new) { Err(String::new()) } else { Ok(()) });
     assert!(!path.exists(), "the socket file is removed when the new master stops");

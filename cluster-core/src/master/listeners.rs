@@ -122,6 +122,15 @@ impl Listeners {
         }
     }
 
+    /// The predecessor has exited: the sockets it handed over are this master's alone.
+    pub(super) fn own_handed(&mut self) {
+        for listener in self.open.values_mut() {
+            if listener.keep == Keep::Upgrade {
+                listener.keep = Keep::Own;
+            }
+        }
+    }
+
     /// Duplicates of every socket this master listens on, described for a successor
     /// (`upgrade.rs`). Sockets being closed are not handed over.
     pub(super) fn hand_out(&self) -> io::Result<Vec<upgrade::Listener>> {
@@ -152,14 +161,11 @@ impl Listeners {
         }
     }
 
-    /// The predecessor handed over: accept on the sockets it handed, which are this master's
-    /// own from now on; say which ones no worker asked for (they close when it exits).
+    /// The predecessor handed over: accept on the sockets it handed; say which ones no worker
+    /// asked for (they close when it exits).
     pub(super) fn take_over(&mut self) {
         self.live = true;
         for (key, listener) in &mut self.open {
-            if listener.keep == Keep::Upgrade {
-                listener.keep = Keep::Own;
-            }
             if let Kind::Stream { socket, task: task @ None } = &mut listener.kind {
                 *task = Some(tokio::spawn(dispatch::accept_loop(socket.clone(), *key, self.dispatch.clone())));
             }

@@ -67,15 +67,22 @@ enum Upgrade {
     /// This master started a successor and waits for it to serve.
     Starting {
         since: Instant,
-        done: oneshot::Receiver<Result<u32, String>>,
+        done: oneshot::Receiver<Result<(u32, upgrade::Link), String>>,
         /// Dropped to call it off.
         cancel: Option<oneshot::Sender<()>>,
         waiters: Vec<Reply<Upgraded>>,
+        /// This master's own predecessor, if it is still retiring (`Overlap`), to go back to
+        /// if this upgrade fails.
+        predecessor: Option<Successor>,
     },
     /// This master is a successor, waiting for its predecessor's go.
     Taking(Successor),
-    /// This master handed over to the new one (its pid) and retires.
-    HandedOver(u32),
+    /// This master took over; its predecessor retires and its sockets are still the
+    /// predecessor's too, until the channel closes (it exited).
+    Overlap(Successor),
+    /// This master handed over to the new one (its pid) and retires; the link is held until it
+    /// exits.
+    HandedOver { pid: u32, _link: upgrade::Link },
 }
 
 /// Those waiting for a reload or a restart to end.
@@ -252,7 +259,7 @@ impl Supervisor {
         match &self.upgrade {
             Upgrade::Starting { .. } => Some("a master upgrade is under way".into()),
             Upgrade::Taking(s) => Some(format!("this master is taking over from the old one (pid {})", s.predecessor)),
-            Upgrade::Idle | Upgrade::HandedOver(_) => None,
+            Upgrade::Idle | Upgrade::Overlap(_) | Upgrade::HandedOver { .. } => None,
         }
     }
 
@@ -318,7 +325,7 @@ impl Supervisor {
     /// Starts an upgrade of the master (SIGUSR2, `clusterctl upgrade`), unless something is in
     /// the way: a stop, another upgrade, a rolling reload.
     fn start_upgrade(&mut self, reply: Option<Reply<Upgraded>>) {
-        let why = if let Upgrade::HandedOver(pid) = self.upgrade {
+        let why = if let Upgrade::HandedOver { pid, .. } = self.upgrade {
             Err(ControlError::Refused(format!("this master handed over to the new master (pid {pid}) and retires")))
         } else if self.core.stopping() {
             Err(ControlError::Stopping)
@@ -355,11 +362,16 @@ impl Supervisor {
         tokio::spawn(async move {
             let _ = finished.send(upgrade::predecessor(plan, cancelled).await);
         });
+        let predecessor = match std::mem::replace(&mut self.upgrade, Upgrade::Idle) {
+            Upgrade::Overlap(successor) => Some(successor),
+            _ => None,
+        };
         self.upgrade = Upgrade::Starting {
             since: Instant::now(),
             done,
             cancel: Some(cancel),
             waiters: reply.into_iter().collect(),
+            predecessor,
         };
     }
 
@@ -379,20 +391,21 @@ impl Supervisor {
 
     /// The successor serves (this master lets go of everything and retires), or the upgrade
     /// failed (this master serves on).
-    fn upgrade_over(&mut self, outcome: Result<u32, String>) {
-        let Upgrade::Starting { since, waiters, .. } = std::mem::replace(&mut self.upgrade, Upgrade::Idle) else {
+    fn upgrade_over(&mut self, outcome: Result<(u32, upgrade::Link), String>) {
+        let Upgrade::Starting { since, waiters, predecessor, .. } = std::mem::replace(&mut self.upgrade, Upgrade::Idle)
+        else {
             return;
         };
         let me = sys::getpid();
         match outcome {
-            Ok(pid) => {
+            Ok((pid, link)) => {
                 self.notifier.hand_over(pid);
                 if let Err(e) = sys::tell_init_successor(pid) {
                     warning!(event = "init_failed", error = %e, "cannot name the new master to the container's init: {e}");
                 }
                 self.listeners.handed_over();
                 self.serving.send_replace(false);
-                self.upgrade = Upgrade::HandedOver(pid);
+                self.upgrade = Upgrade::HandedOver { pid, _link: link };
                 note!(
                     event = "upgraded",
                     pid,
@@ -406,6 +419,9 @@ impl Supervisor {
                 self.core.command(Command::Stop(StopKind::Graceful));
             }
             Err(why) => {
+                if let Some(predecessor) = predecessor {
+                    self.upgrade = Upgrade::Overlap(predecessor);
+                }
                 warning!(event = "upgrade_failed", reason = %why, "upgrade abandoned: {why}; this master (pid {me}) serves on");
                 for reply in waiters {
                     let _ = reply.send(Err(ControlError::Refused(format!("upgrade abandoned: {why}"))));
@@ -414,9 +430,28 @@ impl Supervisor {
         }
     }
 
-    /// A successor hears from its predecessor: take over, or stop (the upgrade is off).
+    /// A successor hears from its predecessor: take over, or stop (the upgrade is off); once
+    /// it took over, the channel's end says the predecessor has exited.
     fn on_word(&mut self, word: Word, now: Instant) {
-        let Upgrade::Taking(successor) = std::mem::replace(&mut self.upgrade, Upgrade::Idle) else { return };
+        let successor = match std::mem::replace(&mut self.upgrade, Upgrade::Idle) {
+            Upgrade::Taking(successor) => successor,
+            Upgrade::Overlap(successor) => {
+                // Until now a stop of this master only let go of the handed sockets: the
+                // predecessor might still have been serving them.
+                self.listeners.own_handed();
+                note!(
+                    event = "predecessor_gone",
+                    old_pid = successor.predecessor,
+                    "the old master (pid {}) has exited",
+                    successor.predecessor
+                );
+                return;
+            }
+            other => {
+                self.upgrade = other;
+                return;
+            }
+        };
         match word {
             Word::Go => {
                 self.listeners.take_over();
@@ -435,6 +470,7 @@ impl Supervisor {
                     successor.predecessor
                 );
                 successor.serving();
+                self.upgrade = Upgrade::Overlap(successor);
             }
             Word::Off(why) => {
                 warning!(event = "upgrade_failed", reason = %why, "not taking over: {why}; stopping");
@@ -680,7 +716,7 @@ impl Supervisor {
 /// What happens next in an upgrade.
 enum UpgradeNews {
     /// How the upgrade this master started ended: the successor's pid, or why it failed.
-    Over(Result<u32, String>),
+    Over(Result<(u32, upgrade::Link), String>),
     /// The predecessor's word to this successor.
     Word(Word),
 }
@@ -691,8 +727,8 @@ async fn upgrade_news(upgrade: &mut Upgrade) -> UpgradeNews {
         Upgrade::Starting { done, .. } => {
             UpgradeNews::Over(done.await.unwrap_or_else(|_| Err("the upgrade task ended".into())))
         }
-        Upgrade::Taking(successor) => UpgradeNews::Word(successor.word().await),
-        Upgrade::Idle | Upgrade::HandedOver(_) => std::future::pending().await,
+        Upgrade::Taking(successor) | Upgrade::Overlap(successor) => UpgradeNews::Word(successor.word().await),
+        Upgrade::Idle | Upgrade::HandedOver { .. } => std::future::pending().await,
     }
 }
 

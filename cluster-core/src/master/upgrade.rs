@@ -25,7 +25,10 @@
 //! `sys::become_init_if_pid_1`), which the master that hands over tells who its successor is.
 //!
 //! Before `go`, the successor lives only as long as the channel: if the predecessor goes away,
-//! it stops (it never accepted a connection, so it loses none).
+//! it stops (it never accepted a connection, so it loses none). After `go`, the predecessor
+//! keeps its end open until it exits; until then the successor treats the sockets as shared
+//! (a stop of its own lets go of them without draining or shutting them down, which would
+//! act on the predecessor's copies too).
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -83,10 +86,16 @@ pub(super) struct Plan {
     pub(super) kill_timeout: Duration,
 }
 
+/// The predecessor's end of the channel once the successor serves, held until the predecessor
+/// exits: its closing tells the successor that the sockets are its own alone.
+pub(super) struct Link {
+    _channel: Channel,
+}
+
 /// Runs an upgrade from the predecessor's side; the successor's pid once it serves. On failure
 /// the successor is stopped (SIGTERM, then SIGKILL after the kill timeout) before this returns.
 /// `cancel` ends it early (this master is stopping).
-pub(super) async fn predecessor(plan: Plan, mut cancel: oneshot::Receiver<()>) -> Result<u32, String> {
+pub(super) async fn predecessor(plan: Plan, mut cancel: oneshot::Receiver<()>) -> Result<(u32, Link), String> {
     let Plan { mut command, handover, ready_timeout, kill_timeout } = plan;
     let (channel, theirs) = Channel::pair().map_err(|e| format!("cannot create the upgrade channel: {e}"))?;
     command.env(ENV_UPGRADE_FD, UPGRADE_FD.to_string());
@@ -110,7 +119,7 @@ pub(super) async fn predecessor(plan: Plan, mut cancel: oneshot::Receiver<()>) -
         drop(channel);
         return Err(why);
     }
-    Ok(pid)
+    Ok((pid, Link { _channel: channel }))
 }
 
 /// Stops a successor that will not take over. One that was told why (refused, or failed on its
@@ -352,8 +361,8 @@ impl Successor {
         self.say(&json!({"t": "failed", "reason": reason}));
     }
 
-    /// Says this master accepts now; the channel is done with.
-    pub(super) fn serving(self) {
+    /// Says this master accepts now. The channel stays open until the predecessor exits.
+    pub(super) fn serving(&self) {
         self.say(&json!({"t": "serving"}));
     }
 
