@@ -446,6 +446,24 @@ pub(crate) fn adopt_inherited_socket(fd: RawFd) -> Option<socket2::Socket> {
     Some(unsafe { <socket2::Socket as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
 
+/// Raises this process's soft limit of open files to its hard limit (at most 2^20), as Go's
+/// runtime does: a server that holds many connections should not stop at the historical 1024
+/// soft limit, and the hard limit is the administrator's word. Workers inherit it. Returns the
+/// soft limit before and after.
+pub(crate) fn raise_fd_limit() -> io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes only the struct passed.
+    check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
+    let before = lim.rlim_cur;
+    let target = lim.rlim_max.min(1 << 20);
+    if before < target {
+        lim.rlim_cur = target;
+        // SAFETY: setrlimit reads only the struct passed.
+        check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) })?;
+    }
+    Ok((before, lim.rlim_cur))
+}
+
 /// Whether this master runs under the minimal init of [`become_init_if_pid_1`] (its own, or,
 /// after an upgrade, its predecessor's).
 static UNDER_OWN_INIT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

@@ -533,6 +533,14 @@ pub(crate) fn run(cfg: Config, hook: Option<MasterHook>) -> i32 {
             return 1;
         }
     };
+    // Connections are descriptors: the master and its workers may use all the hard limit allows.
+    match crate::sys::raise_fd_limit() {
+        Ok((before, after)) if after > before => {
+            crate::log::note!(event = "fd_limit", before, after, "open files limit raised from {before} to {after}");
+        }
+        Ok(_) => {}
+        Err(e) => crate::log::warning!(event = "fd_limit", error = %e, "cannot raise the open files limit: {e}"),
+    }
     let mut cfg = cfg;
     if cfg.user.is_some() || cfg.group.is_some() {
         match credentials(&cfg) {
