@@ -64,6 +64,20 @@ fn expect(rx: &mpsc::Receiver<(Instant, String)>, what: &str, seen: &mut Vec<Str
     }
 }
 
+/// What `hello` gets under `systemd-socket-activate` (the tool passes only these): the notify
+/// socket, a 400 ms watchdog, 2 workers, JSON logs, no control socket, the address.
+fn activation_vars(notify: &str, port: u16) -> Vec<String> {
+    vec![
+        format!("NOTIFY_SOCKET={notify}"),
+        "WATCHDOG_USEC=400000".into(),
+        "CLUSTER_WORKERS=2".into(),
+        "CLUSTER_LOG_FORMAT=json".into(),
+        "CLUSTER_CONTROL_SOCKET=off".into(),
+        "HOST=127.0.0.1".into(),
+        format!("PORT={port}"),
+    ]
+}
+
 /// `hello` under `systemd-socket-activate`, listening on `listen` (named `fdnames`), with
 /// `vars` (the tool passes only the variables named with -E).
 fn socket_activate(listen: &[&str], fdnames: Option<&str>, vars: &[String]) -> Server {
@@ -89,15 +103,7 @@ fn under_socket_activation_the_master_serves_the_passed_socket_and_notifies_syst
     let dir = TempDir::new("socket-activation");
     let (notify, rx) = notify_socket(&dir);
     let port = free_port();
-    let vars = [
-        format!("NOTIFY_SOCKET={notify}"),
-        "WATCHDOG_USEC=400000".into(),
-        "CLUSTER_WORKERS=2".into(),
-        "CLUSTER_LOG_FORMAT=json".into(),
-        "CLUSTER_CONTROL_SOCKET=off".into(),
-        "HOST=127.0.0.1".into(),
-        format!("PORT={port}"),
-    ];
+    let vars = activation_vars(&notify, port);
     let listen = format!("127.0.0.1:{port}");
     // A second socket that no worker binds: adopted by nobody, and said so.
     let unused = format!("127.0.0.1:{}", free_port());
@@ -261,15 +267,7 @@ fn under_systemd_an_upgrade_keeps_the_passed_socket_and_moves_mainpid() {
     let dir = TempDir::new("socket-activation-upgrade");
     let (notify, rx) = notify_socket(&dir);
     let port = free_port();
-    let vars = [
-        format!("NOTIFY_SOCKET={notify}"),
-        "WATCHDOG_USEC=400000".into(),
-        "CLUSTER_WORKERS=2".into(),
-        "CLUSTER_LOG_FORMAT=json".into(),
-        "CLUSTER_CONTROL_SOCKET=off".into(),
-        "HOST=127.0.0.1".into(),
-        format!("PORT={port}"),
-    ];
+    let vars = activation_vars(&notify, port);
     let listen = format!("127.0.0.1:{port}");
     let mut server = socket_activate(&[&listen], None, &vars);
     let addr: std::net::SocketAddr = listen.parse().unwrap();

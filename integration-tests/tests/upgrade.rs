@@ -322,28 +322,41 @@ fn received(record: &Path) -> Vec<Value> {
     text.lines().map(|l| serde_json::from_str(l).expect("a record line")).collect()
 }
 
-#[test]
-fn a_new_master_of_another_protocol_version_gets_no_socket() {
-    let dir = TempDir::new("upgrade-version");
+/// `hello` started from a copy of its binary, which is then replaced on disk by a stand-in new
+/// master speaking protocol `version` (`fake-master`); `env` is added to the master's.
+fn with_stand_in(name: &str, version: &str, env: &[(&str, &str)]) -> (TempDir, Server, std::path::PathBuf) {
+    let dir = TempDir::new(name);
     let bin = dir.0.join("hello");
     std::fs::copy(integration_tests::example_bin("hello"), &bin).unwrap();
     let record = dir.0.join("record");
-    let env = [
+    let mut all = vec![
         ("XDG_RUNTIME_DIR", dir.path()),
         ("CLUSTER_WORKERS", "2"),
         ("FAKE_RECORD", record.to_str().unwrap()),
-        ("FAKE_VERSION", "99"),
+        ("FAKE_VERSION", version),
     ];
-    let server = Server::start_path(bin.clone(), &env, 2);
-    let mut masters = Masters::default();
+    all.extend_from_slice(env);
+    let server = Server::start_path(bin.clone(), &all, 2);
     deploy(Path::new(env!("CARGO_BIN_EXE_fake-master")), &bin);
+    (dir, server, record)
+}
 
+/// `clusterctl upgrade` to a stand-in, which must fail and leave no stand-in running; what the
+/// stand-in received.
+fn failed_upgrade_to_stand_in(dir: &TempDir, server: &Server, record: &Path, masters: &mut Masters) -> Vec<Value> {
     let (code, out, err) = clusterctl(&dir.0, &["upgrade"]);
-    assert_eq!(code, 1, "refused:\n{out}\n{err}");
+    assert_eq!(code, 1, "the upgrade fails:\n{out}\n{err}");
     let fake = server.wait_event("upgrade_started", T, |_| true)["pid"].as_u64().unwrap() as u32;
     masters.0.push(fake);
     wait_until(T, "the stand-in to be gone", || if alive(fake) { Err(String::new()) } else { Ok(()) });
-    let got = received(&record);
+    received(record)
+}
+
+#[test]
+fn a_new_master_of_another_protocol_version_gets_no_socket() {
+    let (dir, server, record) = with_stand_in("upgrade-version", "99", &[]);
+    let mut masters = Masters::default();
+    let got = failed_upgrade_to_stand_in(&dir, &server, &record, &mut masters);
     assert_eq!(got.len(), 1, "one message: {got:?}");
     assert_eq!(got[0]["msg"]["t"], "refused", "{got:?}");
     assert_eq!(got[0]["fds"], 0, "no socket changed hands");
@@ -353,29 +366,11 @@ fn a_new_master_of_another_protocol_version_gets_no_socket() {
 
 #[test]
 fn a_new_master_that_is_not_ready_in_time_is_stopped() {
-    let dir = TempDir::new("upgrade-never-ready");
-    let bin = dir.0.join("hello");
-    std::fs::copy(integration_tests::example_bin("hello"), &bin).unwrap();
-    let record = dir.0.join("record");
-    let env = [
-        ("XDG_RUNTIME_DIR", dir.path()),
-        ("CLUSTER_WORKERS", "2"),
-        ("CLUSTER_READY_TIMEOUT_MS", "500"),
-        ("FAKE_RECORD", record.to_str().unwrap()),
-        ("FAKE_VERSION", "1"),
-    ];
-    let server = Server::start_path(bin.clone(), &env, 2);
+    // A stand-in that agrees on the protocol, takes the sockets and never says it is ready.
+    let (dir, server, record) = with_stand_in("upgrade-never-ready", "1", &[("CLUSTER_READY_TIMEOUT_MS", "500")]);
     let mut masters = Masters::default();
     let workers = server.workers();
-    // A stand-in that agrees on the protocol, takes the sockets and never says it is ready.
-    deploy(Path::new(env!("CARGO_BIN_EXE_fake-master")), &bin);
-
-    let (code, out, err) = clusterctl(&dir.0, &["upgrade"]);
-    assert_eq!(code, 1, "abandoned:\n{out}\n{err}");
-    let fake = server.wait_event("upgrade_started", T, |_| true)["pid"].as_u64().unwrap() as u32;
-    masters.0.push(fake);
-    wait_until(T, "the stand-in to be gone", || if alive(fake) { Err(String::new()) } else { Ok(()) });
-    let got = received(&record);
+    let got = failed_upgrade_to_stand_in(&dir, &server, &record, &mut masters);
     let kinds: Vec<&str> = got.iter().filter_map(|m| m["msg"]["t"].as_str()).collect();
     assert_eq!(kinds, ["sockets", "start"], "{got:?}");
     let items = got[0]["msg"]["items"].as_array().unwrap();
