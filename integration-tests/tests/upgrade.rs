@@ -491,3 +491,30 @@ fn port_zero_binds_get_the_same_ports_after_an_upgrade() {
     now.sort();
     assert_eq!(old, now, "{all:?}");
 }
+
+#[test]
+fn signals_to_the_whole_group_reach_the_master_and_kill_no_worker() {
+    // `systemctl kill -s USR2 hello` without `--kill-whom=main`, or a terminal's hangup, signal
+    // every process of the cluster: the master acts, the workers must not die of it.
+    let dir = TempDir::new("upgrade-group");
+    let server = start(&dir, 2, &[]);
+    let mut masters = Masters::default();
+    let addr = server.addr;
+    let load = std::thread::spawn(move || wrk(addr, &["-c8", "-d3s", "-H", "Connection: close"]));
+    wait_for_load(addr.port(), 8);
+    server.signal_group(libc::SIGHUP);
+    server.wait_events("reload_done", 1, T);
+    server.signal_group(libc::SIGUSR2);
+    let new = server.wait_event("upgraded", T, |_| true)["pid"].as_u64().unwrap() as u32;
+    masters.0.push(new);
+    let report = load.join().unwrap();
+    assert_eq!(report.errors, [0; 4], "{}", report.output);
+    assert_eq!(report.non2xx, 0, "{}", report.output);
+    wait_until(T, "the old master to exit", || if alive(server.pid()) { Err(String::new()) } else { Ok(()) });
+    // Two reloaded away, two retired by the upgrade: every one retired, none killed by a signal.
+    let exits = server.wait_events("exit", 4, T);
+    for exit in &exits {
+        assert!(exit["retired"] == true && exit["code"] == 0 && exit["signal"].is_null(), "{exit}");
+    }
+    served_by(addr, new);
+}

@@ -462,6 +462,10 @@ async fn read_loop(client: Arc<Client>) {
     let mut rx = Receiver::new();
     let mut fragments = Reassembly::default();
     let (mut term, mut int) = (signal(SignalKind::terminate()).ok(), signal(SignalKind::interrupt()).ok());
+    // The master's own signals, when they reach the whole group (`systemctl kill` without
+    // `--kill-whom=main`, a terminal's hangup): the master acts on them; a worker must not die
+    // of their default action.
+    let (mut hup, mut usr2) = (signal(SignalKind::hangup()).ok(), signal(SignalKind::user_defined2()).ok());
     let mut out_of_fds = false;
     let mut asked: Option<tokio::time::Instant> = None;
     loop {
@@ -482,6 +486,8 @@ async fn read_loop(client: Arc<Client>) {
             received = rx.recv(&client.channel) => received,
             Some(()) = recv_signal(&mut term) => { signalled(&mut asked); continue }
             Some(()) = recv_signal(&mut int) => { signalled(&mut asked); continue }
+            Some(()) = recv_signal(&mut hup) => continue,
+            Some(()) = recv_signal(&mut usr2) => continue,
             () = sleep_until_opt(asked) => {
                 // Stopping on its own; a later signal only repeats that.
                 asked = Some(tokio::time::Instant::now() + Duration::from_secs(365 * 86_400));
