@@ -176,8 +176,8 @@ async fn accept_loop(
         return;
     }
     if let Some((from, to)) = rename {
-        // The old master's file, named after it: named after this one from now on (the socket
-        // is the same; clients that connect by either name reach it).
+        // The old master's file, named after it, is named after this one from now on: the
+        // same socket, found by `clusterctl` under this master's pid.
         match std::fs::rename(&from, &to) {
             Ok(()) => note!(event = "control", path = %to.display(), "control socket: {} (taken over)", to.display()),
             Err(e) => {
