@@ -214,82 +214,55 @@ impl Listeners {
         }
         let key = self.next_key;
         if let Some(socket) = self.handed.remove(&lookup) {
-            let addr = socket.local_addr()?.as_socket();
+            // The old master's file, removed when this master stops listening on it.
             let unix_path = match &lookup.0 {
                 Endpoint::Unix { path, .. } => Some(path.clone()),
                 _ => None,
             };
-            let stream = unix_path.is_some() || (matches!(lookup.0, Endpoint::Tcp(_)) && self.cfg.policy == Policy::Rr);
-            let mut listener = if stream {
-                self.stream_listener(socket, key, addr, unix_path)?
-            } else {
-                Listener { addr, kind: Kind::Handed(socket), unix_path: None, keep: Keep::Own }
-            };
-            listener.keep = Keep::Upgrade;
-            let shown = match (&lookup.0, addr) {
-                (Endpoint::Tcp(_), Some(addr)) => addr.to_string(),
-                (Endpoint::Udp(_), Some(addr)) => format!("udp {addr}"),
-                (Endpoint::Unix { path, .. }, _) => format!("unix:{}", path.display()),
-                (other, None) => other.to_string(),
-            };
+            let listener = self.adopt(&lookup.0, socket, key, Keep::Upgrade, unix_path)?;
+            let shown = shown(&lookup.0, listener.addr);
             note!(event = "bind", key, addr = %shown, handed = true, "listening on {shown} (handed over by the old master)");
-            if reuseport && let Some(addr) = addr {
+            if reuseport && let Some(addr) = listener.addr {
                 self.reuseport_addr.entry((lookup.0.clone(), index)).or_insert(addr);
             }
-            self.next_key += 1;
-            self.open.insert(key, listener);
-            self.by_addr.insert(lookup, key);
-            return Ok((key, addr));
+            return Ok(self.insert(key, lookup, listener));
         }
         if let Some(passed) = self.take_inherited(&lookup.0) {
             let shown = passed.kind.to_string();
-            let addr = passed.socket.local_addr()?.as_socket();
-            let stream = matches!(passed.kind, systemd::Kind::Unix(_))
-                || (matches!(passed.kind, systemd::Kind::Tcp(_)) && self.cfg.policy == Policy::Rr);
-            let mut listener = if stream {
-                self.stream_listener(passed.socket, key, addr, None)?
-            } else {
-                Listener { addr, kind: Kind::Handed(passed.socket), unix_path: None, keep: Keep::Systemd }
-            };
-            listener.keep = Keep::Systemd;
+            let listener = self.adopt(&lookup.0, passed.socket, key, Keep::Systemd, None)?;
             if self.cfg.policy == Policy::ReusePort {
                 note!(event = "bind", key, addr = %shown, inherited = true, "listening on {shown} (the service manager's socket, shared by every worker: reuseport cannot apply to it)");
             } else {
                 note!(event = "bind", key, addr = %shown, inherited = true, "listening on {shown} (the service manager's socket)");
             }
-            self.next_key += 1;
             self.adopted.push(lookup.0.clone());
-            self.open.insert(key, listener);
-            self.by_addr.insert(lookup, key);
-            return Ok((key, addr));
+            return Ok(self.insert(key, lookup, listener));
         }
         let group = (lookup.0.clone(), index);
         let at = |addr: &SocketAddr| self.reuseport_addr.get(&group).copied().unwrap_or(*addr);
-        let (listener, shown) = match &lookup.0 {
+        let listener = match &lookup.0 {
             Endpoint::Tcp(addr) => {
                 let socket = dispatch::bind_tcp(at(addr), self.cfg.backlog, reuseport)?;
                 let bound = socket.local_addr()?.as_socket();
-                let listener = if reuseport || self.cfg.policy == Policy::Shared {
+                if reuseport || self.cfg.policy == Policy::Shared {
                     Listener { addr: bound, kind: Kind::Handed(socket), unix_path: None, keep: Keep::Own }
                 } else {
                     self.stream_listener(socket, key, bound, None)?
-                };
-                (listener, format!("{}", bound.unwrap_or(*addr)))
+                }
             }
             Endpoint::Unix { path, mode } => {
                 // With CLUSTER_USER, the workers' user owns the file, so that its mode means what
                 // it says for them, and a worker gets no more than it could do itself.
                 let socket = crate::net::bind_unix(path, *mode, self.cfg.backlog, self.cfg.credentials.as_deref())?;
-                (self.stream_listener(socket, key, None, Some(path.clone()))?, format!("unix:{}", path.display()))
+                self.stream_listener(socket, key, None, Some(path.clone()))?
             }
             Endpoint::Udp(addr) => {
                 let socket = dispatch::bind_udp(at(addr), reuseport)?;
                 let bound = socket.local_addr()?.as_socket();
-                let listener = Listener { addr: bound, kind: Kind::Handed(socket), unix_path: None, keep: Keep::Own };
-                (listener, format!("udp {}", bound.unwrap_or(*addr)))
+                Listener { addr: bound, kind: Kind::Handed(socket), unix_path: None, keep: Keep::Own }
             }
         };
-        self.next_key += 1;
+        let shown = shown(&lookup.0, listener.addr);
         if reuseport {
             note!(event = "bind", key, addr = %shown, owner = id, "listening on {shown} (SO_REUSEPORT socket of {})", Peer::from_wire(id));
             if let Some(addr) = listener.addr {
@@ -298,10 +271,48 @@ impl Listeners {
         } else {
             note!(event = "bind", key, addr = %shown, "listening on {shown}");
         }
+        Ok(self.insert(key, lookup, listener))
+    }
+
+    /// A socket this master did not bind (handed over by the old master, or passed by the
+    /// service manager) as the listener for `endpoint`: the master accepts on it under `rr` and
+    /// for Unix sockets, workers get it otherwise.
+    fn adopt(
+        &self,
+        endpoint: &Endpoint,
+        socket: Socket,
+        key: ListenKey,
+        keep: Keep,
+        unix_path: Option<PathBuf>,
+    ) -> io::Result<Listener> {
+        let addr = socket.local_addr()?.as_socket();
+        let stream = match endpoint {
+            Endpoint::Unix { .. } => true,
+            Endpoint::Tcp(_) => self.cfg.policy == Policy::Rr,
+            Endpoint::Udp(_) => false,
+        };
+        let mut listener = if stream {
+            self.stream_listener(socket, key, addr, unix_path)?
+        } else {
+            Listener { addr, kind: Kind::Handed(socket), unix_path: None, keep }
+        };
+        listener.keep = keep;
+        Ok(listener)
+    }
+
+    /// Records listener `key` (the next key) for `lookup`.
+    fn insert(
+        &mut self,
+        key: ListenKey,
+        lookup: (Endpoint, u32, u32),
+        listener: Listener,
+    ) -> (ListenKey, Option<SocketAddr>) {
+        debug_assert_eq!(key, self.next_key);
+        self.next_key += 1;
         let addr = listener.addr;
         self.open.insert(key, listener);
         self.by_addr.insert(lookup, key);
-        Ok((key, addr))
+        (key, addr)
     }
 
     /// A duplicate of the socket `key`, for sockets workers use directly.
@@ -463,6 +474,17 @@ impl Listeners {
         let socket = Arc::new(sys::watch(socket)?);
         let task = self.live.then(|| tokio::spawn(dispatch::accept_loop(socket.clone(), key, self.dispatch.clone())));
         Ok(Listener { addr, kind: Kind::Stream { socket, task }, unix_path, keep: Keep::Own })
+    }
+}
+
+/// How an address a worker listens on is shown in the log: the bound address (a port-0 bind's
+/// real port), `udp …`, `unix:…`.
+fn shown(endpoint: &Endpoint, bound: Option<SocketAddr>) -> String {
+    match (endpoint, bound) {
+        (Endpoint::Tcp(_), Some(addr)) => addr.to_string(),
+        (Endpoint::Udp(_), Some(addr)) => format!("udp {addr}"),
+        (Endpoint::Unix { path, .. }, _) => format!("unix:{}", path.display()),
+        (other, None) => other.to_string(),
     }
 }
 
