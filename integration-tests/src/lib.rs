@@ -445,6 +445,28 @@ fn stat_field(stat: &str, n: usize) -> Option<&str> {
     stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(n))
 }
 
+/// The parent of `pid`, if it runs.
+pub fn ppid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_field(&stat, 1)?.parse().ok()
+}
+
+/// Processes a test caused that are not its children (a master started by an upgrade outlives
+/// its parent, the old master): SIGKILLed, if still running, when dropped (their workers follow
+/// through PR_SET_PDEATHSIG).
+#[derive(Default)]
+pub struct Strays(pub Vec<u32>);
+
+impl Drop for Strays {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            if alive(*pid) {
+                kill(*pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
 /// Live children of `pid`.
 pub fn children(pid: u32) -> Vec<u32> {
     let mut kids = Vec::new();
@@ -556,18 +578,38 @@ fn filter_len(socket: &socket2::Socket) -> Option<usize> {
 
 /// Inode of the TCP socket listening on `port` (from /proc/net/tcp and tcp6).
 pub fn listening_inode(port: u16) -> Option<u64> {
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else { continue };
+    kernel_sockets(&["/proc/net/tcp", "/proc/net/tcp6"], port).find(|s| s.state == 0x0A).map(|s| s.inode)
+}
+
+/// One line of a `/proc/net/{tcp,udp}*` table.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelSocket {
+    /// The TCP state (`0x01` established, `0x06` time-wait, `0x0A` listening, …); `0x07` for
+    /// an unconnected UDP socket.
+    pub state: u8,
+    /// Its inode (0 for a socket no process holds, such as one in time-wait).
+    pub inode: u64,
+}
+
+/// The sockets whose local port is `port` in the kernel's `tables` (such as `/proc/net/tcp`).
+pub fn kernel_sockets(tables: &[&str], port: u16) -> impl Iterator<Item = KernelSocket> {
+    let texts: Vec<String> = tables.iter().filter_map(|t| std::fs::read_to_string(t).ok()).collect();
+    let mut out = Vec::new();
+    for text in &texts {
         for line in text.lines().skip(1) {
             let cols: Vec<&str> = line.split_whitespace().collect();
             let local_port =
                 cols.get(1).and_then(|a| a.rsplit(':').next()).and_then(|p| u16::from_str_radix(p, 16).ok());
-            if local_port == Some(port) && cols.get(3) == Some(&"0A") {
-                return cols.get(9).and_then(|i| i.parse().ok());
+            let state = cols.get(3).and_then(|s| u8::from_str_radix(s, 16).ok());
+            let inode = cols.get(9).and_then(|i| i.parse().ok());
+            if let (Some(p), Some(state), Some(inode)) = (local_port, state, inode)
+                && p == port
+            {
+                out.push(KernelSocket { state, inode });
             }
         }
     }
-    None
+    out.into_iter()
 }
 
 /// An HTTP response.

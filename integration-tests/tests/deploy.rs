@@ -278,7 +278,7 @@ fn under_systemd_an_upgrade_keeps_the_passed_socket_and_moves_mainpid() {
 
     server.signal(libc::SIGUSR2);
     let new = server.wait_event("upgraded", T, |_| true)["pid"].as_u64().unwrap() as u32;
-    let _reap = Reap(new);
+    let _strays = integration_tests::Strays(vec![new]);
     // The old master names the new one (NotifyAccess=main accepts that), and the new one says
     // it is ready, with its pid (NotifyAccess=all).
     let main_pid = format!("MAINPID={new}");
@@ -305,17 +305,6 @@ fn under_systemd_an_upgrade_keeps_the_passed_socket_and_moves_mainpid() {
     integration_tests::kill(new, libc::SIGTERM);
     expect(&rx, "STOPPING=1", &mut seen);
     wait_for(T, "the new master to exit", || (!integration_tests::alive(new)).then_some(()));
-}
-
-/// SIGKILLs a master started by an upgrade (not the test's child) at the end of a test.
-struct Reap(u32);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        if integration_tests::alive(self.0) {
-            integration_tests::kill(self.0, libc::SIGKILL);
-        }
-    }
 }
 
 #[test]

@@ -5,33 +5,18 @@
 //! and an upgrade refuse each other; the new master reloads and stops like any other.
 //!
 //! A master started by an upgrade is not the test's child (its parent, the old master, exits):
-//! each test ends the masters it caused by pid ([`Masters`]).
+//! each test ends the masters it caused by pid ([`Strays`]).
 
 use std::path::Path;
 use std::time::Duration;
 
 use integration_tests::{
-    Server, TempDir, alive, children, clusterctl, get, get_timeout, kill, listening_inode, parse_worker, wait_for,
-    wait_until, wrk,
+    Server, Strays, TempDir, alive, children, clusterctl, get, get_timeout, kernel_sockets, kill, listening_inode,
+    parse_worker, ppid, wait_for, wait_until, wrk,
 };
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(30);
-
-/// Masters started by upgrades, SIGKILLed (with their workers, by PR_SET_PDEATHSIG) at the end
-/// of the test if still running.
-#[derive(Default)]
-struct Masters(Vec<u32>);
-
-impl Drop for Masters {
-    fn drop(&mut self) {
-        for pid in &self.0 {
-            if alive(*pid) {
-                kill(*pid, libc::SIGKILL);
-            }
-        }
-    }
-}
 
 fn start(dir: &TempDir, workers: usize, env: &[(&str, &str)]) -> Server {
     let n = workers.to_string();
@@ -50,11 +35,6 @@ fn pid_file(dir: &TempDir) -> Option<u32> {
     std::fs::read_to_string(dir.0.join("master.pid")).ok()?.trim().parse().ok()
 }
 
-fn ppid(pid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("PPid:"))?.trim().parse().ok()
-}
-
 fn status(dir: &TempDir) -> Value {
     let (code, out, err) = clusterctl(&dir.0, &["status", "--json"]);
     assert_eq!(code, 0, "status failed: {err}");
@@ -68,7 +48,7 @@ fn total(status: &Value, field: &str) -> u64 {
 
 /// `clusterctl upgrade`, which must succeed: the new master's pid (from the pid file, which
 /// must name another master than `old`).
-fn upgrade(dir: &TempDir, old: u32, masters: &mut Masters) -> u32 {
+fn upgrade(dir: &TempDir, old: u32, masters: &mut Strays) -> u32 {
     let (code, out, err) = clusterctl(&dir.0, &["upgrade"]);
     assert_eq!(code, 0, "upgrade failed:\n{out}\n{err}");
     let new = pid_file(dir).expect("a pid file");
@@ -94,14 +74,7 @@ fn served_by(addr: std::net::SocketAddr, master: u32) {
 /// the kernel's table.
 fn wait_for_load(port: u16, n: usize) {
     wait_until(T, "the load to reach the server", || {
-        let text = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-        let seen = text
-            .lines()
-            .skip(1)
-            .map(|l| l.split_whitespace().collect::<Vec<_>>())
-            .filter(|c| c.len() > 3 && (c[3] == "01" || c[3] == "06"))
-            .filter(|c| c[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) == Some(port))
-            .count();
+        let seen = kernel_sockets(&["/proc/net/tcp"], port).filter(|s| s.state == 0x01 || s.state == 0x06).count();
         if seen >= n { Ok(()) } else { Err(format!(" ({seen} so far)")) }
     });
 }
@@ -109,7 +82,7 @@ fn wait_for_load(port: u16, n: usize) {
 fn five_upgrades_under_load(name: &str, policy: &str, close: bool) {
     let dir = TempDir::new(name);
     let server = start(&dir, 2, &[("CLUSTER_SCHED_POLICY", policy)]);
-    let mut masters = Masters::default();
+    let mut masters = Strays::default();
     let (addr, port) = (server.addr, server.addr.port());
     let inode = listening_inode(port).expect("the listening socket");
     let mut args = vec!["-c16", "-d5s"];
@@ -176,7 +149,7 @@ fn a_bad_build_is_stopped_and_the_old_master_serves_on() {
     // Worker 1 of the bad build starts and listens; worker 2 does not start.
     let env = [("HELLO_FAIL_IF_EXISTS", broken.to_str().unwrap()), ("HELLO_FAIL_WORKER", "2")];
     let server = start(&dir, 2, &env);
-    let mut masters = Masters::default();
+    let mut masters = Strays::default();
     let workers = server.workers();
     let addr = server.addr;
     let load = std::thread::spawn(move || wrk(addr, &["-c8", "-d3s", "-H", "Connection: close"]));
@@ -224,7 +197,7 @@ fn a_bad_build_is_stopped_and_the_old_master_serves_on() {
 fn requests_in_flight_during_an_upgrade_complete() {
     let dir = TempDir::new("upgrade-in-flight");
     let server = start(&dir, 2, &[]);
-    let mut masters = Masters::default();
+    let mut masters = Strays::default();
     let addr = server.addr;
     let slow: Vec<_> = (0..4)
         .map(|_| std::thread::spawn(move || get_timeout(addr, "/sleep?ms=2000", Duration::from_secs(20))))
@@ -247,7 +220,7 @@ fn a_reload_and_an_upgrade_refuse_each_other() {
     let dir = TempDir::new("upgrade-reload");
     // Each worker takes a moment to start, so a reload and an upgrade each last a while.
     let server = start(&dir, 1, &[("HELLO_START_DELAY_MS", "1500")]);
-    let mut masters = Masters::default();
+    let mut masters = Strays::default();
     let runtime = dir.0.clone();
     let reload = std::thread::spawn(move || clusterctl(&runtime, &["reload"]));
     wait_for(T, "the reload to be under way", || (status(&dir)["master"]["reloading"] == true).then_some(()));
@@ -276,7 +249,7 @@ fn a_reload_and_an_upgrade_refuse_each_other() {
 fn the_new_master_reloads_on_sighup_and_stops_cleanly_on_sigterm() {
     let dir = TempDir::new("upgrade-then");
     let server = start(&dir, 2, &[]);
-    let mut masters = Masters::default();
+    let mut masters = Strays::default();
     // By signal this time.
     server.signal(libc::SIGUSR2);
     let upgraded = server.wait_event("upgraded", T, |_| true);
@@ -343,7 +316,7 @@ fn with_stand_in(name: &str, version: &str, env: &[(&str, &str)]) -> (TempDir, S
 
 /// `clusterctl upgrade` to a stand-in, which must fail and leave no stand-in running; what the
 /// stand-in received.
-fn failed_upgrade_to_stand_in(dir: &TempDir, server: &Server, record: &Path, masters: &mut Masters) -> Vec<Value> {
+fn failed_upgrade_to_stand_in(dir: &TempDir, server: &Server, record: &Path, masters: &mut Strays) -> Vec<Value> {
     let (code, out, err) = clusterctl(&dir.0, &["upgrade"]);
     assert_eq!(code, 1, "the upgrade fails:\n{out}\n{err}");
     let fake = server.wait_event("upgrade_started", T, |_| true)["pid"].as_u64().unwrap() as u32;
@@ -355,7 +328,7 @@ fn failed_upgrade_to_stand_in(dir: &TempDir, server: &Server, record: &Path, mas
 #[test]
 fn a_new_master_of_another_protocol_version_gets_no_socket() {
     let (dir, server, record) = with_stand_in("upgrade-version", "99", &[]);
-    let mut masters = Masters::default();
+    let mut masters = Strays::default();
     let got = failed_upgrade_to_stand_in(&dir, &server, &record, &mut masters);
     assert_eq!(got.len(), 1, "one message: {got:?}");
     assert_eq!(got[0]["msg"]["t"], "refused", "{got:?}");
@@ -368,7 +341,7 @@ fn a_new_master_of_another_protocol_version_gets_no_socket() {
 fn a_new_master_that_is_not_ready_in_time_is_stopped() {
     // A stand-in that agrees on the protocol, takes the sockets and never says it is ready.
     let (dir, server, record) = with_stand_in("upgrade-never-ready", "1", &[("CLUSTER_READY_TIMEOUT_MS", "500")]);
-    let mut masters = Masters::default();
+    let mut masters = Strays::default();
     let workers = server.workers();
     let got = failed_upgrade_to_stand_in(&dir, &server, &record, &mut masters);
     let kinds: Vec<&str> = got.iter().filter_map(|m| m["msg"]["t"].as_str()).collect();
@@ -401,7 +374,7 @@ fn a_unix_socket_is_handed_over_and_its_file_kept() {
     let path = dir.0.join("app.sock");
     let env = [("XDG_RUNTIME_DIR", dir.path()), ("SOCKET_PATH", path.to_str().unwrap())];
     let server = Server::spawn(env!("CARGO_BIN_EXE_unix-hello").into(), &env);
-    let mut masters = Masters::default();
+    let mut masters = Strays::default();
     wait_for(T, "both workers to listen", || {
         (server.stdout().matches("listening on unix:").count() == 2).then_some(())
     });
@@ -424,13 +397,9 @@ fn a_unix_socket_is_handed_over_and_its_file_kept() {
     assert!(!path.exists(), "the socket file is removed when the new master stops");
 }
 
-/// The inode of the UDP socket bound to `port` (from `/proc/net/udp`).
+/// The inode of the UDP socket bound to `port`.
 fn udp_inode(port: u16) -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/net/udp").ok()?;
-    text.lines().skip(1).map(|l| l.split_whitespace().collect::<Vec<_>>()).find_map(|c| {
-        let local = c.get(1)?.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok())?;
-        if local == port { c.get(9)?.parse().ok() } else { None }
-    })
+    kernel_sockets(&["/proc/net/udp"], port).next().map(|s| s.inode)
 }
 
 #[test]
@@ -440,7 +409,7 @@ fn a_udp_socket_is_handed_over() {
         integration_tests::example_bin("udp-echo"),
         &[("XDG_RUNTIME_DIR", dir.path()), ("CLUSTER_WORKERS", "2")],
     );
-    let mut masters = Masters::default();
+    let mut masters = Strays::default();
     let bound = |server: &Server| -> Vec<String> {
         server.stdout().lines().filter_map(|l| l.split("listening on udp://").nth(1)).map(|a| a.trim().into()).collect()
     };
@@ -473,7 +442,7 @@ fn port_zero_binds_get_the_same_ports_after_an_upgrade() {
         env!("CARGO_BIN_EXE_listeners").into(),
         &[("XDG_RUNTIME_DIR", dir.path()), ("TAKEN_PORT", &port)],
     );
-    let mut masters = Masters::default();
+    let mut masters = Strays::default();
     let reports = |server: &Server| -> Vec<String> {
         let out = server.stdout();
         out.lines().filter(|l| l.contains(" a=")).map(|l| l.split_once(' ').unwrap().1.to_string()).collect()
@@ -498,7 +467,7 @@ fn signals_to_the_whole_group_reach_the_master_and_kill_no_worker() {
     // every process of the cluster: the master acts, the workers must not die of it.
     let dir = TempDir::new("upgrade-group");
     let server = start(&dir, 2, &[]);
-    let mut masters = Masters::default();
+    let mut masters = Strays::default();
     let addr = server.addr;
     let load = std::thread::spawn(move || wrk(addr, &["-c8", "-d3s", "-H", "Connection: close"]));
     wait_for_load(addr.port(), 8);
