@@ -15,7 +15,10 @@ figures leave out the connect).
 
 Needs wrk and curl. Loopback only; every process it starts is stopped at the end.
 """
-import os, re, signal, socket, statistics, subprocess, tempfile, time
+import os, re, signal, statistics, subprocess, sys, tempfile, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from suite import free_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELLO = os.path.join(ROOT, "target", "release", "hello")
@@ -49,12 +52,6 @@ def alive(pid):
         return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(method, close):
@@ -127,4 +124,5 @@ def main():
                   f"{statistics.median(took):6.1f} {max(took):6.1f}")
 
 
-main()
+if __name__ == "__main__":
+    main()
