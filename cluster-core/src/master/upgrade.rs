@@ -385,3 +385,71 @@ impl Successor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn socket(ty: socket2::Type) -> Socket {
+        let s = Socket::new(socket2::Domain::IPV4, ty, None).unwrap();
+        s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+        s
+    }
+
+    #[test]
+    fn socket_descriptions_round_trip_one_per_descriptor() {
+        let tcp: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let unix = Endpoint::Unix { path: "/run/app.sock".into(), mode: Some(0o660) };
+        let handover = Handover {
+            listeners: vec![
+                Listener::Own {
+                    endpoint: Endpoint::Tcp(tcp),
+                    index: 1,
+                    owner: 2,
+                    socket: socket(socket2::Type::STREAM),
+                },
+                Listener::Own {
+                    endpoint: Endpoint::Udp(tcp),
+                    index: 0,
+                    owner: 0,
+                    socket: socket(socket2::Type::DGRAM),
+                },
+                Listener::Own { endpoint: unix.clone(), index: 0, owner: 0, socket: socket(socket2::Type::STREAM) },
+            ],
+            control: Some(("/run/app/hello-1.sock".into(), OwnedFd::from(socket(socket2::Type::STREAM)))),
+            admin: Some(OwnedFd::from(socket(socket2::Type::STREAM))),
+            workers: 3,
+        };
+        let (items, fds) = encode(handover).unwrap();
+        assert_eq!(items.len(), fds.len());
+        let mut back = Handover::default();
+        for (item, fd) in items.iter().zip(fds) {
+            decode(item, fd, &mut back).unwrap();
+        }
+        let described: Vec<(Endpoint, u32, u32)> = back
+            .listeners
+            .iter()
+            .map(|l| match l {
+                Listener::Own { endpoint, index, owner, .. } => (endpoint.clone(), *index, *owner),
+                Listener::Systemd(_) => panic!("no service manager's socket was handed"),
+            })
+            .collect();
+        assert_eq!(described, [(Endpoint::Tcp(tcp), 1, 2), (Endpoint::Udp(tcp), 0, 0), (unix, 0, 0)]);
+        assert_eq!(back.control.map(|(path, _)| path), Some(PathBuf::from("/run/app/hello-1.sock")));
+        assert!(back.admin.is_some());
+    }
+
+    #[test]
+    fn a_description_that_cannot_be_read_is_an_error() {
+        for bad in [
+            json!({"k": "listener", "endpoint": {"tcp": "not an address"}, "index": 0, "owner": 0}),
+            json!({"k": "listener", "endpoint": {"sctp": "127.0.0.1:1"}, "index": 0, "owner": 0}),
+            json!({"k": "listener", "endpoint": {"unix": "/x", "mode": "rw"}, "index": 0, "owner": 0}),
+            json!({"k": "listener", "endpoint": {"tcp": "127.0.0.1:1"}, "index": -1, "owner": 0}),
+            json!({"k": "something else"}),
+        ] {
+            let fd = OwnedFd::from(socket(socket2::Type::STREAM));
+            assert!(decode(&bad, fd, &mut Handover::default()).is_err(), "{bad}");
+        }
+    }
+}
