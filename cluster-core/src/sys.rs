@@ -577,17 +577,23 @@ pub(crate) fn become_init_if_pid_1() {
 
 /// Registers a socket the caller owns with tokio's reactor.
 pub(crate) fn watch(socket: socket2::Socket) -> io::Result<tokio::io::unix::AsyncFd<socket2::Socket>> {
-    // SAFETY: `Socket` owns its descriptor: it stays open, and `as_raw_fd` keeps returning
-    // it, until the `AsyncFd` (which owns the `Socket`) is dropped.
-    unsafe { tokio::io::unix::AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
+    register(socket, tokio::io::Interest::READABLE)
 }
+
+/// A descriptor the caller owns, registered with the reactor for `interest` only.
+pub(crate) fn register<T: Owns>(io: T, interest: tokio::io::Interest) -> io::Result<tokio::io::unix::AsyncFd<T>> {
+    // SAFETY: `T` owns its descriptor (see `Owns`): it stays open, and `as_raw_fd` keeps
+    // returning it, until the `AsyncFd` (which owns the `T`) is dropped.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(io, interest) }.map_err(|e| e.into_parts().1)
+}
+
+/// Types that own the one descriptor they return from `as_raw_fd`, for their whole life.
+pub(crate) trait Owns: AsRawFd {}
+impl Owns for OwnedFd {}
+impl Owns for socket2::Socket {}
 
 /// Sends one datagram with `fds` attached as SCM_RIGHTS, without blocking (`MSG_DONTWAIT`):
 /// fails with `WouldBlock` when the socket buffer is full.
-///
-/// The readiness-based sends of tokio-seqpacket cannot serve here: they report `Pending` on a
-/// socket the reactor has not yet seen writable, and the dispatcher cannot wait.
 pub(crate) fn send_with_fds(socket: BorrowedFd<'_>, data: &[u8], fds: &[impl AsFd]) -> io::Result<()> {
     if fds.len() > SCM_MAX_FD {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many file descriptors for one message"));
@@ -619,6 +625,70 @@ pub(crate) fn send_with_fds(socket: BorrowedFd<'_>, data: &[u8], fds: &[impl AsF
     // SAFETY: `msg` points at `iov`, `data` and `control`, all alive for the call.
     let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
     if n < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// One datagram taken off a socket by [`recv_with_fds`].
+pub(crate) struct Received {
+    /// Bytes written to the data buffer.
+    pub(crate) len: usize,
+    /// The datagram was longer than the buffer (`MSG_TRUNC`): the rest is lost.
+    pub(crate) truncated: bool,
+    /// The kernel cut the ancillary data (`MSG_CTRUNC`): more descriptors came than fit, or this
+    /// process's descriptor table is full. `fds` holds the ones that were installed.
+    pub(crate) fds_cut: bool,
+    /// Descriptors passed as SCM_RIGHTS, close-on-exec, in the order they were sent.
+    pub(crate) fds: Vec<OwnedFd>,
+    /// The level and type of an ancillary message other than SCM_RIGHTS, if one came.
+    pub(crate) unexpected: Option<(libc::c_int, libc::c_int)>,
+}
+
+/// Receives one datagram without blocking (`MSG_DONTWAIT`), with room for up to `max_fds`
+/// passed descriptors: fails with `WouldBlock` when nothing is queued. A plain `recv` would
+/// make the kernel close passed descriptors, so every receive on a channel goes through here.
+pub(crate) fn recv_with_fds(socket: BorrowedFd<'_>, data: &mut [u8], max_fds: usize) -> io::Result<Received> {
+    let max_fds = max_fds.min(SCM_MAX_FD);
+    let mut control = [0u64; (SCM_MAX_FD * 4 + 64) / 8];
+    let mut iov = libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: data.len() };
+    // SAFETY: zeroed msghdr is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a size; it is at most the size of `control`.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE((max_fds * std::mem::size_of::<RawFd>()) as u32) } as _;
+    let flags = libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC;
+    // SAFETY: `msg` points at `iov`, `data` and `control`, all alive for the call.
+    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, flags) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut received = Received {
+        len: n as usize,
+        truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
+        fds_cut: msg.msg_flags & libc::MSG_CTRUNC != 0,
+        fds: Vec::new(),
+        unexpected: None,
+    };
+    // SAFETY: the kernel wrote `msg_controllen` bytes of well-formed cmsg headers into
+    // `control`; CMSG_FIRSTHDR/NXTHDR walk only within them. Each SCM_RIGHTS payload holds
+    // descriptors just installed in this process, owned by nobody else: we take them.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            let (level, ty) = ((*cmsg).cmsg_level, (*cmsg).cmsg_type);
+            if level == libc::SOL_SOCKET && ty == libc::SCM_RIGHTS {
+                let payload = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                let src = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                for i in 0..payload / std::mem::size_of::<RawFd>() {
+                    received.fds.push(OwnedFd::from_raw_fd(src.add(i).read_unaligned()));
+                }
+            } else {
+                received.unexpected = Some((level, ty));
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok(received)
 }
 
 /// The most descriptors the kernel passes in one message (`SCM_MAX_FD`).

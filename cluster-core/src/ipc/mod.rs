@@ -4,6 +4,14 @@
 //! along as SCM_RIGHTS ancillary data. Every receive passes an ancillary buffer (a plain `recv`
 //! would make the kernel close passed descriptors), and a datagram or ancillary block the
 //! kernel had to cut (MSG_TRUNC / MSG_CTRUNC) is a protocol error, never a partial message.
+//!
+//! A channel is registered with the reactor for readability only. Each datagram one side
+//! reads frees buffer space on the other side's socket, and the kernel reports that as
+//! writability: registered for it, the master would be woken each time a worker reads a
+//! `newconn`, and a worker each time the master reads an acknowledgement, for nothing.
+//! Sends do not wait for room in the normal case; the rare send that finds the buffer full
+//! registers a duplicate of the socket for writability for as long as it waits
+//! ([`Channel::send_with_fds`], [`Channel::poll_send`]).
 
 #[doc(hidden)]
 pub mod bench;
@@ -19,17 +27,14 @@ pub(crate) use reassembly::{Reassembly, Whole};
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
-use tokio_seqpacket::UnixSeqpacket;
-use tokio_seqpacket::ancillary::OwnedAncillaryMessage;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 
 pub use message::ProtocolError;
 use message::{MAX_FDS, MAX_MESSAGE, USER_HEADER, UserTags};
-
-/// Bytes of ancillary buffer: room for one SCM_RIGHTS block of [`MAX_FDS`] descriptors.
-const ANCILLARY_SPACE: usize = 64 + MAX_FDS * std::mem::size_of::<libc::c_int>();
 
 /// For sends that carry no file descriptors.
 pub(crate) const NO_FDS: &[BorrowedFd<'static>] = &[];
@@ -48,32 +53,39 @@ pub enum RecvError {
 /// One end of a master/worker channel.
 #[derive(Debug)]
 pub(crate) struct Channel {
-    sock: UnixSeqpacket,
+    /// Registered for readability only (see the module docs).
+    sock: AsyncFd<OwnedFd>,
     /// Held while a user message is sent, so the fragments of two messages never interleave.
     user: tokio::sync::Mutex<()>,
 }
+
+/// A send waiting for buffer space: a duplicate of the channel's socket, registered for
+/// writability while it exists.
+pub(crate) type WriteWait = AsyncFd<OwnedFd>;
 
 impl Channel {
     /// Creates a connected pair: the master's end, and the worker's end as a plain fd to be
     /// inherited by the child (close-on-exec is cleared only in the child).
     pub(crate) fn pair() -> io::Result<(Channel, OwnedFd)> {
-        let (master, worker) = UnixSeqpacket::pair()?;
-        Ok((Channel { sock: master, user: Default::default() }, OwnedFd::from(worker)))
+        let (master, worker) = socket2::Socket::pair(socket2::Domain::UNIX, socket2::Type::SEQPACKET, None)?;
+        master.set_nonblocking(true)?;
+        worker.set_nonblocking(true)?;
+        Ok((Channel::from_fd(master.into())?, worker.into()))
     }
 
-    /// Wraps an inherited channel fd (worker side). Needs a tokio runtime.
+    /// Wraps a channel fd (non-blocking, close-on-exec). Needs a tokio runtime.
     pub(crate) fn from_fd(fd: OwnedFd) -> io::Result<Channel> {
-        Ok(Channel { sock: UnixSeqpacket::try_from(fd)?, user: Default::default() })
+        Ok(Channel { sock: crate::sys::register(fd, Interest::READABLE)?, user: Default::default() })
     }
 
     /// The socket, for sends that cannot await (the panic hook).
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
-        self.sock.as_fd()
+        self.sock.get_ref().as_fd()
     }
 
     /// Sends one datagram, waiting for buffer space if needed.
     pub(crate) async fn send(&self, data: &[u8]) -> io::Result<()> {
-        self.sock.send(data).await.map(drop)
+        self.send_with_fds(data, NO_FDS).await
     }
 
     /// Sends a user message (at most [`MAX_USER_MESSAGE`](message::MAX_USER_MESSAGE) bytes;
@@ -108,40 +120,71 @@ impl Channel {
 
     /// Sends one datagram with up to [`MAX_FDS`] file descriptors attached, waiting for
     /// buffer space.
-    pub(crate) async fn send_with_fds(&self, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-        let mut space = [0u8; ANCILLARY_SPACE];
-        let mut ancillary = tokio_seqpacket::ancillary::AncillaryMessageWriter::new(&mut space);
-        if !fds.is_empty() {
-            ancillary.add_fds(fds.iter().copied()).map_err(io::Error::other)?;
-        }
-        self.sock.send_with_ancillary(data, &mut ancillary).await.map(drop)
+    pub(crate) async fn send_with_fds(&self, data: &[u8], fds: &[impl AsFd]) -> io::Result<()> {
+        let mut wait = None;
+        std::future::poll_fn(|cx| self.poll_send_with_fds(cx, data, fds, &mut wait)).await
     }
 
-    /// Polls sending one datagram (for `poll`-style callers such as `Stream` impls).
-    pub(crate) fn poll_send(&self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<()>> {
-        self.sock.poll_send(cx, data).map_ok(drop)
+    /// Polls sending one datagram (for `poll`-style callers such as `Stream` impls). `wait` is
+    /// the caller's: it holds the registration for writability while the buffer is full.
+    pub(crate) fn poll_send(
+        &self,
+        cx: &mut Context<'_>,
+        data: &[u8],
+        wait: &mut Option<WriteWait>,
+    ) -> Poll<io::Result<()>> {
+        self.poll_send_with_fds(cx, data, NO_FDS, wait)
+    }
+
+    fn poll_send_with_fds(
+        &self,
+        cx: &mut Context<'_>,
+        data: &[u8],
+        fds: &[impl AsFd],
+        wait: &mut Option<WriteWait>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if let Some(writer) = wait {
+                let mut guard = ready!(writer.poll_write_ready(cx))?;
+                match self.try_send_with_fds(data, fds) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        guard.clear_ready();
+                        continue;
+                    }
+                    done => {
+                        *wait = None;
+                        return Poll::Ready(done);
+                    }
+                }
+            }
+            match self.try_send_with_fds(data, fds) {
+                // The buffer is full: wait for room on a registration of our own, so that any
+                // number of senders can wait at once, each woken.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let dup = self.sock.get_ref().try_clone()?;
+                    *wait = Some(crate::sys::register(dup, Interest::WRITABLE)?);
+                }
+                done => return Poll::Ready(done),
+            }
+        }
     }
 
     /// Sends one datagram with file descriptors attached, without waiting: fails with
     /// `WouldBlock` when the socket buffer is full. Used by the dispatcher, which must not
     /// await while it holds its table.
     pub(crate) fn try_send_with_fds(&self, data: &[u8], fds: &[impl AsFd]) -> io::Result<()> {
-        crate::sys::send_with_fds(self.sock.as_fd(), data, fds)
+        crate::sys::send_with_fds(self.fd(), data, fds)
     }
 }
 
 /// Receive buffers for one channel, reused for every message.
 pub(crate) struct Receiver {
     data: Box<[u8]>,
-    ancillary: Box<[u8]>,
 }
 
 impl Receiver {
     pub(crate) fn new() -> Self {
-        Receiver {
-            data: vec![0; MAX_MESSAGE].into_boxed_slice(),
-            ancillary: vec![0; ANCILLARY_SPACE].into_boxed_slice(),
-        }
+        Receiver { data: vec![0; MAX_MESSAGE].into_boxed_slice() }
     }
 
     /// Receives the next datagram and the file descriptors that came with it.
@@ -151,29 +194,23 @@ impl Receiver {
     /// Ancillary data cut by the kernel is not an error here but [`Datagram::fds_cut`]: a
     /// receiver whose descriptor table is full must be able to say so instead of dying.
     pub(crate) async fn recv(&mut self, channel: &Channel) -> Result<Option<Datagram>, RecvError> {
-        let (info, ancillary) = channel.sock.recv_with_ancillary(&mut self.data, &mut self.ancillary).await?;
-        let mut fds = Vec::new();
-        let fds_cut = info.ancillary_truncated() || ancillary.is_truncated();
-        let mut unexpected = None;
-        for message in ancillary.into_messages() {
-            match message {
-                OwnedAncillaryMessage::FileDescriptors(received) => fds.extend(received),
-                OwnedAncillaryMessage::Other(other) => {
-                    unexpected =
-                        Some(ProtocolError::UnexpectedAncillary { level: other.cmsg_level(), ty: other.cmsg_type() })
-                }
+        let got = loop {
+            let mut guard = channel.sock.readable().await?;
+            match guard.try_io(|sock| crate::sys::recv_with_fds(sock.get_ref().as_fd(), &mut self.data, MAX_FDS)) {
+                Ok(got) => break got?,
+                Err(_would_block) => continue,
             }
-        }
-        if info.truncated() {
+        };
+        if got.truncated {
             return Err(ProtocolError::Truncated.into());
         }
-        if let Some(err) = unexpected {
-            return Err(err.into());
+        if let Some((level, ty)) = got.unexpected {
+            return Err(ProtocolError::UnexpectedAncillary { level, ty }.into());
         }
-        if info.bytes_read() == 0 && fds.is_empty() && !fds_cut {
+        if got.len == 0 && got.fds.is_empty() && !got.fds_cut {
             return Ok(None);
         }
-        Ok(Some(Datagram { data: Bytes::copy_from_slice(&self.data[..info.bytes_read()]), fds, fds_cut }))
+        Ok(Some(Datagram { data: Bytes::copy_from_slice(&self.data[..got.len]), fds: got.fds, fds_cut: got.fds_cut }))
     }
 }
 
@@ -197,14 +234,12 @@ impl Datagram {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::IoSlice;
     use std::os::fd::AsFd;
-    use tokio_seqpacket::ancillary::AncillaryMessageWriter;
 
     #[tokio::test]
     async fn passes_fds_and_reports_truncation() {
-        let (a, b) = UnixSeqpacket::pair().unwrap();
-        let (a, b) = (Channel { sock: a, user: Default::default() }, Channel { sock: b, user: Default::default() });
+        let (a, b) = Channel::pair().unwrap();
+        let b = Channel::from_fd(b).unwrap();
         let file = std::fs::File::open("/dev/null").unwrap();
         a.try_send_with_fds(b"\x01", &[file.as_fd(), file.as_fd()]).unwrap();
         let mut rx = Receiver::new();
@@ -218,10 +253,7 @@ mod tests {
 
         // More descriptors than the ancillary buffer holds.
         let many: Vec<_> = (0..MAX_FDS + 40).map(|_| file.as_fd()).collect();
-        let mut space = vec![0u8; 4096];
-        let mut anc = AncillaryMessageWriter::new(&mut space);
-        anc.add_fds(many.iter().copied()).unwrap();
-        a.sock.send_vectored_with_ancillary(&[IoSlice::new(b"\x01")], &mut anc).await.unwrap();
+        a.try_send_with_fds(b"\x01", &many).unwrap();
         let cut = rx.recv(&b).await.unwrap().unwrap();
         assert!(cut.fds_cut);
         assert!((MAX_FDS..MAX_FDS + 40).contains(&cut.fds.len()), "the descriptors that fit are installed");
@@ -229,5 +261,50 @@ mod tests {
 
         drop(a);
         assert!(rx.recv(&b).await.unwrap().is_none());
+    }
+
+    /// A full socket buffer: senders wait for room (each on its own registration, all woken),
+    /// and every datagram arrives once, in order per sender.
+    #[tokio::test]
+    async fn senders_wait_for_room() {
+        let (a, b) = Channel::pair().unwrap();
+        let (a, b) = (std::sync::Arc::new(a), Channel::from_fd(b).unwrap());
+        let payload = vec![1u8; 16 * 1024];
+        let mut filled = 0;
+        while a.try_send_with_fds(&payload, NO_FDS).is_ok() {
+            filled += 1;
+        }
+        assert!(filled > 0);
+        let senders: Vec<_> = (0..3u8)
+            .map(|n| {
+                let a = a.clone();
+                tokio::spawn(async move {
+                    for i in 0..20u8 {
+                        a.send(&[n, i]).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        let mut rx = Receiver::new();
+        let mut next = [0u8; 3];
+        let mut big = 0;
+        while next.iter().any(|n| *n < 20) {
+            let d = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv(&b))
+                .await
+                .expect("a waiting sender was never woken")
+                .unwrap()
+                .unwrap();
+            if d.data.len() == payload.len() {
+                big += 1;
+                continue;
+            }
+            let (n, i) = (d.data[0] as usize, d.data[1]);
+            assert_eq!(i, next[n], "sender {n} out of order");
+            next[n] += 1;
+        }
+        assert_eq!(big, filled);
+        for s in senders {
+            s.await.unwrap();
+        }
     }
 }

@@ -12,6 +12,7 @@ use std::task::{Context, Poll, ready};
 
 use bytes::BytesMut;
 
+use crate::ipc::WriteWait;
 use crate::ipc::encode::accepted;
 use crate::ipc::message::{ListenKey, MAX_FDS, NewConn};
 use crate::worker::client::{Client, ConnQueue, Unserved};
@@ -25,6 +26,8 @@ pub(crate) struct Proxy {
     /// cancel-safe.
     pending: Vec<NewConn>,
     ack: BytesMut,
+    /// While the acknowledgement waits for room on the channel.
+    ack_wait: Option<WriteWait>,
     unserved: Unserved,
 }
 
@@ -44,6 +47,7 @@ impl Proxy {
             closing: Closing::default(),
             pending: Vec::new(),
             ack: BytesMut::new(),
+            ack_wait: None,
             unserved,
         }
     }
@@ -74,7 +78,7 @@ impl Proxy {
         // Acknowledge before user code can read from a socket: once the master has this, it
         // never gives these connections to another worker. If the master is gone, the send
         // fails and we serve them anyway: we hold the only copies left.
-        let _ = ready!(self.client.channel.poll_send(cx, &self.ack));
+        let _ = ready!(self.client.channel.poll_send(cx, &self.ack, &mut self.ack_wait));
         let mut unserved = self.unserved.lock().unwrap();
         unserved.extend(self.pending.drain(..));
         let conn = unserved.pop_front().expect("acknowledged connection");
