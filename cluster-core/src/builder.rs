@@ -78,6 +78,15 @@ impl Builder {
         self
     }
 
+    /// Threads of the master that accept and hand out connections under [`Policy::Rr`]
+    /// (default 1; at most 64; env `CLUSTER_ACCEPT_THREADS`). One thread dispatches some
+    /// 50–100k new connections a second; on a machine that takes more, more threads accept on
+    /// the same sockets and share the dispatch table. Keep-alive traffic never touches them.
+    pub fn accept_threads(mut self, n: usize) -> Self {
+        self.cfg.accept_threads = n.clamp(1, crate::config::MAX_ACCEPT_THREADS);
+        self
+    }
+
     /// How connections reach workers (default [`Policy::Rr`]; env `CLUSTER_SCHED_POLICY` =
     /// `rr` | `shared` | `reuseport`).
     pub fn policy(mut self, policy: Policy) -> Self {

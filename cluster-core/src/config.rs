@@ -5,14 +5,18 @@ use std::time::Duration;
 
 use crate::role::StartError;
 use crate::role::{
-    ENV_ADMIN_ADDR, ENV_BALANCER, ENV_CONTROL_SOCKET, ENV_FAIL_FAST, ENV_GROUP, ENV_LOG, ENV_LOG_CAPTURE,
-    ENV_LOG_FORMAT, ENV_MAX_WORKER_CONNECTIONS, ENV_NAME, ENV_PID_FILE, ENV_SCHED_POLICY, ENV_USER, ENV_WINDOW,
+    ENV_ACCEPT_THREADS, ENV_ADMIN_ADDR, ENV_BALANCER, ENV_CONTROL_SOCKET, ENV_FAIL_FAST, ENV_GROUP, ENV_LOG,
+    ENV_LOG_CAPTURE, ENV_LOG_FORMAT, ENV_MAX_WORKER_CONNECTIONS, ENV_NAME, ENV_PID_FILE, ENV_SCHED_POLICY, ENV_USER,
+    ENV_WINDOW,
 };
 use crate::role::{
     ENV_HEARTBEAT_TIMEOUT_MS, ENV_KILL_TIMEOUT_MS, ENV_MAX_CONNECTIONS, ENV_MAX_CONNECTIONS_JITTER, ENV_MAX_RSS_MB,
     ENV_MIN_UPTIME_MS, ENV_READY_TIMEOUT_MS, ENV_RELOAD_CONCURRENCY, ENV_RESTART_DELAY_MAX_MS, ENV_RESTART_DELAY_MS,
     ENV_WAIT_READY,
 };
+
+/// The most accept threads a master runs (`CLUSTER_ACCEPT_THREADS`).
+pub(crate) const MAX_ACCEPT_THREADS: usize = 64;
 
 /// Settings shared by the master and its workers.
 #[derive(Debug, Clone)]
@@ -21,6 +25,8 @@ pub(crate) struct Config {
     pub(crate) kill_timeout: Duration,
     pub(crate) backlog: i32,
     pub(crate) window: usize,
+    /// Threads of the master that accept connections under `rr`.
+    pub(crate) accept_threads: usize,
     pub(crate) worker_threads: Option<usize>,
     pub(crate) exit_on_panic: bool,
     pub(crate) ready_timeout: Duration,
@@ -232,6 +238,17 @@ impl Config {
         if let Some(v) = var::<usize>(ENV_WINDOW)? {
             self.window = v.max(1);
         }
+        if let Some(v) = var::<usize>(ENV_ACCEPT_THREADS)? {
+            if !(1..=MAX_ACCEPT_THREADS).contains(&v) {
+                let value = v.to_string();
+                return Err(StartError::BadSetting {
+                    name: ENV_ACCEPT_THREADS,
+                    value,
+                    expected: expected(ENV_ACCEPT_THREADS),
+                });
+            }
+            self.accept_threads = v;
+        }
         if let Some(v) = var::<u64>(ENV_MAX_WORKER_CONNECTIONS)? {
             self.max_worker_connections = (v > 0).then_some(v);
         }
@@ -287,6 +304,7 @@ impl Default for Config {
             kill_timeout: Duration::from_secs(30),
             backlog: 1024,
             window: 64,
+            accept_threads: 1,
             worker_threads: None,
             exit_on_panic: true,
             ready_timeout: Duration::from_secs(30),
@@ -330,6 +348,7 @@ fn expected(name: &str) -> &'static str {
         ENV_CONTROL_SOCKET => "`off` or an absolute path",
         ENV_PID_FILE => "an absolute path",
         ENV_ADMIN_ADDR => "an address and port such as `127.0.0.1:9100`",
+        ENV_ACCEPT_THREADS => "a whole number from 1 to 64",
         _ if name.ends_with("_MS") => "a number of milliseconds",
         _ => "a whole number",
     }

@@ -42,6 +42,8 @@ pub const ENV_SCHED_POLICY: &str = "CLUSTER_SCHED_POLICY";
 pub const ENV_BALANCER: &str = "CLUSTER_BALANCER";
 /// Connections handed to one worker and not yet acknowledged, at most.
 pub const ENV_WINDOW: &str = "CLUSTER_WINDOW";
+/// Threads of the master that accept connections under `rr` (default 1).
+pub const ENV_ACCEPT_THREADS: &str = "CLUSTER_ACCEPT_THREADS";
 /// Open connections per worker, at most (`rr`); `0` means no limit.
 pub const ENV_MAX_WORKER_CONNECTIONS: &str = "CLUSTER_MAX_WORKER_CONNECTIONS";
 /// `0`: a first start where no worker gets ready keeps retrying instead of stopping the master.

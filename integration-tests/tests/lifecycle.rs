@@ -81,6 +81,11 @@ fn rolling_reloads_under_connection_close_load_fail_nothing() {
 }
 
 #[test]
+fn rolling_reloads_with_accept_threads_fail_nothing() {
+    reloads_under_load(&[("CLUSTER_ACCEPT_THREADS", "3")], 2, &["-c32", "-d3s", "-H", "Connection: close"]);
+}
+
+#[test]
 fn rolling_reloads_under_load_fail_nothing_under_every_policy_and_balancer() {
     for env in OTHER_POLICIES {
         reloads_under_load(env, 2, &["-c32", "-d3s"]);

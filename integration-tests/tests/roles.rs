@@ -45,6 +45,15 @@ fn bad_worker_count_is_a_clear_error() {
 }
 
 #[test]
+fn accept_threads_out_of_range_is_a_clear_error() {
+    for bad in ["0", "65", "two"] {
+        let (code, stderr) = run(&[("CLUSTER_ACCEPT_THREADS", bad)]);
+        assert_eq!(code, Some(2), "{bad}: {stderr}");
+        assert!(stderr.contains("CLUSTER_ACCEPT_THREADS") && stderr.contains("from 1 to 64"), "{stderr}");
+    }
+}
+
+#[test]
 fn a_bad_setting_names_the_valid_values() {
     let (code, stderr) = run(&[("CLUSTER_SCHED_POLICY", "roundrobin")]);
     assert_eq!(code, Some(2));

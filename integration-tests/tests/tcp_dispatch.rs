@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use integration_tests::{Server, children, listening_inode, parse_worker, socket_inodes};
+use integration_tests::{Server, children, listening_inode, parse_worker, socket_inodes, wrk};
 
 #[test]
 fn two_workers_answer_every_request() {
@@ -67,4 +67,43 @@ fn bench_server_answers_keep_alive_and_close() {
     conn.read_to_string(&mut out).unwrap();
     assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 2, "{out}");
     assert_eq!(out.matches("connection: close").count(), 1, "{out}");
+}
+
+/// The master's threads, by name, with the CPU time (clock ticks) each has used.
+fn master_threads(pid: u32) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_string();
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let fields: Vec<u64> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace()
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        // utime and stime are fields 14 and 15; after the command these are the 12th and 13th
+        // (the state letter does not parse as a number).
+        out.push((name, fields.get(10).copied().unwrap_or(0) + fields.get(11).copied().unwrap_or(0)));
+    }
+    out
+}
+
+#[test]
+fn accept_threads_take_connections_and_lose_none() {
+    let server = Server::start("hello", &[("CLUSTER_WORKERS", "2"), ("CLUSTER_ACCEPT_THREADS", "3")], 2);
+    let report = wrk(server.addr, &["-c16", "-d2s", "-H", "Connection: close"]);
+    assert_eq!(report.errors, [0; 4], "{}", report.output);
+    assert_eq!(report.non2xx, 0, "{}", report.output);
+    assert!(report.requests > 500, "the load ran: {}", report.output);
+    let threads = master_threads(server.pid());
+    for name in ["accept-1", "accept-2"] {
+        let used = threads.iter().find(|(n, _)| n == name).map(|(_, t)| *t);
+        assert!(used.is_some_and(|t| t > 0), "{name} took connections: {threads:?}");
+    }
+    assert_eq!(server.events("accept_threads")[0].1["count"], 3);
+
+    // By default the master's one thread accepts: no other thread is started.
+    let one = Server::start("hello", &[("CLUSTER_WORKERS", "2")], 2);
+    assert_eq!(one.get("/").status, 200);
+    assert!(!master_threads(one.pid()).iter().any(|(n, _)| n.starts_with("accept-")));
 }

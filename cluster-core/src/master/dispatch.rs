@@ -20,6 +20,7 @@ use bytes::BytesMut;
 use socket2::{Domain, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 
 use crate::config::Balancer;
 use crate::ipc::Channel;
@@ -601,37 +602,132 @@ pub(crate) fn bind_tcp(addr: SocketAddr, backlog: i32, reuseport: bool) -> io::R
     Ok(socket)
 }
 
+/// The master's accept threads: the runtime's own thread, plus `accept_threads − 1` threads
+/// started when the first socket needs them, each running a single-threaded runtime with its
+/// own reactor. Each thread runs one accept loop per listening socket (on its own duplicate of
+/// the socket), and all of them share the one dispatch table.
+pub(crate) struct AcceptThreads {
+    extra: usize,
+    handles: std::sync::OnceLock<Vec<tokio::runtime::Handle>>,
+}
+
+/// The accept loops of one listening socket, one per accept thread.
+pub(crate) struct Accepting {
+    own: JoinHandle<()>,
+    others: Vec<JoinHandle<()>>,
+    /// Held (read) by the other threads' loops while they accept and dispatch; [`stop`]
+    /// takes it (write), so that once it returns no loop of another thread accepts any more.
+    /// The runtime's own loop needs none: it is aborted on its own thread, between two polls.
+    ///
+    /// [`stop`]: Accepting::stop
+    open: Arc<std::sync::RwLock<bool>>,
+}
+
+impl AcceptThreads {
+    pub(crate) fn new(accept_threads: usize) -> Self {
+        AcceptThreads { extra: accept_threads.saturating_sub(1), handles: std::sync::OnceLock::new() }
+    }
+
+    /// Starts accepting on `socket` on every accept thread.
+    pub(crate) fn start(&self, socket: &Arc<AsyncFd<Socket>>, key: ListenKey, dispatch: &Arc<Dispatch>) -> Accepting {
+        let open = Arc::new(std::sync::RwLock::new(true));
+        let own = tokio::spawn(accept_loop(socket.clone(), key, dispatch.clone(), None));
+        let mut others = Vec::new();
+        for handle in self.handles() {
+            let (dispatch, open) = (dispatch.clone(), open.clone());
+            // Registered with that thread's reactor, so the duplicate is made here and
+            // registered there.
+            match socket.get_ref().try_clone() {
+                Ok(dup) => others.push(handle.spawn(async move {
+                    match sys::watch(dup) {
+                        Ok(dup) => accept_loop(Arc::new(dup), key, dispatch, Some(open)).await,
+                        Err(e) => warning!(event = "accept_thread_failed", key, error = %e, "an accept thread cannot watch listener {key}: {e}"),
+                    }
+                })),
+                Err(e) => {
+                    warning!(event = "accept_thread_failed", key, error = %e, "an accept thread cannot share listener {key}: {e}")
+                }
+            }
+        }
+        Accepting { own, others, open }
+    }
+
+    fn handles(&self) -> &[tokio::runtime::Handle] {
+        self.handles.get_or_init(|| {
+            let handles: Vec<_> = (1..=self.extra).filter_map(start_thread).collect();
+            if !handles.is_empty() {
+                note!(
+                    event = "accept_threads",
+                    count = handles.len() + 1,
+                    "accepting on {} threads",
+                    handles.len() + 1
+                );
+            }
+            handles
+        })
+    }
+}
+
+/// Starts accept thread `i` (1-based; the runtime's own thread is 0): a single-threaded
+/// runtime that runs until the process exits.
+fn start_thread(i: usize) -> Option<tokio::runtime::Handle> {
+    let started = tokio::runtime::Builder::new_current_thread().enable_all().build().and_then(|rt| {
+        let handle = rt.handle().clone();
+        std::thread::Builder::new()
+            .name(format!("accept-{i}"))
+            .spawn(move || rt.block_on(std::future::pending::<()>()))
+            .map(|_| handle)
+    });
+    started
+        .inspect_err(|e| warning!(event = "accept_thread_failed", error = %e, "cannot start accept thread {i}: {e}"))
+        .ok()
+}
+
+impl Accepting {
+    /// Stops every loop: none accepts once this returns.
+    pub(crate) fn stop(self) {
+        self.own.abort();
+        *self.open.write().unwrap_or_else(|e| e.into_inner()) = false;
+        for task in self.others {
+            task.abort();
+        }
+    }
+}
+
+/// How one pass over a listener's queue ended.
+enum Pass {
+    /// The queue is empty, or workers have no more room.
+    Done,
+    /// `accept` failed (file descriptors exhausted and the like).
+    Failed(io::Error),
+    /// The listener was shut down or its loop stopped: nothing more to accept.
+    Closed,
+}
+
 /// Accepts connections on one listening socket and dispatches them, while workers have room:
-/// as many as they can take (up to one message's worth) per lock of the table.
-pub(crate) async fn accept_loop(listener: Arc<AsyncFd<Socket>>, key: ListenKey, dispatch: Arc<Dispatch>) {
+/// as many as they can take (up to one message's worth) per lock of the table. `open`: see
+/// [`Accepting`].
+async fn accept_loop(
+    listener: Arc<AsyncFd<Socket>>,
+    key: ListenKey,
+    dispatch: Arc<Dispatch>,
+    open: Option<Arc<std::sync::RwLock<bool>>>,
+) {
     let mut batch: Vec<Conn> = Vec::with_capacity(MAX_FDS);
     let mut failing: Option<(Instant, u64)> = None;
     loop {
         dispatch.wait_room(key).await;
         let Ok(mut ready) = listener.readable().await else { return };
-        // Drain the kernel's queue while workers have room, then wait for readiness again.
-        'drain: loop {
-            let room = dispatch.room(key).min(MAX_FDS);
-            if room == 0 {
-                break;
+        let pass = match &open {
+            None => take(&mut ready, key, &dispatch, &mut batch),
+            Some(open) => {
+                let open = open.read().unwrap_or_else(|e| e.into_inner());
+                if *open { take(&mut ready, key, &dispatch, &mut batch) } else { Pass::Closed }
             }
-            let mut error = None;
-            while batch.len() < room {
-                match ready.try_io(|l| sys::accept(l.get_ref())) {
-                    Ok(Ok((socket, peer))) => batch.push(Conn { key, socket, peer: peer.as_socket() }),
-                    Ok(Err(e)) if is_connection_error(&e) => {}
-                    Ok(Err(e)) => {
-                        error = Some(e);
-                        break;
-                    }
-                    Err(_would_block) => break,
-                }
-            }
-            let full = batch.len() == room;
-            if !batch.is_empty() {
-                dispatch.dispatch(key, &mut batch);
-            }
-            if let Some(e) = error {
+        };
+        match pass {
+            Pass::Closed => return,
+            Pass::Failed(e) => {
                 dispatch.accept_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 // EMFILE / ENFILE and the like: the client stays in the kernel's queue. Back
                 // off instead of spinning, and say so once per episode, not per attempt.
@@ -643,20 +739,57 @@ pub(crate) async fn accept_loop(listener: Arc<AsyncFd<Socket>>, key: ListenKey, 
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                break 'drain;
             }
-            if let Some((since, n)) = failing.take() {
-                let secs = since.elapsed().as_secs_f64();
-                note!(
-                    event = "accept_recovered",
-                    key,
-                    failed = n,
-                    "accepts on listener {key} work again after {secs:.1}s ({n} failed attempts)"
-                );
+            Pass::Done => {
+                if let Some((since, n)) = failing.take() {
+                    let secs = since.elapsed().as_secs_f64();
+                    note!(
+                        event = "accept_recovered",
+                        key,
+                        failed = n,
+                        "accepts on listener {key} work again after {secs:.1}s ({n} failed attempts)"
+                    );
+                }
             }
-            if !full {
-                break;
+        }
+    }
+}
+
+/// Drains the kernel's queue while workers have room: accepts as many as they can take (up to
+/// one message's worth) and dispatches them, until the queue is empty or the room is gone.
+fn take(
+    ready: &mut tokio::io::unix::AsyncFdReadyGuard<'_, Socket>,
+    key: ListenKey,
+    dispatch: &Dispatch,
+    batch: &mut Vec<Conn>,
+) -> Pass {
+    loop {
+        let room = dispatch.room(key).min(MAX_FDS);
+        if room == 0 {
+            return Pass::Done;
+        }
+        let mut error = None;
+        while batch.len() < room {
+            match ready.try_io(|l| sys::accept(l.get_ref())) {
+                Ok(Ok((socket, peer))) => batch.push(Conn { key, socket, peer: peer.as_socket() }),
+                Ok(Err(e)) if is_connection_error(&e) => {}
+                Ok(Err(e)) => {
+                    error = Some(e);
+                    break;
+                }
+                Err(_would_block) => break,
             }
+        }
+        let full = batch.len() == room;
+        if !batch.is_empty() {
+            dispatch.dispatch(key, batch);
+        }
+        match error {
+            // Shut down: the master is closing this socket, and its loops are being stopped.
+            Some(e) if e.kind() == io::ErrorKind::InvalidInput => return Pass::Closed,
+            Some(e) => return Pass::Failed(e),
+            None if !full => return Pass::Done,
+            None => {}
         }
     }
 }

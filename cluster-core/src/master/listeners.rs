@@ -14,9 +14,8 @@ use std::time::{Duration, Instant};
 
 use socket2::Socket;
 use tokio::io::unix::AsyncFd;
-use tokio::task::JoinHandle;
 
-use super::dispatch::{self, Dispatch};
+use super::dispatch::{self, AcceptThreads, Accepting, Dispatch};
 use super::systemd;
 use super::upgrade;
 use crate::config::{Config, Policy};
@@ -59,6 +58,8 @@ pub(super) struct Listeners {
     /// Whether this master accepts on its sockets; false in a new master until its predecessor
     /// hands over (a connection it took before could be lost with it if the upgrade failed).
     live: bool,
+    /// The threads that run accept loops (`accept_threads`).
+    threads: AcceptThreads,
 }
 
 /// Who else holds a socket, and so what letting go of it may do.
@@ -85,7 +86,7 @@ struct Listener {
 
 enum Kind {
     /// The master accepts and dispatches connections (once it is live: see `Listeners::live`).
-    Stream { socket: Arc<AsyncFd<Socket>>, task: Option<JoinHandle<()>> },
+    Stream { socket: Arc<AsyncFd<Socket>>, accepting: Option<Accepting> },
     /// Workers get the socket itself and use it directly: UDP, and TCP under the `shared` and
     /// `reuseport` policies.
     Handed(Socket),
@@ -94,6 +95,7 @@ enum Kind {
 impl Listeners {
     pub(super) fn new(cfg: Arc<Config>, dispatch: Arc<Dispatch>) -> Self {
         Listeners {
+            threads: AcceptThreads::new(cfg.accept_threads),
             cfg,
             dispatch,
             open: HashMap::new(),
@@ -166,8 +168,8 @@ impl Listeners {
     pub(super) fn take_over(&mut self) {
         self.live = true;
         for (key, listener) in &mut self.open {
-            if let Kind::Stream { socket, task: task @ None } = &mut listener.kind {
-                *task = Some(tokio::spawn(dispatch::accept_loop(socket.clone(), *key, self.dispatch.clone())));
+            if let Kind::Stream { socket, accepting: accepting @ None } = &mut listener.kind {
+                *accepting = Some(self.threads.start(socket, *key, &self.dispatch));
             }
         }
         for ((endpoint, _, _), _) in self.handed.drain() {
@@ -472,8 +474,8 @@ impl Listeners {
         unix_path: Option<PathBuf>,
     ) -> io::Result<Listener> {
         let socket = Arc::new(sys::watch(socket)?);
-        let task = self.live.then(|| tokio::spawn(dispatch::accept_loop(socket.clone(), key, self.dispatch.clone())));
-        Ok(Listener { addr, kind: Kind::Stream { socket, task }, unix_path, keep: Keep::Own })
+        let accepting = self.live.then(|| self.threads.start(&socket, key, &self.dispatch));
+        Ok(Listener { addr, kind: Kind::Stream { socket, accepting }, unix_path, keep: Keep::Own })
     }
 }
 
@@ -610,17 +612,17 @@ impl Kind {
     /// Lets go of a socket someone else keeps (the service manager's): stops accepting and
     /// drops this copy, leaving the socket and its queue as they are.
     fn release(self) {
-        if let Kind::Stream { task: Some(task), .. } = self {
-            task.abort();
+        if let Kind::Stream { accepting: Some(accepting), .. } = self {
+            accepting.stop();
         }
     }
 
     fn close(self, key: ListenKey, sweep: Option<&Dispatch>) {
         let tcp = self.tcp_addr().is_some();
         match self {
-            Kind::Stream { socket, task } => {
-                if let Some(task) = task {
-                    task.abort();
+            Kind::Stream { socket, accepting } => {
+                if let Some(accepting) = accepting {
+                    accepting.stop();
                 }
                 if let Some(dispatch) = sweep {
                     if !tcp {
