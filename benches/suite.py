@@ -47,6 +47,9 @@ def servers():
         ("rr", [bench], {**base, "CLUSTER_BALANCER": "round-robin"}),
         ("rr-least", [bench], {**base, "CLUSTER_BALANCER": "least-connections"}),
         ("rr-sticky", [bench], {**base, "CLUSTER_BALANCER": "sticky"}),
+        # Two accept threads in the master (`CLUSTER_ACCEPT_THREADS`): what they cost on a
+        # machine whose cores are already busy.
+        ("rr-2acc", [bench], {**base, "CLUSTER_ACCEPT_THREADS": "2"}),
         ("shared", [bench], {**base, "CLUSTER_SCHED_POLICY": "shared"}),
         ("reuseport", [bench], {**base, "CLUSTER_SCHED_POLICY": "reuseport"}),
         ("tokio-mt", [bench], {"CLUSTER_WORKERS": "0"}),
