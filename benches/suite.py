@@ -3,6 +3,7 @@
 
     python3 benches/suite.py            # ROUNDS=3 DURATION=4s by default
     ROUNDS=5 DURATION=5s python3 benches/suite.py
+    SERVERS=plain,rr,rr-gather0 python3 benches/suite.py   # only these servers
 
 Servers, all with the identical hello-world handler (examples::bench::serve) except Node:
   cluster rr/round-robin, rr/least-connections, rr/sticky, shared, reuseport (bench-server,
@@ -50,6 +51,9 @@ def servers():
         # Two accept threads in the master (`CLUSTER_ACCEPT_THREADS`): what they cost on a
         # machine whose cores are already busy.
         ("rr-2acc", [bench], {**base, "CLUSTER_ACCEPT_THREADS": "2"}),
+        # rr without gathering new connections between accept passes (the default gathers
+        # for 100 µs while they keep coming): what the gathering saves, and costs.
+        ("rr-gather0", [bench], {**base, "CLUSTER_ACCEPT_GATHER_US": "0"}),
         ("shared", [bench], {**base, "CLUSTER_SCHED_POLICY": "shared"}),
         ("reuseport", [bench], {**base, "CLUSTER_SCHED_POLICY": "reuseport"}),
         ("tokio-mt", [bench], {"CLUSTER_WORKERS": "0"}),
@@ -61,6 +65,10 @@ def servers():
         out.insert(2, ("rr-baseline", [os.path.join(baseline, "bench-server")], {**base}))
     if subprocess.run(["sh", "-c", "command -v node"], capture_output=True).returncode == 0 and os.path.exists(NODE_JS):
         out.append(("node-rr", ["node", NODE_JS], {"WORKERS": "2", "NODE_CLUSTER_SCHED_POLICY": "rr"}))
+    # SERVERS=plain,rr,...: only these (the default is every one).
+    only = os.environ.get("SERVERS")
+    if only:
+        out = [server for server in out if server[0] in only.split(",")]
     return out
 
 

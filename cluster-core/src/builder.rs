@@ -87,6 +87,18 @@ impl Builder {
         self
     }
 
+    /// While new connections keep coming, how long the master lets them gather between two
+    /// accept passes under [`Policy::Rr`] (default 100 µs; at most 10 ms; `Duration::ZERO`
+    /// turns it off; env `CLUSTER_ACCEPT_GATHER_US`). Each pass costs the master a wake-up,
+    /// and on a busy machine that is most of its cost per connection: gathering hands out
+    /// several connections per wake-up and per message, for at most this much latency on a new
+    /// connection. It starts only when passes come less than ten gathering times apart, so
+    /// connections that arrive one by one are not held.
+    pub fn accept_gather(mut self, gather: Duration) -> Self {
+        self.cfg.accept_gather = gather.min(crate::config::MAX_ACCEPT_GATHER);
+        self
+    }
+
     /// How connections reach workers (default [`Policy::Rr`]; env `CLUSTER_SCHED_POLICY` =
     /// `rr` | `shared` | `reuseport`).
     pub fn policy(mut self, policy: Policy) -> Self {

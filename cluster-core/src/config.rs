@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use crate::role::StartError;
 use crate::role::{
-    ENV_ACCEPT_THREADS, ENV_ADMIN_ADDR, ENV_BALANCER, ENV_CONTROL_SOCKET, ENV_FAIL_FAST, ENV_GROUP, ENV_LOG,
-    ENV_LOG_CAPTURE, ENV_LOG_FORMAT, ENV_MAX_WORKER_CONNECTIONS, ENV_NAME, ENV_PID_FILE, ENV_SCHED_POLICY, ENV_USER,
-    ENV_WINDOW,
+    ENV_ACCEPT_GATHER_US, ENV_ACCEPT_THREADS, ENV_ADMIN_ADDR, ENV_BALANCER, ENV_CONTROL_SOCKET, ENV_FAIL_FAST,
+    ENV_GROUP, ENV_LOG, ENV_LOG_CAPTURE, ENV_LOG_FORMAT, ENV_MAX_WORKER_CONNECTIONS, ENV_NAME, ENV_PID_FILE,
+    ENV_SCHED_POLICY, ENV_USER, ENV_WINDOW,
 };
 use crate::role::{
     ENV_HEARTBEAT_TIMEOUT_MS, ENV_KILL_TIMEOUT_MS, ENV_MAX_CONNECTIONS, ENV_MAX_CONNECTIONS_JITTER, ENV_MAX_RSS_MB,
@@ -18,6 +18,11 @@ use crate::role::{
 /// The most accept threads a master runs (`CLUSTER_ACCEPT_THREADS`).
 pub(crate) const MAX_ACCEPT_THREADS: usize = 64;
 
+/// How long new connections gather between the master's accept passes by default.
+pub(crate) const DEFAULT_ACCEPT_GATHER: Duration = Duration::from_micros(100);
+/// The longest gathering time a setting may ask for.
+pub(crate) const MAX_ACCEPT_GATHER: Duration = Duration::from_millis(10);
+
 /// Settings shared by the master and its workers.
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
@@ -27,6 +32,8 @@ pub(crate) struct Config {
     pub(crate) window: usize,
     /// Threads of the master that accept connections under `rr`.
     pub(crate) accept_threads: usize,
+    /// How long new connections gather between accept passes while they keep coming.
+    pub(crate) accept_gather: Duration,
     pub(crate) worker_threads: Option<usize>,
     pub(crate) exit_on_panic: bool,
     pub(crate) ready_timeout: Duration,
@@ -249,6 +256,17 @@ impl Config {
             }
             self.accept_threads = v;
         }
+        if let Some(v) = var::<u64>(ENV_ACCEPT_GATHER_US)? {
+            if Duration::from_micros(v) > MAX_ACCEPT_GATHER {
+                let value = v.to_string();
+                return Err(StartError::BadSetting {
+                    name: ENV_ACCEPT_GATHER_US,
+                    value,
+                    expected: expected(ENV_ACCEPT_GATHER_US),
+                });
+            }
+            self.accept_gather = Duration::from_micros(v);
+        }
         if let Some(v) = var::<u64>(ENV_MAX_WORKER_CONNECTIONS)? {
             self.max_worker_connections = (v > 0).then_some(v);
         }
@@ -305,6 +323,7 @@ impl Default for Config {
             backlog: 1024,
             window: 64,
             accept_threads: 1,
+            accept_gather: DEFAULT_ACCEPT_GATHER,
             worker_threads: None,
             exit_on_panic: true,
             ready_timeout: Duration::from_secs(30),
@@ -349,6 +368,7 @@ fn expected(name: &str) -> &'static str {
         ENV_PID_FILE => "an absolute path",
         ENV_ADMIN_ADDR => "an address and port such as `127.0.0.1:9100`",
         ENV_ACCEPT_THREADS => "a whole number from 1 to 64",
+        ENV_ACCEPT_GATHER_US => "a number of microseconds from 0 to 10000",
         _ if name.ends_with("_MS") => "a number of milliseconds",
         _ => "a whole number",
     }

@@ -44,6 +44,9 @@ pub const ENV_BALANCER: &str = "CLUSTER_BALANCER";
 pub const ENV_WINDOW: &str = "CLUSTER_WINDOW";
 /// Threads of the master that accept connections under `rr` (default 1).
 pub const ENV_ACCEPT_THREADS: &str = "CLUSTER_ACCEPT_THREADS";
+/// Microseconds the master lets new connections gather between accept passes while they keep
+/// coming (`rr`; default 100, `0` turns it off).
+pub const ENV_ACCEPT_GATHER_US: &str = "CLUSTER_ACCEPT_GATHER_US";
 /// Open connections per worker, at most (`rr`); `0` means no limit.
 pub const ENV_MAX_WORKER_CONNECTIONS: &str = "CLUSTER_MAX_WORKER_CONNECTIONS";
 /// `0`: a first start where no worker gets ready keeps retrying instead of stopping the master.

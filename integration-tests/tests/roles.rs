@@ -45,12 +45,15 @@ fn bad_worker_count_is_a_clear_error() {
 }
 
 #[test]
-fn accept_threads_out_of_range_is_a_clear_error() {
+fn accept_settings_out_of_range_are_a_clear_error() {
     for bad in ["0", "65", "two"] {
         let (code, stderr) = run(&[("CLUSTER_ACCEPT_THREADS", bad)]);
         assert_eq!(code, Some(2), "{bad}: {stderr}");
         assert!(stderr.contains("CLUSTER_ACCEPT_THREADS") && stderr.contains("from 1 to 64"), "{stderr}");
     }
+    let (code, stderr) = run(&[("CLUSTER_ACCEPT_GATHER_US", "20000")]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("CLUSTER_ACCEPT_GATHER_US") && stderr.contains("from 0 to 10000"), "{stderr}");
 }
 
 #[test]

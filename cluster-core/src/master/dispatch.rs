@@ -608,6 +608,8 @@ pub(crate) fn bind_tcp(addr: SocketAddr, backlog: i32, reuseport: bool) -> io::R
 /// the socket), and all of them share the one dispatch table.
 pub(crate) struct AcceptThreads {
     extra: usize,
+    /// See [`gathering`].
+    gather: Duration,
     handles: std::sync::OnceLock<Vec<tokio::runtime::Handle>>,
 }
 
@@ -624,14 +626,15 @@ pub(crate) struct Accepting {
 }
 
 impl AcceptThreads {
-    pub(crate) fn new(accept_threads: usize) -> Self {
-        AcceptThreads { extra: accept_threads.saturating_sub(1), handles: std::sync::OnceLock::new() }
+    pub(crate) fn new(accept_threads: usize, gather: Duration) -> Self {
+        AcceptThreads { extra: accept_threads.saturating_sub(1), gather, handles: std::sync::OnceLock::new() }
     }
 
     /// Starts accepting on `socket` on every accept thread.
     pub(crate) fn start(&self, socket: &Arc<AsyncFd<Socket>>, key: ListenKey, dispatch: &Arc<Dispatch>) -> Accepting {
         let open = Arc::new(std::sync::RwLock::new(true));
-        let own = tokio::spawn(accept_loop(socket.clone(), key, dispatch.clone(), None));
+        let gather = self.gather;
+        let own = tokio::spawn(accept_loop(socket.clone(), key, dispatch.clone(), gather, None));
         let mut others = Vec::new();
         for handle in self.handles() {
             let (dispatch, open) = (dispatch.clone(), open.clone());
@@ -640,7 +643,7 @@ impl AcceptThreads {
             match socket.get_ref().try_clone() {
                 Ok(dup) => others.push(handle.spawn(async move {
                     match sys::watch(dup) {
-                        Ok(dup) => accept_loop(Arc::new(dup), key, dispatch, Some(open)).await,
+                        Ok(dup) => accept_loop(Arc::new(dup), key, dispatch, gather, Some(open)).await,
                         Err(e) => warning!(event = "accept_thread_failed", key, error = %e, "an accept thread cannot watch listener {key}: {e}"),
                     }
                 })),
@@ -696,25 +699,64 @@ impl Accepting {
 
 /// How one pass over a listener's queue ended.
 enum Pass {
-    /// The queue is empty, or workers have no more room.
-    Done,
+    /// The queue is empty, or workers have no more room: this many were taken.
+    Done(usize),
     /// `accept` failed (file descriptors exhausted and the like).
     Failed(io::Error),
     /// The listener was shut down or its loop stopped: nothing more to accept.
     Closed,
 }
 
+/// While passes come this many gathering times apart or closer, connections are arriving
+/// fast enough for gathering to pay (see [`gathering`]).
+const GATHER_WHEN_CLOSER: u32 = 10;
+
+/// How long to let connections gather before the next pass over a listener's queue, after a
+/// pass at `now` that took `took` connections; `previous` is when the pass before ended.
+///
+/// Every pass costs the master a wake-up (the kernel's scheduler, its reactor, the tasks it
+/// runs), and on a busy machine that is most of what a connection costs it: passes that find
+/// one or two connections each make `rr` spend more CPU per connection than anything else.
+/// Waiting a little after a pass lets the next one take several, sent in fewer messages, and
+/// the acknowledgements that came meanwhile are read in one go too. It only starts once
+/// connections keep coming: the pass took some, and the one before ended less than
+/// [`GATHER_WHEN_CLOSER`] gathering times ago, so a connection that arrives alone is never
+/// held, and one that arrives during a gathering waits at most `gather`.
+fn gathering(gather: Duration, took: usize, previous: Option<Instant>, now: Instant) -> Option<Duration> {
+    let recent = previous.is_some_and(|then| now.saturating_duration_since(then) < gather * GATHER_WHEN_CLOSER);
+    (!gather.is_zero() && took > 0 && recent).then_some(gather)
+}
+
+thread_local! {
+    /// When a gathering on this thread last ended.
+    static GATHERED: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// Lets connections gather for `wait`, on this thread, not on a timer: the runtime's timers
+/// tick in milliseconds, and the point is that nothing wakes the thread meanwhile. The other
+/// tasks of the thread wait at most this long. The accept loops of several busy listeners on
+/// one thread share one gathering: a loop whose thread gathered less than `wait` ago goes on.
+fn gather_on_this_thread(wait: Duration, now: Instant) {
+    if GATHERED.get().is_some_and(|ended| now.saturating_duration_since(ended) < wait) {
+        return;
+    }
+    std::thread::sleep(wait);
+    GATHERED.set(Some(Instant::now()));
+}
+
 /// Accepts connections on one listening socket and dispatches them, while workers have room:
-/// as many as they can take (up to one message's worth) per lock of the table. `open`: see
-/// [`Accepting`].
+/// as many as they can take (up to one message's worth) per lock of the table. `gather`: see
+/// [`gathering`]; `open`: see [`Accepting`].
 async fn accept_loop(
     listener: Arc<AsyncFd<Socket>>,
     key: ListenKey,
     dispatch: Arc<Dispatch>,
+    gather: Duration,
     open: Option<Arc<std::sync::RwLock<bool>>>,
 ) {
     let mut batch: Vec<Conn> = Vec::with_capacity(MAX_FDS);
     let mut failing: Option<(Instant, u64)> = None;
+    let mut previous: Option<Instant> = None;
     loop {
         dispatch.wait_room(key).await;
         let Ok(mut ready) = listener.readable().await else { return };
@@ -740,7 +782,12 @@ async fn accept_loop(
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Pass::Done => {
+            Pass::Done(took) => {
+                let now = Instant::now();
+                if let Some(wait) = gathering(gather, took, previous, now) {
+                    gather_on_this_thread(wait, now);
+                }
+                previous = Some(now);
                 if let Some((since, n)) = failing.take() {
                     let secs = since.elapsed().as_secs_f64();
                     note!(
@@ -763,10 +810,11 @@ fn take(
     dispatch: &Dispatch,
     batch: &mut Vec<Conn>,
 ) -> Pass {
+    let mut took = 0;
     loop {
         let room = dispatch.room(key).min(MAX_FDS);
         if room == 0 {
-            return Pass::Done;
+            return Pass::Done(took);
         }
         let mut error = None;
         while batch.len() < room {
@@ -781,6 +829,7 @@ fn take(
             }
         }
         let full = batch.len() == room;
+        took += batch.len();
         if !batch.is_empty() {
             dispatch.dispatch(key, batch);
         }
@@ -788,7 +837,7 @@ fn take(
             // Shut down: the master is closing this socket, and its loops are being stopped.
             Some(e) if e.kind() == io::ErrorKind::InvalidInput => return Pass::Closed,
             Some(e) => return Pass::Failed(e),
-            None if !full => return Pass::Done,
+            None if !full => return Pass::Done(took),
             None => {}
         }
     }
@@ -812,4 +861,33 @@ pub(crate) fn sweep(listener: &AsyncFd<Socket>, key: ListenKey, dispatch: &Dispa
     }
     dispatch.dispatch(key, &mut batch);
     n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const G: Duration = Duration::from_micros(100);
+
+    #[test]
+    fn connections_gather_only_while_they_keep_coming() {
+        let t0 = Instant::now();
+        let at = |us: u64| t0 + Duration::from_micros(us);
+        // The first pass after a quiet spell, and a lone connection long after the last
+        // pass, go out at once and hold nothing after them.
+        assert_eq!(gathering(G, 1, None, at(0)), None);
+        assert_eq!(gathering(G, 1, Some(at(0)), at(5_000)), None);
+        assert_eq!(gathering(G, 3, Some(at(0)), at(1_000)), None, "ten gathering times apart is not close");
+        // Passes close together: wait one gathering time before the next.
+        assert_eq!(gathering(G, 1, Some(at(0)), at(999)), Some(G));
+        assert_eq!(gathering(G, 64, Some(at(0)), at(150)), Some(G));
+        // A pass that took nothing (a spurious wake, or no room) waits for nothing.
+        assert_eq!(gathering(G, 0, Some(at(0)), at(50)), None);
+        // Off.
+        assert_eq!(gathering(Duration::ZERO, 5, Some(at(0)), at(1)), None);
+        // The threshold scales with the setting.
+        let g = Duration::from_micros(500);
+        assert_eq!(gathering(g, 1, Some(at(0)), at(4_999)), Some(g));
+        assert_eq!(gathering(g, 1, Some(at(0)), at(5_000)), None);
+    }
 }

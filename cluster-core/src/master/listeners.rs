@@ -95,7 +95,7 @@ enum Kind {
 impl Listeners {
     pub(super) fn new(cfg: Arc<Config>, dispatch: Arc<Dispatch>) -> Self {
         Listeners {
-            threads: AcceptThreads::new(cfg.accept_threads),
+            threads: AcceptThreads::new(cfg.accept_threads, cfg.accept_gather),
             cfg,
             dispatch,
             open: HashMap::new(),
