@@ -144,27 +144,24 @@ impl Channel {
         wait: &mut Option<WriteWait>,
     ) -> Poll<io::Result<()>> {
         loop {
-            if let Some(writer) = wait {
-                let mut guard = ready!(writer.poll_write_ready(cx))?;
-                match self.try_send_with_fds(data, fds) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        guard.clear_ready();
-                        continue;
-                    }
-                    done => {
-                        *wait = None;
-                        return Poll::Ready(done);
-                    }
-                }
-            }
+            let room = match wait {
+                Some(writer) => Some(ready!(writer.poll_write_ready(cx))?),
+                None => None,
+            };
             match self.try_send_with_fds(data, fds) {
-                // The buffer is full: wait for room on a registration of our own, so that any
-                // number of senders can wait at once, each woken.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let dup = self.sock.get_ref().try_clone()?;
-                    *wait = Some(crate::sys::register(dup, Interest::WRITABLE)?);
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => match room {
+                    Some(mut room) => room.clear_ready(),
+                    // The buffer is full: wait for room on a registration of our own, so that
+                    // any number of senders can wait at once, each woken.
+                    None => {
+                        let dup = self.sock.get_ref().try_clone()?;
+                        *wait = Some(crate::sys::register(dup, Interest::WRITABLE)?);
+                    }
+                },
+                done => {
+                    *wait = None;
+                    return Poll::Ready(done);
                 }
-                done => return Poll::Ready(done),
             }
         }
     }
