@@ -3,17 +3,9 @@
 
 use std::time::Duration;
 
+use crate::env::*;
+use crate::log::LogFormat;
 use crate::role::StartError;
-use crate::role::{
-    ENV_ACCEPT_GATHER_US, ENV_ACCEPT_THREADS, ENV_ADMIN_ADDR, ENV_BALANCER, ENV_CONTROL_SOCKET, ENV_FAIL_FAST,
-    ENV_GROUP, ENV_LOG, ENV_LOG_CAPTURE, ENV_LOG_FORMAT, ENV_MAX_WORKER_CONNECTIONS, ENV_NAME, ENV_PID_FILE,
-    ENV_SCHED_POLICY, ENV_USER, ENV_WINDOW,
-};
-use crate::role::{
-    ENV_HEARTBEAT_TIMEOUT_MS, ENV_KILL_TIMEOUT_MS, ENV_MAX_CONNECTIONS, ENV_MAX_CONNECTIONS_JITTER, ENV_MAX_RSS_MB,
-    ENV_MIN_UPTIME_MS, ENV_READY_TIMEOUT_MS, ENV_RELOAD_CONCURRENCY, ENV_RESTART_DELAY_MAX_MS, ENV_RESTART_DELAY_MS,
-    ENV_WAIT_READY,
-};
 
 /// The most accept threads a master runs (`CLUSTER_ACCEPT_THREADS`).
 pub(crate) const MAX_ACCEPT_THREADS: usize = 64;
@@ -99,27 +91,6 @@ impl std::str::FromStr for ControlSocket {
     }
 }
 
-/// How the master writes its log (`CLUSTER_LOG_FORMAT`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) enum LogFormat {
-    /// Lines of text on stderr.
-    #[default]
-    Text,
-    /// One JSON object per line on stderr.
-    Json,
-}
-
-impl std::str::FromStr for LogFormat {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, ()> {
-        match s {
-            "text" => Ok(LogFormat::Text),
-            "json" => Ok(LogFormat::Json),
-            _ => Err(()),
-        }
-    }
-}
-
 /// How connections reach workers (README, "Scheduling: policies and balancers");
 /// `CLUSTER_SCHED_POLICY` overrides the code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -192,16 +163,6 @@ impl Config {
 
     /// Applies the `CLUSTER_*` environment variables, which override the code's settings.
     pub(crate) fn apply_env(&mut self) -> Result<(), StartError> {
-        fn var<T: std::str::FromStr>(name: &'static str) -> Result<Option<T>, StartError> {
-            match std::env::var_os(name) {
-                None => Ok(None),
-                Some(v) => {
-                    let v = v.to_string_lossy().into_owned();
-                    let expected = expected(name);
-                    v.trim().parse().map(Some).map_err(|_| StartError::BadSetting { name, value: v, expected })
-                }
-            }
-        }
         let ms = Duration::from_millis;
         if let Some(v) = var(ENV_KILL_TIMEOUT_MS)? {
             self.kill_timeout = ms(v);
@@ -245,26 +206,10 @@ impl Config {
         if let Some(v) = var::<usize>(ENV_WINDOW)? {
             self.window = v.max(1);
         }
-        if let Some(v) = var::<usize>(ENV_ACCEPT_THREADS)? {
-            if !(1..=MAX_ACCEPT_THREADS).contains(&v) {
-                let value = v.to_string();
-                return Err(StartError::BadSetting {
-                    name: ENV_ACCEPT_THREADS,
-                    value,
-                    expected: expected(ENV_ACCEPT_THREADS),
-                });
-            }
+        if let Some(v) = checked(ENV_ACCEPT_THREADS, |v: &usize| (1..=MAX_ACCEPT_THREADS).contains(v))? {
             self.accept_threads = v;
         }
-        if let Some(v) = var::<u64>(ENV_ACCEPT_GATHER_US)? {
-            if Duration::from_micros(v) > MAX_ACCEPT_GATHER {
-                let value = v.to_string();
-                return Err(StartError::BadSetting {
-                    name: ENV_ACCEPT_GATHER_US,
-                    value,
-                    expected: expected(ENV_ACCEPT_GATHER_US),
-                });
-            }
+        if let Some(v) = checked(ENV_ACCEPT_GATHER_US, |v: &u64| Duration::from_micros(*v) <= MAX_ACCEPT_GATHER)? {
             self.accept_gather = Duration::from_micros(v);
         }
         if let Some(v) = var::<u64>(ENV_MAX_WORKER_CONNECTIONS)? {
@@ -276,19 +221,13 @@ impl Config {
         if let Some(v) = var(ENV_LOG_FORMAT)? {
             self.log_format = v;
         }
-        if let Some(v) = var::<String>(ENV_LOG)? {
-            if crate::log::parse_filter(&v).is_err() {
-                return Err(StartError::BadSetting { name: ENV_LOG, value: v, expected: expected(ENV_LOG) });
-            }
+        if let Some(v) = checked(ENV_LOG, |v: &String| crate::log::parse_filter(v).is_ok())? {
             self.log_filter = Some(v);
         }
         if let Some(v) = var::<u8>(ENV_LOG_CAPTURE)? {
             self.log_capture = v != 0;
         }
-        if let Some(v) = var::<String>(ENV_NAME)? {
-            if !crate::control::valid_name(&v) {
-                return Err(StartError::BadSetting { name: ENV_NAME, value: v, expected: expected(ENV_NAME) });
-            }
+        if let Some(v) = checked(ENV_NAME, |v: &String| crate::control::valid_name(v))? {
             self.name = Some(v);
         }
         if let Some(v) = var(ENV_CONTROL_SOCKET)? {
@@ -297,8 +236,7 @@ impl Config {
         if let Some(v) = std::env::var_os(ENV_PID_FILE) {
             let path = std::path::PathBuf::from(&v);
             if !path.is_absolute() {
-                let value = v.to_string_lossy().into_owned();
-                return Err(StartError::BadSetting { name: ENV_PID_FILE, value, expected: expected(ENV_PID_FILE) });
+                return Err(bad_setting(ENV_PID_FILE, v.to_string_lossy()));
             }
             self.pid_file = Some(path);
         }
@@ -313,6 +251,26 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The value of setting `name`, if it is set: `Err` naming what it takes if it does not parse.
+fn var<T: std::str::FromStr>(name: &'static str) -> Result<Option<T>, StartError> {
+    checked(name, |_: &T| true)
+}
+
+/// [`var`], with a value that parses but fails `ok` (out of range) an error too.
+fn checked<T: std::str::FromStr>(name: &'static str, ok: impl Fn(&T) -> bool) -> Result<Option<T>, StartError> {
+    let Some(v) = std::env::var_os(name) else { return Ok(None) };
+    let v = v.to_string_lossy();
+    match v.trim().parse() {
+        Ok(parsed) if ok(&parsed) => Ok(Some(parsed)),
+        _ => Err(bad_setting(name, v)),
+    }
+}
+
+/// The one error of every bad `CLUSTER_*` setting: the variable, its value, what it takes.
+fn bad_setting(name: &'static str, value: impl Into<String>) -> StartError {
+    StartError::BadSetting { name, value: value.into(), expected: expected(name) }
 }
 
 impl Default for Config {
@@ -352,24 +310,5 @@ impl Default for Config {
             group: None,
             credentials: None,
         }
-    }
-}
-
-/// What a `CLUSTER_*` setting takes, for the error that names a bad value.
-fn expected(name: &str) -> &'static str {
-    match name {
-        ENV_SCHED_POLICY => "`rr`, `shared` or `reuseport`",
-        ENV_BALANCER => "`round-robin`, `least-connections` or `sticky`",
-        ENV_LOG_FORMAT => "`text` or `json`",
-        ENV_LOG => "a level such as `info`, or `target=level` directives such as `cluster=debug`",
-        ENV_WAIT_READY | ENV_FAIL_FAST | ENV_LOG_CAPTURE => "`0` or `1`",
-        ENV_NAME => "letters, digits, `.`, `_` or `-` (at most 64, not starting with `.` or `-`)",
-        ENV_CONTROL_SOCKET => "`off` or an absolute path",
-        ENV_PID_FILE => "an absolute path",
-        ENV_ADMIN_ADDR => "an address and port such as `127.0.0.1:9100`",
-        ENV_ACCEPT_THREADS => "a whole number from 1 to 64",
-        ENV_ACCEPT_GATHER_US => "a number of microseconds from 0 to 10000",
-        _ if name.ends_with("_MS") => "a number of milliseconds",
-        _ => "a whole number",
     }
 }

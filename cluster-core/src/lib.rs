@@ -34,6 +34,7 @@
 mod builder;
 mod config;
 pub mod control;
+pub mod env;
 #[cfg(feature = "http")]
 pub mod http;
 mod ipc;
@@ -48,26 +49,14 @@ pub mod worker;
 pub use builder::{Builder, Cluster, role};
 pub use cluster_macros::main;
 pub use config::{Balancer, Policy};
+pub use env::{ENV_CHANNEL_FD, ENV_UNIQUE_ID, ENV_WORKERS};
 pub use ipc::message::MAX_USER_MESSAGE;
 pub use ipc::{ProtocolError, RecvError};
 pub use master::Master;
 pub use messaging::Peer;
 pub use net::is_closed;
-pub use role::{ENV_CHANNEL_FD, ENV_UNIQUE_ID, ENV_WORKERS, Role, StartError};
+pub use role::{Role, StartError};
 pub use sys::ChannelFdError;
-
-/// Every environment variable the cluster reads. The settings ones override the code's
-/// settings, in the master and in workers alike.
-pub mod env {
-    pub use crate::role::{
-        ENV_ACCEPT_GATHER_US, ENV_ACCEPT_THREADS, ENV_ADMIN_ADDR, ENV_BALANCER, ENV_CHANNEL_FD, ENV_CONTROL_SOCKET,
-        ENV_FAIL_FAST, ENV_GROUP, ENV_HEARTBEAT_TIMEOUT_MS, ENV_KILL_TIMEOUT_MS, ENV_LOG, ENV_LOG_CAPTURE,
-        ENV_LOG_FORMAT, ENV_MAX_CONNECTIONS, ENV_MAX_CONNECTIONS_JITTER, ENV_MAX_RSS_MB, ENV_MAX_WORKER_CONNECTIONS,
-        ENV_MIN_UPTIME_MS, ENV_NAME, ENV_PID_FILE, ENV_READY_TIMEOUT_MS, ENV_RELOAD_CONCURRENCY,
-        ENV_RESTART_DELAY_MAX_MS, ENV_RESTART_DELAY_MS, ENV_SCHED_POLICY, ENV_UNIQUE_ID, ENV_USER, ENV_WAIT_READY,
-        ENV_WINDOW, ENV_WORKERS,
-    };
-}
 
 /// Used by `#[cluster::main]`; not a public API.
 #[doc(hidden)]

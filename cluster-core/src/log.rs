@@ -39,8 +39,6 @@ pub(crate) mod ring;
 use tracing::Level;
 use tracing_subscriber::filter::Targets;
 
-use crate::config::LogFormat;
-
 /// A line on stderr from a process with no subscriber (a worker, or before the master's is
 /// installed), prefixed `cluster: `, written with one `write` so that it is not cut into by
 /// the lines of the other processes of the cluster that share the stream.
@@ -55,6 +53,27 @@ pub(crate) use say;
 pub(crate) fn write_line(args: std::fmt::Arguments<'_>) {
     let line = format!("cluster: {args}\n");
     let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+}
+
+/// How the master writes its log (`CLUSTER_LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum LogFormat {
+    /// Lines of text on stderr.
+    #[default]
+    Text,
+    /// One JSON object per line on stderr.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(()),
+        }
+    }
 }
 
 /// Installs the master's subscriber on this thread unless the program set a global one; the

@@ -644,12 +644,12 @@ pub(crate) fn run(cfg: Config, hook: Option<MasterHook>) -> i32 {
 /// Who workers run as, checked before anything starts.
 fn credentials(cfg: &Config) -> Result<crate::sys::Credentials, String> {
     let creds = crate::sys::lookup_credentials(cfg.user.as_deref(), cfg.group.as_deref())
-        .map_err(|e| format!("{}/{}: {e}", crate::role::ENV_USER, crate::role::ENV_GROUP))?;
+        .map_err(|e| format!("{}/{}: {e}", crate::env::ENV_USER, crate::env::ENV_GROUP))?;
     let me = crate::sys::geteuid();
     if me != 0 && creds.uid != me {
         return Err(format!(
             "{}: workers can run as uid {} only if the master runs as root (it runs as uid {me})",
-            crate::role::ENV_USER,
+            crate::env::ENV_USER,
             creds.uid
         ));
     }

@@ -16,12 +16,13 @@ use tokio::sync::{mpsc, oneshot};
 use super::decide::Status;
 use super::dispatch::{Dispatch, Serial};
 use super::{Event, Registry};
+use crate::env::{ENV_CHANNEL_FD, ENV_UNIQUE_ID, ENV_UPGRADE_FD};
 use crate::ipc::encode;
 use crate::ipc::message::{AGENT, ALL_WORKERS, PROTOCOL_VERSION, ProtocolError, ToMaster, USER_TO_WORKER};
 use crate::ipc::{Channel, Reassembly, Receiver, RecvError, Whole};
 use crate::log::log;
 use crate::messaging::{self, Calls, Peer};
-use crate::role::{AGENT_UNIQUE_ID, CHANNEL_FD, ENV_CHANNEL_FD, ENV_UNIQUE_ID};
+use crate::role::{AGENT_UNIQUE_ID, CHANNEL_FD};
 use crate::sys;
 
 /// How long the reader of an exited worker's channel may take to reach its end: it reads what
@@ -158,15 +159,8 @@ impl Launcher {
 
 /// What systemd (or another service manager) tells the master alone, and the channel of a
 /// master started by an upgrade.
-const MASTER_ONLY_ENV: [&str; 7] = [
-    "NOTIFY_SOCKET",
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    super::upgrade::ENV_UPGRADE_FD,
-];
+const MASTER_ONLY_ENV: [&str; 7] =
+    ["NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID", ENV_UPGRADE_FD];
 
 /// Longest line of a worker's output kept whole; longer ones are cut into pieces this long.
 const MAX_OUTPUT_LINE: usize = 16 * 1024;

@@ -40,6 +40,7 @@ use socket2::Socket;
 use tokio::sync::oneshot;
 
 use super::systemd;
+use crate::env::ENV_UPGRADE_FD;
 use crate::ipc::message::{Endpoint, MAX_FDS};
 use crate::ipc::{Channel, NO_FDS, Receiver};
 use crate::log::note;
@@ -47,8 +48,6 @@ use crate::sys;
 
 /// The version of this handshake. Two masters that differ refuse to upgrade.
 pub(super) const VERSION: u64 = 1;
-/// Where a successor finds its end of the channel.
-pub(crate) const ENV_UPGRADE_FD: &str = "CLUSTER_UPGRADE_FD";
 /// The descriptor number the successor gets its end at.
 const UPGRADE_FD: RawFd = 3;
 /// How long each step of the handshake may take, beyond the workers' start.
