@@ -405,7 +405,7 @@ fn blank_test_modules(code: &str) -> String {
     let toks = tokens(code);
     let mut out = code.as_bytes().to_vec();
     for (i, (_, t)) in toks.iter().enumerate() {
-        if *t != "mod" || !toks.get(i + 2).is_some_and(|(_, t)| *t == "{") || !under_cfg_test(&toks, i) {
+        if *t != "mod" || toks.get(i + 2).is_none_or(|(_, t)| *t != "{") || !under_cfg_test(&toks, i) {
             continue;
         }
         let (start, mut depth) = (toks[i + 2].0, 0);
