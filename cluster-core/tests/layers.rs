@@ -19,6 +19,12 @@ fn the_library_has_no_import_cycle() {
     let crate_ = Crate::read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"));
     let graph = crate_.graph();
     assert!(graph.len() > 20, "the source tree was not read: {graph:?}");
+    // `LAYERS=1 cargo test -p cluster-core --test layers -- --nocapture` prints the graph.
+    if std::env::var_os("LAYERS").is_some() {
+        for (module, deps) in &graph {
+            println!("{module:?} -> {deps:?}");
+        }
+    }
     let cycles = cycles(&graph);
     assert!(cycles.is_empty(), "import cycles between modules:\n{}", show(&cycles, &graph));
 }

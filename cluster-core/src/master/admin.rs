@@ -14,7 +14,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::{AGENT_ID, Handle, WorkerState};
+use super::handle::Handle;
+use super::types::{AGENT_ID, WorkerState};
 use crate::log::note;
 
 /// Longest request head read.

@@ -24,8 +24,9 @@ use tokio::sync::{Semaphore, broadcast, watch};
 use tokio::task::JoinHandle;
 
 use self::request::{Refused, Request};
+use super::handle::Handle;
 use super::observe::state_name;
-use super::{AGENT_ID, ControlError, Handle, Overview, WorkerStatus};
+use super::types::{AGENT_ID, ControlError, Overview, WorkerStatus};
 use crate::config::{Config, ControlSocket};
 use crate::control::{MAX_LINE, PROTOCOL_VERSION, parse_socket_file_name, prepare_dir, socket_dir, socket_file_name};
 use crate::log::{note, ring, warning};

@@ -20,8 +20,7 @@ use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::dispatch::Serial;
-use super::{AGENT_ID, Event, ExitInfo, ExitReason, WorkerState, WorkerStatus};
+use super::types::{AGENT_ID, Event, ExitInfo, ExitReason, Serial, WorkerState, WorkerStatus};
 use crate::config::Config;
 use crate::ipc::message::ListenKey;
 use crate::log::{note, warning};

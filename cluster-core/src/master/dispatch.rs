@@ -22,6 +22,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use super::types::Serial;
 use crate::config::Balancer;
 use crate::ipc::Channel;
 use crate::ipc::encode;
@@ -36,9 +37,6 @@ const STICKY_WAITING: usize = MAX_FDS;
 
 /// How long a worker that had no free file descriptors gets no new connections.
 const REST: Duration = Duration::from_millis(100);
-
-/// Internal id of one worker process: a serial number, unique and never reused (worker ids are reused by replacements).
-pub(crate) type Serial = u64;
 
 /// A connection accepted by the master and not yet owned by a worker.
 struct Conn {

@@ -2,7 +2,7 @@
 
 use tokio::sync::mpsc;
 
-use super::Event;
+use super::types::Event;
 use crate::log::{log, warning};
 
 /// Events queued for code in the master, at most (see [`Events`]).

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::dispatch::Totals;
-use super::{AGENT_ID, MasterStatus, WorkerState, WorkerStatus};
+use super::types::{AGENT_ID, MasterStatus, WorkerState, WorkerStatus};
 use crate::sys;
 
 /// Counters of what the supervisor and the relays did, since the master started.

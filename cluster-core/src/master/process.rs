@@ -14,8 +14,10 @@ use bytes::BytesMut;
 use tokio::sync::{mpsc, oneshot};
 
 use super::decide::Status;
-use super::dispatch::{Dispatch, Serial};
-use super::{Event, Registry};
+use super::dispatch::Dispatch;
+use super::handle::Registry;
+use super::types::Event;
+use super::types::Serial;
 use crate::env::{ENV_CHANNEL_FD, ENV_UNIQUE_ID, ENV_UPGRADE_FD};
 use crate::ipc::encode;
 use crate::ipc::message::{AGENT, ALL_WORKERS, PROTOCOL_VERSION, ProtocolError, ToMaster, USER_TO_WORKER};

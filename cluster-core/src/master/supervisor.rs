@@ -18,15 +18,16 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::sleep_until;
 
 use super::decide::{Action, Answer, Command, Core, Fact, StopKind, World};
-use super::dispatch::{Dispatch, Serial};
+use super::dispatch::Dispatch;
 use super::events::Events;
+use super::handle::{Ask, Registry, Reply};
 use super::listeners::Listeners;
 use super::observe::{Snapshot, Stats};
+use super::pid_file;
 use super::process::{Child, Launcher, Links, Report};
 use super::systemd::{Notifier, Seen};
+use super::types::{ControlError, Event, MasterStatus, Reloaded, Scale, Serial, Upgraded};
 use super::upgrade::{self, Handover, Successor, Word};
-use super::{ControlError, MasterStatus, Reloaded, Scale, Upgraded};
-use super::{Event, Registry, WorkerStatus};
 use crate::config::Config;
 use crate::ipc::Channel;
 use crate::ipc::encode;
@@ -34,21 +35,6 @@ use crate::ipc::message::{ListenKey, ToMaster};
 use crate::log::{log, note, warning};
 use crate::messaging::{Calls, Peer, Request};
 use crate::sys;
-
-/// What code in the master, the control socket and the admin endpoint ask (see
-/// [`Handle`](super::Handle)).
-pub(super) enum Ask {
-    Command(Command),
-    Status(oneshot::Sender<Vec<WorkerStatus>>),
-    Snapshot(oneshot::Sender<Snapshot>),
-    Reload(Reply<Reloaded>),
-    Restart(u32, Reply<(u32, u32)>),
-    Scale(Scale, Reply<(usize, usize)>),
-    Upgrade(Reply<Upgraded>),
-}
-
-/// Where the outcome of an operation goes.
-pub(super) type Reply<T> = oneshot::Sender<Result<T, ControlError>>;
 
 /// What the master says about itself in status and metrics.
 pub(super) struct Info {
@@ -458,7 +444,7 @@ impl Supervisor {
                 self.notifier.resume(now);
                 self.serving.send_replace(true);
                 if let Some(path) = &self.cfg.pid_file
-                    && let Err(e) = super::pid_file::write(path)
+                    && let Err(e) = pid_file::write(path)
                 {
                     warning!(event = "pid_file_failed", error = %e, "cannot write the pid file {}: {e}", path.display());
                 }
