@@ -30,6 +30,9 @@
 //! [`master`] (events and control for code in the master), [`messaging`] (messages between
 //! processes), [`Cluster`] (the builder behind the macro).
 #![warn(missing_docs)]
+// `unsafe` lives in `sys` alone (its module allows it); nowhere else does it compile.
+#![deny(unsafe_code)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 mod builder;
 mod config;
@@ -43,6 +46,7 @@ pub mod master;
 pub mod messaging;
 pub mod net;
 mod role;
+#[allow(unsafe_code)]
 mod sys;
 pub mod worker;
 

@@ -1,0 +1,184 @@
+//! Processes and signals: what a worker or a new master gets between fork and exec, who this
+//! process is, signals to a child, the environment, the open-files limit.
+
+use std::io;
+use std::os::fd::RawFd;
+
+use super::check;
+use super::creds::Credentials;
+
+/// Removes a variable from the process environment, if no other thread of this process runs
+/// (only then is `remove_var` sound: no thread can be reading the environment, and none can
+/// start meanwhile, since only this one could start it). False if it left the variable.
+pub(crate) fn remove_env(name: &str) -> bool {
+    if !single_threaded() {
+        return false;
+    }
+    // SAFETY: this is the process's only thread (see above).
+    unsafe { std::env::remove_var(name) };
+    true
+}
+
+/// Whether this process has exactly one thread.
+fn single_threaded() -> bool {
+    std::fs::read_dir("/proc/self/task").is_ok_and(|tasks| tasks.count() == 1)
+}
+
+/// Prepares a freshly forked worker, between `fork` and `exec`.
+///
+/// Puts the channel at `target` (clearing close-on-exec only in the child), and asks the kernel
+/// to SIGKILL the worker if the master dies, so no worker is ever orphaned.
+///
+/// # Safety
+/// Must only be called in the child of a `fork`, as a `pre_exec` hook: it only makes
+/// async-signal-safe calls.
+pub(crate) unsafe fn child_setup(
+    channel: RawFd,
+    target: RawFd,
+    master_pid: libc::pid_t,
+    creds: Option<&Credentials>,
+) -> io::Result<()> {
+    // SAFETY: async-signal-safe syscalls only, on this process and its descriptors (all the
+    // calls below).
+    unsafe {
+        // Groups, then the group, then the user (after which nothing else could be changed);
+        // before PR_SET_PDEATHSIG, which a change of credentials clears.
+        if let Some(c) = creds {
+            check(libc::setgroups(c.groups.len(), c.groups.as_ptr()))?;
+            check(libc::setgid(c.gid))?;
+            check(libc::setuid(c.uid))?;
+        }
+        inherit_at(channel, target)?;
+        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
+        // The master may have died between fork and prctl: then nobody would send the signal.
+        if libc::getppid() != master_pid {
+            libc::_exit(1);
+        }
+    }
+    Ok(())
+}
+
+/// Arranges for [`child_setup`] to run in the worker between fork and exec.
+pub(crate) fn prepare_worker_command(
+    cmd: &mut std::process::Command,
+    channel: RawFd,
+    target: RawFd,
+    creds: Option<std::sync::Arc<Credentials>>,
+) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: `getpid` has no preconditions.
+    let master = unsafe { libc::getpid() };
+    // SAFETY: the hook runs in the forked child and makes only async-signal-safe calls (the
+    // group list was read in the parent).
+    unsafe {
+        cmd.pre_exec(move || child_setup(channel, target, master, creds.as_deref()));
+    }
+}
+
+/// Arranges for a new master (an upgrade's successor) to get `channel` at `target`, with
+/// close-on-exec cleared only in it. Unlike a worker it gets no parent-death signal: it must
+/// outlive the master that starts it.
+pub(crate) fn prepare_successor_command(cmd: &mut std::process::Command, channel: RawFd, target: RawFd) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the hook runs in the forked child and makes only async-signal-safe calls
+    // (fcntl, dup2) on a descriptor the child inherited.
+    unsafe {
+        cmd.pre_exec(move || inherit_at(channel, target));
+    }
+}
+
+/// In a forked child: makes `channel` available at `target` across `exec`, clearing
+/// close-on-exec in the child only (the parent's descriptor keeps it).
+///
+/// # Safety
+/// Only between `fork` and `exec` (it makes only async-signal-safe calls), on descriptors of
+/// this process.
+unsafe fn inherit_at(channel: RawFd, target: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl and dup2 on this process's descriptors; async-signal-safe.
+    unsafe {
+        if channel == target {
+            let flags = check(libc::fcntl(target, libc::F_GETFD))?;
+            check(libc::fcntl(target, libc::F_SETFD, flags & !libc::FD_CLOEXEC))?;
+        } else {
+            // dup2 leaves the new descriptor without FD_CLOEXEC.
+            check(libc::dup2(channel, target))?;
+        }
+    }
+    Ok(())
+}
+
+/// This process's id.
+pub(crate) fn getpid() -> u32 {
+    std::process::id()
+}
+
+/// This process's effective user id.
+pub(crate) fn geteuid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// This process's real user id.
+pub(crate) fn getuid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
+}
+
+/// Whether process `pid` exists (it may belong to another user).
+pub(crate) fn alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    // SAFETY: signal 0 checks for existence and permission only; nothing is sent.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Sends `sig` to process `pid`. Only for a child not yet reaped (its pid cannot have been
+/// reused).
+pub(crate) fn signal(pid: u32, sig: libc::c_int) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: kill has no memory-safety preconditions.
+    check(unsafe { libc::kill(pid, sig) }).map(drop)
+}
+
+/// Immediately terminates the process, without running destructors or atexit handlers.
+pub(crate) fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit has no preconditions.
+    unsafe { libc::_exit(code) }
+}
+
+/// Raises this process's soft limit of open files to its hard limit (at most 2^20), as Go's
+/// runtime does: a server that holds many connections should not stop at the historical 1024
+/// soft limit, and the hard limit is the administrator's word. Workers inherit it. Returns the
+/// soft limit before and after.
+pub(crate) fn raise_fd_limit() -> io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes only the struct passed.
+    check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
+    let before = lim.rlim_cur;
+    let target = lim.rlim_max.min(1 << 20);
+    if before < target {
+        lim.rlim_cur = target;
+        // SAFETY: setrlimit reads only the struct passed.
+        check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) })?;
+    }
+    Ok((before, lim.rlim_cur))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::single_threaded;
+
+    #[test]
+    fn the_environment_is_left_alone_while_other_threads_run() {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || stopped.recv());
+        assert!(!single_threaded());
+        // Cargo sets it for every test run.
+        let before = std::env::var_os("CARGO_MANIFEST_DIR");
+        assert!(before.is_some());
+        assert!(!super::remove_env("CARGO_MANIFEST_DIR"));
+        assert_eq!(std::env::var_os("CARGO_MANIFEST_DIR"), before);
+        stop.send(()).unwrap();
+        other.join().unwrap().unwrap();
+    }
+}
