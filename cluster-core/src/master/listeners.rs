@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use socket2::Socket;
+use socket2::{Domain, Socket, Type};
 use tokio::io::unix::AsyncFd;
 
 use super::dispatch::{self, AcceptThreads, Accepting, Dispatch};
@@ -244,7 +244,7 @@ impl Listeners {
         let at = |addr: &SocketAddr| self.reuseport_addr.get(&group).copied().unwrap_or(*addr);
         let listener = match &lookup.0 {
             Endpoint::Tcp(addr) => {
-                let socket = dispatch::bind_tcp(at(addr), self.cfg.backlog, reuseport)?;
+                let socket = bind_tcp(at(addr), self.cfg.backlog, reuseport)?;
                 let bound = socket.local_addr()?.as_socket();
                 if reuseport || self.cfg.policy == Policy::Shared {
                     Listener { addr: bound, kind: Kind::Handed(socket), unix_path: None, keep: Keep::Own }
@@ -259,7 +259,7 @@ impl Listeners {
                 self.stream_listener(socket, key, None, Some(path.clone()))?
             }
             Endpoint::Udp(addr) => {
-                let socket = dispatch::bind_udp(at(addr), reuseport)?;
+                let socket = bind_udp(at(addr), reuseport)?;
                 let bound = socket.local_addr()?.as_socket();
                 Listener { addr: bound, kind: Kind::Handed(socket), unix_path: None, keep: Keep::Own }
             }
@@ -477,6 +477,29 @@ impl Listeners {
         let accepting = self.live.then(|| self.threads.start(&socket, key, &self.dispatch));
         Ok(Listener { addr, kind: Kind::Stream { socket, accepting }, unix_path, keep: Keep::Own })
     }
+}
+
+/// Binds a UDP socket the workers share (or, with `reuseport`, one of a worker's own):
+/// SO_REUSEADDR, non-blocking, close-on-exec.
+pub(crate) fn bind_udp(addr: SocketAddr, reuseport: bool) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(reuseport)?;
+    socket.bind(&addr.into())?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+/// Binds a listening socket the way the master shares it: SO_REUSEADDR, non-blocking,
+/// close-on-exec.
+pub(crate) fn bind_tcp(addr: SocketAddr, backlog: i32, reuseport: bool) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(reuseport)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
 }
 
 /// How an address a worker listens on is shown in the log: the bound address (a port-0 bind's

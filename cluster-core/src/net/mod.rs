@@ -11,7 +11,6 @@ mod unix;
 
 pub use proxy::is_closed;
 pub use tcp::TcpListener;
-pub(crate) use tcp::is_connection_error;
 pub use udp::UdpSocket;
 pub use unix::UnixListener;
 pub(crate) use unix::bind_unix;

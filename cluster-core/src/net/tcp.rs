@@ -8,6 +8,8 @@ use tokio::net::{TcpStream, ToSocketAddrs, lookup_host};
 
 use super::proxy::{Closing, Proxy, is_closed};
 use crate::ipc::message::{Endpoint, ListenKey};
+#[cfg(feature = "axum")]
+use crate::sys::is_connection_error;
 use crate::worker::client;
 
 /// A TCP listener that works the same in a worker, in a single process and in the master.
@@ -181,12 +183,4 @@ impl axum::serve::Listener for TcpListener {
     fn local_addr(&self) -> io::Result<SocketAddr> {
         TcpListener::local_addr(self)
     }
-}
-
-/// Errors that concern one connection, not the listener.
-pub(crate) fn is_connection_error(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
-    )
 }

@@ -60,6 +60,15 @@ pub(crate) fn adopt_channel_fd(fd: RawFd) -> Result<OwnedFd, ChannelFdError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Errors of [`accept`] that concern one connection (it was reset or aborted before it was
+/// taken), not the listener: the next one may be taken at once.
+pub(crate) fn is_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+    )
+}
+
 /// Accepts a connection as non-blocking and close-on-exec in one call. Workers rely on it:
 /// the descriptors they get are ready for tokio without another syscall.
 pub(crate) fn accept(listener: &socket2::Socket) -> io::Result<(socket2::Socket, socket2::SockAddr)> {

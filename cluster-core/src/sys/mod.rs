@@ -14,7 +14,8 @@ pub(crate) use creds::{Credentials, lookup_credentials, may_write_dir, set_socke
 pub(crate) use diag::{accept_queue_len, pending_handshakes, stop_queueing, tcp_connection_inodes};
 pub use fd::ChannelFdError;
 pub(crate) use fd::{
-    accept, adopt_channel_fd, adopt_inherited_socket, inode, recv_with_fds, register, send_now, send_with_fds, watch,
+    accept, adopt_channel_fd, adopt_inherited_socket, inode, is_connection_error, recv_with_fds, register, send_now,
+    send_with_fds, watch,
 };
 pub(crate) use init::{become_init_if_pid_1, set_under_own_init, tell_init_successor, under_own_init};
 pub(crate) use process::{

@@ -1,6 +1,8 @@
-//! The master's data path: listening sockets, accept loops, and handing connections to workers.
+//! The dispatch table: which worker gets each connection the master accepted, and the
+//! master's copy of it until that worker acknowledges it.
 //!
-//! socket → [`accept_loop`] → [`Dispatch::dispatch`] → `NewConn` + fd over the worker's channel.
+//! socket → `accept.rs` (the accept loops, on threads of their own) → [`Dispatch::dispatch`] →
+//! `balance.rs` picks a worker → `NewConn` + fd over the worker's channel.
 //!
 //! The master keeps its copy of every connection it hands over until that worker
 //! acknowledges it (`Accepted`). If the worker refuses it or its channel closes first (it died),
@@ -9,18 +11,23 @@
 //! when every worker's window is full, accept loops stop accepting and the kernel's listen
 //! backlog holds new clients.
 
+mod accept;
+mod balance;
+
+use balance::Seen;
+
+pub(super) use accept::{AcceptThreads, Accepting, sweep};
+
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use socket2::{Domain, Socket, Type};
-use tokio::io::unix::AsyncFd;
+use socket2::Socket;
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
 
 use super::types::Serial;
 use crate::config::Balancer;
@@ -28,8 +35,6 @@ use crate::ipc::Channel;
 use crate::ipc::encode;
 use crate::ipc::message::{ConnId, ListenKey, MAX_FDS, NewConn};
 use crate::log::{note, warning};
-use crate::net::is_connection_error;
-use crate::sys;
 
 /// Under `sticky`, connections that may wait in the master per worker for their own worker to
 /// have room, before the master stops accepting.
@@ -452,33 +457,13 @@ impl State {
     /// Puts `conn` in the batch of the worker the balancer picks, or gives it back if none
     /// can take it now.
     fn choose(&mut self, conn: Conn, limits: &Limits) -> Result<(), Conn> {
-        let n = self.targets.len();
         let key = conn.key;
-        let pick = match (limits.balancer, conn.peer) {
-            (Balancer::Sticky, Some(peer)) => {
-                // Rendezvous hashing over the worker ids that take this key: the client goes to
-                // the highest score, whether or not it has room now (then it waits).
-                let best = (0..n)
-                    .filter(|i| self.targets[*i].takes(key))
-                    .max_by_key(|i| (score(peer.ip(), self.targets[*i].id), self.targets[*i].serial));
-                best.filter(|i| self.targets[*i].room(limits) > 0)
-            }
-            (Balancer::LeastConnections, _) => {
-                // Closes are reported in batches, so loads are a little stale: loads within a
-                // quarter of the least count as equal and take turns, instead of one worker
-                // getting every connection until its next report.
-                let open = |i: &usize| self.targets[*i].takes(key) && self.targets[*i].room(limits) > 0;
-                let least = (0..n).filter(open).map(|i| self.targets[i].load()).min();
-                least.and_then(|least| {
-                    (0..n)
-                        .map(|step| (self.cursor + step) % n)
-                        .find(|i| open(i) && self.targets[*i].load() <= least + least / 4)
-                })
-            }
-            _ => (0..n)
-                .map(|step| (self.cursor + step) % n)
-                .find(|i| self.targets[*i].takes(key) && self.targets[*i].room(limits) > 0),
+        let seen = |i: usize| {
+            let t = &self.targets[i];
+            Seen { id: t.id, serial: t.serial, takes: t.takes(key), room: t.room(limits), load: t.load() }
         };
+        let client = conn.peer.map(|peer| peer.ip());
+        let pick = balance::pick(limits.balancer, client, self.cursor, self.targets.len(), seen);
         let Some(i) = pick else { return Err(conn) };
         self.cursor = i + 1;
         let id = self.next_id;
@@ -567,325 +552,5 @@ impl State {
                 .targets
                 .iter()
                 .any(|t| t.takes(key) && t.room(limits) > 0 && t.inflight.len() + t.batch.len() <= limits.low_water)
-    }
-}
-
-/// The rendezvous score of a client address for a worker id.
-fn score(ip: IpAddr, id: u32) -> u64 {
-    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-    // A fixed hasher: the same client maps to the same worker id across master restarts.
-    BuildHasherDefault::<DefaultHasher>::default().hash_one((ip, id))
-}
-
-/// Binds a UDP socket the workers share (or, with `reuseport`, one of a worker's own):
-/// SO_REUSEADDR, non-blocking, close-on-exec.
-pub(crate) fn bind_udp(addr: SocketAddr, reuseport: bool) -> io::Result<Socket> {
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(socket2::Protocol::UDP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(reuseport)?;
-    socket.bind(&addr.into())?;
-    socket.set_nonblocking(true)?;
-    Ok(socket)
-}
-
-/// Binds a listening socket the way the master shares it: SO_REUSEADDR, non-blocking,
-/// close-on-exec.
-pub(crate) fn bind_tcp(addr: SocketAddr, backlog: i32, reuseport: bool) -> io::Result<Socket> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(socket2::Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(reuseport)?;
-    socket.bind(&addr.into())?;
-    socket.listen(backlog)?;
-    socket.set_nonblocking(true)?;
-    Ok(socket)
-}
-
-/// The master's accept threads: the runtime's own thread, plus `accept_threads − 1` threads
-/// started when the first socket needs them, each running a single-threaded runtime with its
-/// own reactor. Each thread runs one accept loop per listening socket (on its own duplicate of
-/// the socket), and all of them share the one dispatch table.
-pub(crate) struct AcceptThreads {
-    extra: usize,
-    /// See [`gathering`].
-    gather: Duration,
-    handles: std::sync::OnceLock<Vec<tokio::runtime::Handle>>,
-}
-
-/// The accept loops of one listening socket, one per accept thread.
-pub(crate) struct Accepting {
-    own: JoinHandle<()>,
-    others: Vec<JoinHandle<()>>,
-    /// Held (read) by the other threads' loops while they accept and dispatch; [`stop`]
-    /// takes it (write), so that once it returns no loop of another thread accepts any more.
-    /// The runtime's own loop needs none: it is aborted on its own thread, between two polls.
-    ///
-    /// [`stop`]: Accepting::stop
-    open: Arc<std::sync::RwLock<bool>>,
-}
-
-impl AcceptThreads {
-    pub(crate) fn new(accept_threads: usize, gather: Duration) -> Self {
-        AcceptThreads { extra: accept_threads.saturating_sub(1), gather, handles: std::sync::OnceLock::new() }
-    }
-
-    /// Starts accepting on `socket` on every accept thread.
-    pub(crate) fn start(&self, socket: &Arc<AsyncFd<Socket>>, key: ListenKey, dispatch: &Arc<Dispatch>) -> Accepting {
-        let open = Arc::new(std::sync::RwLock::new(true));
-        let gather = self.gather;
-        let own = tokio::spawn(accept_loop(socket.clone(), key, dispatch.clone(), gather, None));
-        let mut others = Vec::new();
-        for handle in self.handles() {
-            let (dispatch, open) = (dispatch.clone(), open.clone());
-            // Registered with that thread's reactor, so the duplicate is made here and
-            // registered there.
-            match socket.get_ref().try_clone() {
-                Ok(dup) => others.push(handle.spawn(async move {
-                    match sys::watch(dup) {
-                        Ok(dup) => accept_loop(Arc::new(dup), key, dispatch, gather, Some(open)).await,
-                        Err(e) => warning!(event = "accept_thread_failed", key, error = %e, "an accept thread cannot watch listener {key}: {e}"),
-                    }
-                })),
-                Err(e) => {
-                    warning!(event = "accept_thread_failed", key, error = %e, "an accept thread cannot share listener {key}: {e}")
-                }
-            }
-        }
-        Accepting { own, others, open }
-    }
-
-    fn handles(&self) -> &[tokio::runtime::Handle] {
-        self.handles.get_or_init(|| {
-            let handles: Vec<_> = (1..=self.extra).filter_map(start_thread).collect();
-            if !handles.is_empty() {
-                note!(
-                    event = "accept_threads",
-                    count = handles.len() + 1,
-                    "accepting on {} threads",
-                    handles.len() + 1
-                );
-            }
-            handles
-        })
-    }
-}
-
-/// Starts accept thread `i` (1-based; the runtime's own thread is 0): a single-threaded
-/// runtime that runs until the process exits.
-fn start_thread(i: usize) -> Option<tokio::runtime::Handle> {
-    let started = tokio::runtime::Builder::new_current_thread().enable_all().build().and_then(|rt| {
-        let handle = rt.handle().clone();
-        std::thread::Builder::new()
-            .name(format!("accept-{i}"))
-            .spawn(move || rt.block_on(std::future::pending::<()>()))
-            .map(|_| handle)
-    });
-    started
-        .inspect_err(|e| warning!(event = "accept_thread_failed", error = %e, "cannot start accept thread {i}: {e}"))
-        .ok()
-}
-
-impl Accepting {
-    /// Stops every loop: none accepts once this returns.
-    pub(crate) fn stop(self) {
-        self.own.abort();
-        *self.open.write().unwrap_or_else(|e| e.into_inner()) = false;
-        for task in self.others {
-            task.abort();
-        }
-    }
-}
-
-/// How one pass over a listener's queue ended.
-enum Pass {
-    /// The queue is empty, or workers have no more room: this many were taken.
-    Done(usize),
-    /// `accept` failed (file descriptors exhausted and the like).
-    Failed(io::Error),
-    /// The listener was shut down or its loop stopped: nothing more to accept.
-    Closed,
-}
-
-/// While passes come this many gathering times apart or closer, connections are arriving
-/// fast enough for gathering to pay (see [`gathering`]).
-const GATHER_WHEN_CLOSER: u32 = 10;
-
-/// How long to let connections gather before the next pass over a listener's queue, after a
-/// pass at `now` that took `took` connections; `previous` is when the pass before ended.
-///
-/// Every pass costs the master a wake-up (the kernel's scheduler, its reactor, the tasks it
-/// runs), and on a busy machine that is most of what a connection costs it: passes that find
-/// one or two connections each make `rr` spend more CPU per connection than anything else.
-/// Waiting a little after a pass lets the next one take several, sent in fewer messages, and
-/// the acknowledgements that came meanwhile are read in one go too. It only starts once
-/// connections keep coming: the pass took some, and the one before ended less than
-/// [`GATHER_WHEN_CLOSER`] gathering times ago, so a connection that arrives alone is never
-/// held, and one that arrives during a gathering waits at most `gather`.
-fn gathering(gather: Duration, took: usize, previous: Option<Instant>, now: Instant) -> Option<Duration> {
-    let recent = previous.is_some_and(|then| now.saturating_duration_since(then) < gather * GATHER_WHEN_CLOSER);
-    (!gather.is_zero() && took > 0 && recent).then_some(gather)
-}
-
-thread_local! {
-    /// When a gathering on this thread last ended.
-    static GATHERED: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
-}
-
-/// Lets connections gather for `wait`, on this thread, not on a timer: the runtime's timers
-/// tick in milliseconds, and the point is that nothing wakes the thread meanwhile. The other
-/// tasks of the thread wait at most this long. The accept loops of several busy listeners on
-/// one thread share one gathering: a loop whose thread gathered less than `wait` ago goes on.
-fn gather_on_this_thread(wait: Duration, now: Instant) {
-    if GATHERED.get().is_some_and(|ended| now.saturating_duration_since(ended) < wait) {
-        return;
-    }
-    std::thread::sleep(wait);
-    GATHERED.set(Some(Instant::now()));
-}
-
-/// Accepts connections on one listening socket and dispatches them, while workers have room:
-/// as many as they can take (up to one message's worth) per lock of the table. `gather`: see
-/// [`gathering`]; `open`: see [`Accepting`].
-async fn accept_loop(
-    listener: Arc<AsyncFd<Socket>>,
-    key: ListenKey,
-    dispatch: Arc<Dispatch>,
-    gather: Duration,
-    open: Option<Arc<std::sync::RwLock<bool>>>,
-) {
-    let mut batch: Vec<Conn> = Vec::with_capacity(MAX_FDS);
-    let mut failing: Option<(Instant, u64)> = None;
-    let mut previous: Option<Instant> = None;
-    loop {
-        dispatch.wait_room(key).await;
-        let Ok(mut ready) = listener.readable().await else { return };
-        let pass = match &open {
-            None => take(&mut ready, key, &dispatch, &mut batch),
-            Some(open) => {
-                let open = open.read().unwrap_or_else(|e| e.into_inner());
-                if *open { take(&mut ready, key, &dispatch, &mut batch) } else { Pass::Closed }
-            }
-        };
-        match pass {
-            Pass::Closed => return,
-            Pass::Failed(e) => {
-                dispatch.accept_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                // EMFILE / ENFILE and the like: the client stays in the kernel's queue. Back
-                // off instead of spinning, and say so once per episode, not per attempt.
-                match &mut failing {
-                    Some((_, n)) => *n += 1,
-                    None => {
-                        warning!(event = "accept_error", key, error = %e, "accept error on listener {key}: {e}; retrying every 100 ms until it clears");
-                        failing = Some((Instant::now(), 1));
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Pass::Done(took) => {
-                let now = Instant::now();
-                if let Some(wait) = gathering(gather, took, previous, now) {
-                    gather_on_this_thread(wait, now);
-                }
-                previous = Some(now);
-                if let Some((since, n)) = failing.take() {
-                    let secs = since.elapsed().as_secs_f64();
-                    note!(
-                        event = "accept_recovered",
-                        key,
-                        failed = n,
-                        "accepts on listener {key} work again after {secs:.1}s ({n} failed attempts)"
-                    );
-                }
-            }
-        }
-    }
-}
-
-/// Drains the kernel's queue while workers have room: accepts as many as they can take (up to
-/// one message's worth) and dispatches them, until the queue is empty or the room is gone.
-fn take(
-    ready: &mut tokio::io::unix::AsyncFdReadyGuard<'_, Socket>,
-    key: ListenKey,
-    dispatch: &Dispatch,
-    batch: &mut Vec<Conn>,
-) -> Pass {
-    let mut took = 0;
-    loop {
-        let room = dispatch.room(key).min(MAX_FDS);
-        if room == 0 {
-            return Pass::Done(took);
-        }
-        let mut error = None;
-        while batch.len() < room {
-            match ready.try_io(|l| sys::accept(l.get_ref())) {
-                Ok(Ok((socket, peer))) => batch.push(Conn { key, socket, peer: peer.as_socket() }),
-                Ok(Err(e)) if is_connection_error(&e) => {}
-                Ok(Err(e)) => {
-                    error = Some(e);
-                    break;
-                }
-                Err(_would_block) => break,
-            }
-        }
-        let full = batch.len() == room;
-        took += batch.len();
-        if !batch.is_empty() {
-            dispatch.dispatch(key, batch);
-        }
-        match error {
-            // Shut down: the master is closing this socket, and its loops are being stopped.
-            Some(e) if e.kind() == io::ErrorKind::InvalidInput => return Pass::Closed,
-            Some(e) => return Pass::Failed(e),
-            None if !full => return Pass::Done(took),
-            None => {}
-        }
-    }
-}
-
-/// Takes every connection the kernel has already completed on `listener` (clients that are
-/// connected but not yet accepted) and queues them for workers, so that closing the socket
-/// right after resets nobody who was already let in.
-pub(crate) fn sweep(listener: &AsyncFd<Socket>, key: ListenKey, dispatch: &Dispatch) -> usize {
-    let mut n = 0;
-    let mut batch = Vec::new();
-    loop {
-        match sys::accept(listener.get_ref()) {
-            Ok((socket, peer)) => {
-                batch.push(Conn { key, socket, peer: peer.as_socket() });
-                n += 1;
-            }
-            Err(e) if is_connection_error(&e) => {}
-            Err(_) => break,
-        }
-    }
-    dispatch.dispatch(key, &mut batch);
-    n
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const G: Duration = Duration::from_micros(100);
-
-    #[test]
-    fn connections_gather_only_while_they_keep_coming() {
-        let t0 = Instant::now();
-        let at = |us: u64| t0 + Duration::from_micros(us);
-        // The first pass after a quiet spell, and a lone connection long after the last
-        // pass, go out at once and hold nothing after them.
-        assert_eq!(gathering(G, 1, None, at(0)), None);
-        assert_eq!(gathering(G, 1, Some(at(0)), at(5_000)), None);
-        assert_eq!(gathering(G, 3, Some(at(0)), at(1_000)), None, "ten gathering times apart is not close");
-        // Passes close together: wait one gathering time before the next.
-        assert_eq!(gathering(G, 1, Some(at(0)), at(999)), Some(G));
-        assert_eq!(gathering(G, 64, Some(at(0)), at(150)), Some(G));
-        // A pass that took nothing (a spurious wake, or no room) waits for nothing.
-        assert_eq!(gathering(G, 0, Some(at(0)), at(50)), None);
-        // Off.
-        assert_eq!(gathering(Duration::ZERO, 5, Some(at(0)), at(1)), None);
-        // The threshold scales with the setting.
-        let g = Duration::from_micros(500);
-        assert_eq!(gathering(g, 1, Some(at(0)), at(4_999)), Some(g));
-        assert_eq!(gathering(g, 1, Some(at(0)), at(5_000)), None);
     }
 }
