@@ -2,7 +2,10 @@
 //! id under `reuseport`), and closing them without resetting a client the kernel let in.
 //!
 //! Closing a TCP listening socket resets every client in its accept queue and every handshake
-//! still under way on it, so a socket is never just closed: it is drained ([`Draining`]).
+//! still under way on it, so a socket is never just closed: it is drained ([`Draining`], and
+//! `drain.rs`, which decides when it may be shut down).
+
+mod drain;
 
 use std::collections::HashMap;
 use std::io;
@@ -10,11 +13,12 @@ use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use socket2::{Domain, Socket, Type};
 use tokio::io::unix::AsyncFd;
 
+use self::drain::{Drain, Verdict};
 use super::dispatch::{self, AcceptThreads, Accepting, Dispatch};
 use super::systemd;
 use super::upgrade;
@@ -23,17 +27,6 @@ use crate::ipc::message::{Endpoint, ListenKey};
 use crate::log::{log, note, warning};
 use crate::messaging::Peer;
 use crate::sys;
-
-/// Longest wait for workers to empty a socket's accept queue (they take a full one in
-/// milliseconds; a hung worker must not hold the others' stop).
-const DRAIN_LIMIT: Duration = Duration::from_secs(2);
-/// How long a closing socket waits for the handshakes under way on it when the kernel cannot
-/// list them (no `sock_diag`): a round trip on a local network, with room to spare.
-const HANDSHAKE_GRACE: Duration = Duration::from_millis(200);
-/// A moment for the kernel to finish what it was doing when a socket's state was read: a SYN
-/// racing with the filter entering the table of handshakes, a completed handshake leaving it
-/// and being counted in the accept queue.
-const SETTLE: Duration = Duration::from_millis(5);
 
 /// The master's sockets.
 pub(super) struct Listeners {
@@ -404,25 +397,26 @@ impl Listeners {
     /// When the draining sockets next need a look without anything else happening (`None`:
     /// not before the next tick).
     pub(super) fn wake_at(&self) -> Option<Instant> {
-        self.draining.iter().filter_map(Draining::wake_at).min()
+        self.draining.iter().filter_map(|d| d.drain.wake_at()).min()
     }
 
     /// Shuts down the draining sockets that no handshake can join any more and whose queue is
     /// empty, or that no live worker accepts on any more (`accepted_on`), or that waited
-    /// [`DRAIN_LIMIT`]. One `sock_diag` dump per address family serves every socket that needs
+    /// too long (`drain.rs`). One `sock_diag` dump per address family serves every socket that needs
     /// its handshakes listed.
     pub(super) fn step(&mut self, now: Instant, accepted_on: impl Fn(ListenKey) -> bool) {
-        let want: Vec<usize> = (0..self.draining.len()).filter(|i| self.draining[*i].wants_listing(now)).collect();
+        let want: Vec<usize> =
+            (0..self.draining.len()).filter(|i| self.draining[*i].drain.wants_listing(now)).collect();
         if !want.is_empty() {
             let locals: Vec<SocketAddr> = want.iter().map(|i| self.draining[*i].local).collect();
             let lists = sys::pending_handshakes(&locals);
             for (n, i) in want.into_iter().enumerate() {
                 let listed = lists.as_ref().map(|l| l[n].as_slice()).map_err(|e| e.to_string());
-                self.draining[i].update(now, listed);
+                let key = self.draining[i].key;
+                self.draining[i].drain.listed(now, listed, key);
             }
         }
         for d in std::mem::take(&mut self.draining) {
-            let handshaking = d.handshaking(now);
             let (queued, accepted) = match &d.kind {
                 // The master's accept loop empties it; the last ones are swept on close.
                 Kind::Stream { .. } => (0, true),
@@ -434,25 +428,25 @@ impl Listeners {
                     (queued, accepted_on(d.key))
                 }
             };
-            if handshaking || queued > 0 {
-                let why = if !accepted {
-                    "no worker accepts on it"
-                } else if now.duration_since(d.since) >= DRAIN_LIMIT {
-                    "it was not emptied in time"
-                } else {
+            match d.drain.verdict(now, queued, accepted) {
+                Verdict::Wait => {
                     self.draining.push(d);
                     continue;
-                };
-                let under_way = if handshaking { " and handshakes under way" } else { "" };
-                warning!(
-                    event = "drain_given_up",
-                    key = d.key,
-                    queued,
-                    handshaking,
-                    reason = why,
-                    "listener {}: closing it with {queued} client(s) queued{under_way}: {why}",
-                    d.key
-                );
+                }
+                Verdict::Close => {}
+                Verdict::GiveUp(why) => {
+                    let handshaking = d.drain.handshakes_under_way(now);
+                    let under_way = if handshaking { " and handshakes under way" } else { "" };
+                    warning!(
+                        event = "drain_given_up",
+                        key = d.key,
+                        queued,
+                        handshaking,
+                        reason = why,
+                        "listener {}: closing it with {queued} client(s) queued{under_way}: {why}",
+                        d.key
+                    );
+                }
             }
             d.kind.close(d.key, Some(&self.dispatch));
         }
@@ -519,35 +513,17 @@ impl Drop for Listeners {
     }
 }
 
-/// A TCP listening socket being closed without resetting anyone. The kernel starts no new
-/// handshake on it ([`sys::stop_queueing`]); the handshakes already under way complete
-/// ([`sys::pending_handshakes`]); whoever accepts on it (the workers, or the master under
-/// `rr`) empties its queue; then it is shut down. A worker is not closed (`rr`) or told to
-/// disconnect (a socket it accepts on) before that. Given up, with what it holds, when no live
-/// worker accepts on it any more, or after [`DRAIN_LIMIT`] (a client that never answers the
-/// SYN-ACK holds the close that long).
+/// A TCP listening socket being closed without resetting anyone (`drain.rs` decides when it
+/// may be shut down). The kernel starts no new handshake on it ([`sys::stop_queueing`]); the
+/// handshakes already under way complete ([`sys::pending_handshakes`]); whoever accepts on it
+/// (the workers, or the master under `rr`) empties its queue; then it is shut down. A worker
+/// is not closed (`rr`) or told to disconnect (a socket it accepts on) before that.
 struct Draining {
     key: ListenKey,
     kind: Kind,
     /// The socket's local address.
     local: SocketAddr,
-    since: Instant,
-    handshakes: Handshakes,
-}
-
-/// The handshakes towards a draining socket's port that were under way when it stopped
-/// queueing, named by their kernel cookies.
-#[derive(Default)]
-enum Handshakes {
-    /// Listed once a SYN that raced with the filter has had time to enter the kernel's table.
-    #[default]
-    Unlisted,
-    /// Those still in the table.
-    Pending(Vec<u64>),
-    /// The last one was seen gone at this instant.
-    Done(Instant),
-    /// They cannot be listed (no `sock_diag`): they are given [`HANDSHAKE_GRACE`].
-    Unknown,
+    drain: Drain,
 }
 
 impl Draining {
@@ -559,55 +535,7 @@ impl Draining {
             log!("listener {key}: cannot stop queueing new clients ({e}); closing it with what it holds");
             return Err(kind);
         }
-        Ok(Draining { key, kind, local, since: Instant::now(), handshakes: Handshakes::Unlisted })
-    }
-
-    /// Whether the handshakes under way need listing now.
-    fn wants_listing(&self, now: Instant) -> bool {
-        now >= self.since + SETTLE && matches!(self.handshakes, Handshakes::Unlisted | Handshakes::Pending(_))
-    }
-
-    /// Takes in a listing of the handshakes under way towards this socket's port.
-    fn update(&mut self, now: Instant, listed: Result<&[u64], String>) {
-        self.handshakes = match (listed, std::mem::take(&mut self.handshakes)) {
-            (Err(e), _) => {
-                let key = self.key;
-                log!("listener {key}: cannot list the handshakes under way ({e}); giving them {HANDSHAKE_GRACE:?}");
-                Handshakes::Unknown
-            }
-            (Ok(pending), Handshakes::Pending(mut list)) => {
-                list.retain(|cookie| pending.contains(cookie));
-                if list.is_empty() { Handshakes::Done(now) } else { Handshakes::Pending(list) }
-            }
-            (Ok([]), _) => Handshakes::Done(now),
-            (Ok(pending), _) => Handshakes::Pending(pending.to_vec()),
-        };
-    }
-
-    /// Whether a handshake under way when the socket stopped queueing may still complete and
-    /// join its queue.
-    fn handshaking(&self, now: Instant) -> bool {
-        if now < self.since + SETTLE {
-            return true;
-        }
-        match self.handshakes {
-            Handshakes::Unlisted | Handshakes::Pending(_) => true,
-            // A completed handshake leaves the table a moment before its connection is counted
-            // in the queue.
-            Handshakes::Done(at) => now < at + SETTLE,
-            Handshakes::Unknown => now < self.since + HANDSHAKE_GRACE,
-        }
-    }
-
-    /// When [`handshaking`](Self::handshaking) can next change its answer without a
-    /// handshake completing (`None`: any time, it is polled).
-    fn wake_at(&self) -> Option<Instant> {
-        match self.handshakes {
-            Handshakes::Unlisted => Some(self.since + SETTLE),
-            Handshakes::Pending(_) => None,
-            Handshakes::Done(at) => Some(at + SETTLE),
-            Handshakes::Unknown => Some(self.since + HANDSHAKE_GRACE),
-        }
+        Ok(Draining { key, kind, local, drain: Drain::new(Instant::now()) })
     }
 }
 
