@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use tokio::signal::unix::{Signal, SignalKind, signal};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::time::sleep_until;
 
 use super::decide::{Action, Answer, Command, Core, Fact, StopKind, World};
@@ -27,7 +27,7 @@ use super::pid_file;
 use super::process::{Child, Launcher, Links, Report};
 use super::systemd::{Notifier, Seen};
 use super::types::{ControlError, Event, MasterStatus, Reloaded, Scale, Serial, Upgraded};
-use super::upgrade::{self, Handover, Successor, Word};
+use super::upgrade::{self, Effect, Handover, Side, Successor, Upgrading};
 use crate::config::Config;
 use crate::ipc::Channel;
 use crate::ipc::encode;
@@ -44,31 +44,6 @@ pub(super) struct Info {
     /// socket, to hand to a successor.
     pub(super) control_fd: Option<(PathBuf, OwnedFd)>,
     pub(super) admin_fd: Option<OwnedFd>,
-}
-
-/// This master's part in an upgrade of the master (`upgrade.rs`).
-enum Upgrade {
-    /// None under way.
-    Idle,
-    /// This master started a successor and waits for it to serve.
-    Starting {
-        since: Instant,
-        done: oneshot::Receiver<Result<(u32, upgrade::Link), String>>,
-        /// Dropped to call it off.
-        cancel: Option<oneshot::Sender<()>>,
-        waiters: Vec<Reply<Upgraded>>,
-        /// This master's own predecessor, if it is still retiring (`Overlap`), to go back to
-        /// if this upgrade fails.
-        predecessor: Option<Successor>,
-    },
-    /// This master is a successor, waiting for its predecessor's go.
-    Taking(Successor),
-    /// This master took over; its predecessor retires and its sockets are still the
-    /// predecessor's too, until the channel closes (it exited).
-    Overlap(Successor),
-    /// This master handed over to the new one (its pid) and retires; the link is held until it
-    /// exits.
-    HandedOver { pid: u32, _link: upgrade::Link },
 }
 
 /// Those waiting for a reload or a restart to end.
@@ -89,8 +64,9 @@ pub(super) struct Supervisor {
     stats: Arc<Stats>,
     waiting: Waiting,
     core: Core,
-    upgrade: Upgrade,
-    /// Whether the control socket and the admin endpoint accept (see `upgrade.rs`).
+    /// The upgrade of the master (`upgrade/`).
+    upgrade: Upgrading,
+    /// Whether the control socket and the admin endpoint accept (see `upgrade/`).
     serving: watch::Sender<bool>,
     launcher: Launcher,
     links: Links,
@@ -122,14 +98,12 @@ impl Supervisor {
         let stats = Arc::new(Stats::default());
         let mut notifier = Notifier::new(Instant::now());
         let mut listeners = Listeners::new(cfg.clone(), dispatch.clone());
-        let upgrade = match successor {
-            Some((successor, handed)) => {
-                notifier.pause();
-                listeners.adopt_handed(handed);
-                Upgrade::Taking(successor)
-            }
-            None => Upgrade::Idle,
-        };
+        let successor = successor.map(|(successor, handed)| {
+            notifier.pause();
+            listeners.adopt_handed(handed);
+            successor
+        });
+        let upgrade = Upgrading::new(sys::getpid(), cfg.ready_timeout, cfg.kill_timeout, successor);
         Ok(Supervisor {
             notifier,
             upgrade,
@@ -178,8 +152,7 @@ impl Supervisor {
                 return code;
             }
             self.tell_service_manager(now);
-            self.tell_predecessor();
-            let wake = [self.listeners.wake_at(), self.notifier.wake_at()]
+            let wake = [self.listeners.wake_at(), self.notifier.wake_at(), self.upgrade.next_wake()]
                 .into_iter()
                 .flatten()
                 .fold(self.core.next_wake(now), Instant::min);
@@ -199,10 +172,11 @@ impl Supervisor {
                 _ = signals.ttou.recv() => self.command(Command::SetWorkers(self.core.target().saturating_sub(1))),
                 Some(report) = self.reports.recv() => self.on_report(report),
                 Some(ask) = self.asks.recv() => self.on_ask(ask),
-                news = upgrade_news(&mut self.upgrade) => match news {
-                    UpgradeNews::Over(outcome) => self.upgrade_over(outcome),
-                    UpgradeNews::Word(word) => self.on_word(word, Instant::now()),
-                },
+                (side, input) = self.upgrade.news() => {
+                    let now = Instant::now();
+                    let effects = self.upgrade.record(side, input, now);
+                    self.carry_upgrade(effects, now);
+                }
                 _ = sleep_until(wake.into()) => {}
             }
         }
@@ -229,7 +203,7 @@ impl Supervisor {
     /// upgrade (they are refused while one is under way).
     fn command(&mut self, command: Command) {
         if !matches!(command, Command::Stop(_))
-            && let Some(why) = self.upgrading()
+            && let Some(why) = self.upgrade.busy()
         {
             warning!(event = "refused", command = ?command, reason = %why, "{command:?} refused: {why}");
             return;
@@ -240,17 +214,8 @@ impl Supervisor {
         self.core.command(command);
     }
 
-    /// Why changes to the workers are refused now, if they are.
-    fn upgrading(&self) -> Option<String> {
-        match &self.upgrade {
-            Upgrade::Starting { .. } => Some("a master upgrade is under way".into()),
-            Upgrade::Taking(s) => Some(format!("this master is taking over from the old one (pid {})", s.predecessor)),
-            Upgrade::Idle | Upgrade::Overlap(_) | Upgrade::HandedOver { .. } => None,
-        }
-    }
-
     fn on_ask(&mut self, ask: Ask) {
-        if let Some(why) = self.upgrading() {
+        if let Some(why) = self.upgrade.busy() {
             fn refuse<T>(reply: Reply<T>, why: &str) {
                 let _ = reply.send(Err(ControlError::Refused(why.to_string())));
             }
@@ -309,56 +274,59 @@ impl Supervisor {
     }
 
     /// Starts an upgrade of the master (SIGUSR2, `clusterctl upgrade`), unless something is in
-    /// the way: a stop, another upgrade, a rolling reload.
+    /// the way (`upgrade/decide.rs` says what).
     fn start_upgrade(&mut self, reply: Option<Reply<Upgraded>>) {
-        let why = if let Upgrade::HandedOver { pid, .. } = self.upgrade {
-            Err(ControlError::Refused(format!("this master handed over to the new master (pid {pid}) and retires")))
-        } else if self.core.stopping() {
-            Err(ControlError::Stopping)
-        } else if let Some(why) = self.upgrading() {
-            Err(ControlError::Refused(format!("{why}: one upgrade at a time")))
-        } else if self.core.reloading() {
-            Err(ControlError::Refused("a rolling reload is under way: upgrade once it is over".into()))
-        } else {
-            self.handover().map_err(|e| ControlError::Refused(format!("cannot hand over the sockets: {e}")))
-        };
-        let handover = match why {
-            Ok(handover) => handover,
-            Err(e) => {
-                warning!(event = "upgrade_refused", reason = %e, "upgrade refused: {e}");
-                if let Some(reply) = reply {
-                    let _ = reply.send(Err(e));
+        let now = Instant::now();
+        let effects = self.upgrade.start(now, self.upgrade_seen(), reply);
+        self.carry_upgrade(effects, now);
+    }
+
+    /// What the upgrade needs to know of the rest of the master.
+    fn upgrade_seen(&self) -> upgrade::Seen {
+        upgrade::Seen {
+            stopping: self.core.stopping(),
+            reloading: self.core.reloading(),
+            all_ready: self.core.ready_count() >= self.core.target(),
+        }
+    }
+
+    /// Carries out what the upgrade decided: the channels and the waiter in `upgrade/`, the
+    /// rest here.
+    fn carry_upgrade(&mut self, effects: Vec<Effect>, now: Instant) {
+        let mut effects = effects;
+        while !effects.is_empty() {
+            let mut next = Vec::new();
+            for effect in self.upgrade.carry(effects) {
+                match effect {
+                    Effect::Spawn => {
+                        let command = self.launcher.successor_command();
+                        next.extend(self.upgrade.spawn(command, self.handover(), now));
+                    }
+                    Effect::HandOver(pid) => {
+                        self.notifier.hand_over(pid);
+                        if let Err(e) = sys::tell_init_successor(pid) {
+                            warning!(event = "init_failed", error = %e, "cannot name the new master to the container's init: {e}");
+                        }
+                        self.listeners.handed_over();
+                        self.serving.send_replace(false);
+                    }
+                    Effect::StopCluster => self.core.command(Command::Stop(StopKind::Graceful)),
+                    Effect::TakeOver => {
+                        self.listeners.take_over();
+                        self.notifier.resume(now);
+                        self.serving.send_replace(true);
+                        if let Some(path) = &self.cfg.pid_file
+                            && let Err(e) = pid_file::write(path)
+                        {
+                            warning!(event = "pid_file_failed", error = %e, "cannot write the pid file {}: {e}", path.display());
+                        }
+                    }
+                    Effect::OwnHanded => self.listeners.own_handed(),
+                    other => debug_assert!(false, "{other:?} is carried out in upgrade/"),
                 }
-                return;
             }
-        };
-        note!(
-            event = "upgrade",
-            pid = sys::getpid(),
-            "upgrading the master: starting a new one from the binary on disk"
-        );
-        let plan = upgrade::Plan {
-            command: self.launcher.successor_command(),
-            handover,
-            ready_timeout: self.cfg.ready_timeout,
-            kill_timeout: self.cfg.kill_timeout,
-        };
-        let (cancel, cancelled) = oneshot::channel();
-        let (finished, done) = oneshot::channel();
-        tokio::spawn(async move {
-            let _ = finished.send(upgrade::predecessor(plan, cancelled).await);
-        });
-        let predecessor = match std::mem::replace(&mut self.upgrade, Upgrade::Idle) {
-            Upgrade::Overlap(successor) => Some(successor),
-            _ => None,
-        };
-        self.upgrade = Upgrade::Starting {
-            since: Instant::now(),
-            done,
-            cancel: Some(cancel),
-            waiters: reply.into_iter().collect(),
-            predecessor,
-        };
+            effects = next;
+        }
     }
 
     /// Copies of everything a successor gets.
@@ -375,111 +343,9 @@ impl Supervisor {
         })
     }
 
-    /// The successor serves (this master lets go of everything and retires), or the upgrade
-    /// failed (this master serves on).
-    fn upgrade_over(&mut self, outcome: Result<(u32, upgrade::Link), String>) {
-        let Upgrade::Starting { since, waiters, predecessor, .. } = std::mem::replace(&mut self.upgrade, Upgrade::Idle)
-        else {
-            return;
-        };
-        let me = sys::getpid();
-        match outcome {
-            Ok((pid, link)) => {
-                self.notifier.hand_over(pid);
-                if let Err(e) = sys::tell_init_successor(pid) {
-                    warning!(event = "init_failed", error = %e, "cannot name the new master to the container's init: {e}");
-                }
-                self.listeners.handed_over();
-                self.serving.send_replace(false);
-                self.upgrade = Upgrade::HandedOver { pid, _link: link };
-                note!(
-                    event = "upgraded",
-                    pid,
-                    old_pid = me,
-                    "the new master (pid {pid}) serves; this one (pid {me}) retires"
-                );
-                let upgraded = Upgraded { old_pid: me, pid, took: since.elapsed() };
-                for reply in waiters {
-                    let _ = reply.send(Ok(upgraded.clone()));
-                }
-                self.core.command(Command::Stop(StopKind::Graceful));
-            }
-            Err(why) => {
-                if let Some(predecessor) = predecessor {
-                    self.upgrade = Upgrade::Overlap(predecessor);
-                }
-                warning!(event = "upgrade_failed", reason = %why, "upgrade abandoned: {why}; this master (pid {me}) serves on");
-                for reply in waiters {
-                    let _ = reply.send(Err(ControlError::Refused(format!("upgrade abandoned: {why}"))));
-                }
-            }
-        }
-    }
-
-    /// A successor hears from its predecessor: take over, or stop (the upgrade is off); once
-    /// it took over, the channel's end says the predecessor has exited.
-    fn on_word(&mut self, word: Word, now: Instant) {
-        let successor = match std::mem::replace(&mut self.upgrade, Upgrade::Idle) {
-            Upgrade::Taking(successor) => successor,
-            Upgrade::Overlap(successor) => {
-                // Until now a stop of this master only let go of the handed sockets: the
-                // predecessor might still have been serving them.
-                self.listeners.own_handed();
-                note!(
-                    event = "predecessor_gone",
-                    old_pid = successor.predecessor,
-                    "the old master (pid {}) has exited",
-                    successor.predecessor
-                );
-                return;
-            }
-            other => {
-                self.upgrade = other;
-                return;
-            }
-        };
-        match word {
-            Word::Go => {
-                self.listeners.take_over();
-                self.notifier.resume(now);
-                self.serving.send_replace(true);
-                if let Some(path) = &self.cfg.pid_file
-                    && let Err(e) = pid_file::write(path)
-                {
-                    warning!(event = "pid_file_failed", error = %e, "cannot write the pid file {}: {e}", path.display());
-                }
-                note!(
-                    event = "took_over",
-                    pid = sys::getpid(),
-                    old_pid = successor.predecessor,
-                    "took over from the old master (pid {})",
-                    successor.predecessor
-                );
-                successor.serving();
-                self.upgrade = Upgrade::Overlap(successor);
-            }
-            Word::Off(why) => {
-                warning!(event = "upgrade_failed", reason = %why, "not taking over: {why}; stopping");
-                self.core.command(Command::Stop(StopKind::Graceful));
-            }
-        }
-    }
-
-    /// A successor tells its predecessor once every worker is ready.
-    fn tell_predecessor(&mut self) {
-        if let Upgrade::Taking(successor) = &mut self.upgrade
-            && self.core.ready_count() >= self.core.target()
-        {
-            successor.ready();
-        }
-    }
-
-    /// A successor whose worker dies before they are all ready gives up: a crash loop would
-    /// only end at the ready timeout.
-    fn successor_failed(&mut self, event: &Event) {
-        if !matches!(self.upgrade, Upgrade::Taking(_)) {
-            return;
-        }
+    /// A successor whose worker dies before they are all ready gives up (`upgrade/decide.rs`):
+    /// a crash loop would only end at the ready timeout.
+    fn worker_failed(&mut self, event: &Event, now: Instant) {
         let why = match event {
             Event::Exit(info) if !info.after_disconnect => {
                 let how = match (info.code, info.signal, &info.reason) {
@@ -492,11 +358,8 @@ impl Supervisor {
             }
             _ => return,
         };
-        if let Upgrade::Taking(mut successor) = std::mem::replace(&mut self.upgrade, Upgrade::Idle) {
-            warning!(event = "upgrade_failed", reason = %why, "not taking over: {why}; stopping");
-            successor.failed(&why);
-            self.core.command(Command::Stop(StopKind::Graceful));
-        }
+        let effects = self.upgrade.record(Side::From, upgrade::Input::WorkerFailed(why), now);
+        self.carry_upgrade(effects, now);
     }
 
     /// What status and metrics show, at this instant.
@@ -560,11 +423,10 @@ impl Supervisor {
                 }
             }
         }
+        let effects = self.upgrade.tick(now, self.upgrade_seen());
+        self.carry_upgrade(effects, now);
         // Nothing waited for happens once the cluster stops.
         if self.core.stopping() {
-            if let Upgrade::Starting { cancel, .. } = &mut self.upgrade {
-                drop(cancel.take());
-            }
             for (_, reply) in self.waiting.reloads.drain(..) {
                 let _ = reply.send(Err(ControlError::Stopping));
             }
@@ -612,7 +474,7 @@ impl Supervisor {
             Action::StopListening { drain } => self.listeners.close_all(drain),
             Action::Emit(event) => {
                 self.count(&event);
-                self.successor_failed(&event);
+                self.worker_failed(&event, now);
                 self.events.emit(event);
             }
             Action::Answer(answer) => self.answer(answer),
@@ -696,25 +558,6 @@ impl Supervisor {
             _ => Fact::Heard,
         };
         self.core.record(serial, fact, now);
-    }
-}
-
-/// What happens next in an upgrade.
-enum UpgradeNews {
-    /// How the upgrade this master started ended: the successor's pid, or why it failed.
-    Over(Result<(u32, upgrade::Link), String>),
-    /// The predecessor's word to this successor.
-    Word(Word),
-}
-
-/// Pending while no upgrade is under way.
-async fn upgrade_news(upgrade: &mut Upgrade) -> UpgradeNews {
-    match upgrade {
-        Upgrade::Starting { done, .. } => {
-            UpgradeNews::Over(done.await.unwrap_or_else(|_| Err("the upgrade task ended".into())))
-        }
-        Upgrade::Taking(successor) | Upgrade::Overlap(successor) => UpgradeNews::Word(successor.word().await),
-        Upgrade::Idle | Upgrade::HandedOver { .. } => std::future::pending().await,
     }
 }
 
