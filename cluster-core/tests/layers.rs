@@ -2,11 +2,13 @@
 //! way, with no import cycle, and no file of the library outgrows a reader.
 //!
 //! The import graph is read from `src/` with a small lexer of our own: comments, strings and
-//! `#[cfg(test)]` modules are dropped, then every `crate::…`, `super::…` and `self::…` path
-//! (in `use` trees and in code) is resolved to the module that defines the item it names,
-//! following re-exports (`pub use`), so a parent that only re-exports its children's items is
-//! not mistaken for a dependency. An edge A → B means A names an item of B. A cycle, at any
-//! depth of the module tree, fails the test with the modules in it.
+//! `#[cfg(test)]` modules are dropped, then every path into the crate (`crate::…`, `super::…`,
+//! `self::…`, a child module's or an imported name's, in `use` trees and in code) is resolved
+//! to the module that defines the item it names, following re-exports (`pub use`). An edge
+//! A → B means A uses an item of B. A re-export is no use of its own: a parent that only
+//! routes its children's names (a facade) depends on none of them, and names that go through
+//! it count for the module that defines them. A cycle, at any depth of the module tree, fails
+//! the test with the modules in it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -60,6 +62,14 @@ fn a_cycle_is_found_and_a_one_way_tree_passes() {
         ("m/child.rs", "use super::*; pub(crate) fn go() {} pub(crate) const X: u8 = 0;"),
     ]);
     assert_eq!(cycles(&parent.graph()), [vec!["m".to_string(), "m::child".to_string()]]);
+    // ... a facade that re-exports its children, whose children use an item of it, and a
+    // visibility path, make none ...
+    let facade = Crate::from_texts(&[
+        ("lib.rs", "mod s;"),
+        ("s/mod.rs", "mod fd; pub(crate) use fd::open; pub(in crate::s) fn check() {}"),
+        ("s/fd.rs", "use super::check; pub(in crate::s) fn open() { check() }"),
+    ]);
+    assert_eq!(cycles(&facade.graph()), Vec::<Vec<String>>::new(), "{:?}", facade.graph());
     // ... while comments, strings, test modules and re-exports through a parent make none.
     let clean = Crate::from_texts(&[
         ("lib.rs", "mod a; mod b; pub use b::B; #[cfg(test)] mod tests;"),
@@ -206,7 +216,7 @@ impl Crate {
     fn imports(&self, module: &str) -> HashMap<String, Vec<String>> {
         let Some(file) = self.files.get(module) else { return HashMap::new() };
         let mut out = HashMap::new();
-        for tree in use_trees(&file.code) {
+        for (_, tree) in use_trees(&file.code) {
             for path in expand(&tree) {
                 let name = match path.last().map(String::as_str) {
                     Some("self") if path.len() > 1 => path[path.len() - 2].clone(),
@@ -454,15 +464,17 @@ fn defined_names(code: &str) -> BTreeSet<String> {
     out
 }
 
-/// A `use` tree as tokens, from after `use` to its `;`.
-fn use_trees(code: &str) -> Vec<Vec<String>> {
+/// Each `use` tree as tokens, from after `use` to its `;`, and whether it is a re-export
+/// (`pub use`, `pub(crate) use`, …).
+fn use_trees(code: &str) -> Vec<(bool, Vec<String>)> {
     let toks = tokens(code);
     let mut out = Vec::new();
     let mut i = 0;
     while i < toks.len() {
         if toks[i].1 == "use" {
+            let public = i > 0 && matches!(toks[i - 1].1, "pub" | ")");
             let end = toks[i..].iter().position(|(_, t)| *t == ";").map_or(toks.len(), |p| i + p);
-            out.push(toks[i + 1..end].iter().map(|(_, t)| t.to_string()).collect());
+            out.push((public, toks[i + 1..end].iter().map(|(_, t)| t.to_string()).collect()));
             i = end;
         }
         i += 1;
@@ -524,12 +536,14 @@ fn expand(tree: &[String]) -> Vec<Vec<String>> {
 /// `super::X`, `child::f`, `Alias::new`): [`Crate::graph`] keeps those that name a module of
 /// the crate.
 fn paths(code: &str) -> Vec<Vec<String>> {
-    let mut out: Vec<Vec<String>> = use_trees(code).iter().flat_map(|t| expand(t)).collect();
+    let used = use_trees(code).into_iter().filter(|(public, _)| !public);
+    let mut out: Vec<Vec<String>> = used.flat_map(|(_, tree)| expand(&tree)).collect();
     let toks = tokens(code);
     let mut i = 0;
     while i < toks.len() {
         let word = toks[i].1.bytes().all(is_ident) || toks[i].1 == "$crate";
-        let inside = i > 0 && matches!(toks[i - 1].1, "use" | "::");
+        // Not the rest of a path, of a `use` tree, or of a visibility (`pub(in crate::a)`).
+        let inside = i > 0 && matches!(toks[i - 1].1, "use" | "::" | "in");
         if word && !inside && toks.get(i + 1).is_some_and(|(_, t)| *t == "::") {
             let mut path = vec![toks[i].1.trim_start_matches('$').to_string()];
             let mut j = i + 1;

@@ -5,7 +5,18 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use super::check;
-use super::process::getuid;
+
+/// This process's effective user id.
+pub(crate) fn geteuid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// This process's real user id.
+pub(crate) fn getuid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
+}
 
 /// Who workers run as (`CLUSTER_USER` / `CLUSTER_GROUP`), resolved in the master before
 /// anything starts.

@@ -10,7 +10,7 @@ mod init;
 mod process;
 mod procfs;
 
-pub(crate) use creds::{Credentials, lookup_credentials, may_write_dir, set_socket_file};
+pub(crate) use creds::{Credentials, geteuid, getuid, lookup_credentials, may_write_dir, set_socket_file};
 pub(crate) use diag::{accept_queue_len, pending_handshakes, stop_queueing, tcp_connection_inodes};
 pub use fd::ChannelFdError;
 pub(crate) use fd::{
@@ -19,8 +19,7 @@ pub(crate) use fd::{
 };
 pub(crate) use init::{become_init_if_pid_1, set_under_own_init, tell_init_successor, under_own_init};
 pub(crate) use process::{
-    alive, exit_now, geteuid, getpid, getuid, prepare_successor_command, prepare_worker_command, raise_fd_limit,
-    remove_env, signal,
+    alive, exit_now, getpid, prepare_successor_command, prepare_worker_command, raise_fd_limit, remove_env, signal,
 };
 pub(crate) use procfs::{cpu_time, rss, socket_inodes};
 

@@ -112,18 +112,6 @@ pub(crate) fn getpid() -> u32 {
     std::process::id()
 }
 
-/// This process's effective user id.
-pub(crate) fn geteuid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
-}
-
-/// This process's real user id.
-pub(crate) fn getuid() -> u32 {
-    // SAFETY: getuid has no preconditions and cannot fail.
-    unsafe { libc::getuid() }
-}
-
 /// Whether process `pid` exists (it may belong to another user).
 pub(crate) fn alive(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else { return false };

@@ -6,7 +6,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::closes::{CLOSE_CHECK, OpenConns};
 use crate::config::Config;
 use crate::ipc::message::{
     self, AGENT, ALL_WORKERS, Bound, ConnId, Endpoint, ListenKey, ListenResult, NewConn, PROTOCOL_VERSION, ToWorker,
@@ -138,43 +139,6 @@ async fn heartbeat(client: Arc<Client>, every: Duration) {
         {
             return;
         }
-    }
-}
-
-/// How often a worker looks for connections user code closed (least-connections, caps).
-const CLOSE_CHECK: Duration = Duration::from_millis(20);
-
-/// Connections this worker owns, for counting closes without a hook on the streams.
-#[derive(Default)]
-struct OpenConns {
-    /// By descriptor number: the socket's inode once a sweep has seen it (a number can be
-    /// reused after a close; an inode is not).
-    fds: HashMap<RawFd, Option<u64>>,
-    /// Closes noticed and not yet reported.
-    closed: u32,
-}
-
-impl OpenConns {
-    /// A connection is acknowledged on `fd`. If that number was still tracked, its previous
-    /// connection is closed (the kernel reuses a number only once it is free): no syscall.
-    fn track(&mut self, fd: RawFd) {
-        if self.fds.insert(fd, None).is_some() {
-            self.closed += 1;
-        }
-    }
-
-    /// Finds the tracked connections closed since the last sweep: one `fstat` each.
-    fn sweep(&mut self) -> u32 {
-        let before = self.fds.len();
-        self.fds.retain(|fd, seen| match (sys::inode(*fd), *seen) {
-            (None, _) => false,
-            (Some(now), Some(then)) if now != then => false,
-            (now, _) => {
-                *seen = now;
-                true
-            }
-        });
-        std::mem::take(&mut self.closed) + (before - self.fds.len()) as u32
     }
 }
 
@@ -623,36 +587,5 @@ pub(crate) async fn send_addressed(client: &Arc<Client>, to: u32, call: u32, dat
 impl Replier for Client {
     fn reply(self: Arc<Self>, to: Peer, call: u32, data: Bytes) -> BoxFuture<'static, Result<(), SendError>> {
         Box::pin(async move { send_addressed(&self, to.check()?.wire(), call, data).await })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::OpenConns;
-    use std::os::fd::AsRawFd;
-    use std::os::unix::net::UnixStream;
-
-    #[test]
-    fn open_connections_count_each_close_once() {
-        let mut open = OpenConns::default();
-        let (a, _a) = UnixStream::pair().unwrap();
-        let (b, _b) = UnixStream::pair().unwrap();
-        open.track(a.as_raw_fd());
-        open.track(b.as_raw_fd());
-        assert_eq!(open.sweep(), 0, "both open");
-        drop(a);
-        assert_eq!(open.sweep(), 1, "a closed");
-        assert_eq!(open.sweep(), 0, "counted once");
-        // A number handed out again means its previous connection closed, sweep or not.
-        open.track(b.as_raw_fd());
-        assert_eq!(open.sweep(), 1);
-        // A number now used by another socket than the one a sweep saw: closed.
-        let (c, _c) = UnixStream::pair().unwrap();
-        let c_fd = c.as_raw_fd();
-        drop(b);
-        assert_eq!(open.sweep(), 1);
-        open.fds.insert(c_fd, Some(u64::MAX));
-        assert_eq!(open.sweep(), 1, "same number, other inode");
-        assert!(open.fds.is_empty());
     }
 }

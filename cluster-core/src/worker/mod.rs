@@ -3,6 +3,7 @@
 //! behind them is the client's (`worker/client.rs`).
 
 pub(crate) mod client;
+mod closes;
 
 use std::sync::Arc;
 use std::time::Duration;
