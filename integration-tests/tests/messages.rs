@@ -46,13 +46,14 @@ fn messages_round_trip_in_order_whole_and_unconfused() {
 #[test]
 fn master_code_scales_reloads_and_reads_status() {
     let mut server = Server::spawn(env!("CARGO_BIN_EXE_control").into(), &[]);
+    // Its last line, printed after "reloaded: 3 workers, all new: …".
     wait_for(Duration::from_secs(20), "the control script to finish", || {
-        server.stdout().contains("reloaded: 3 workers, all new: true").then_some(())
+        server.stdout().contains("reloaded: 3 workers, 3 ready").then_some(())
     });
     let out = server.stdout();
     assert!(out.contains("start: 2 workers, 2 ready"), "{out}");
     assert!(out.contains("grown: 3 workers, 3 ready"), "{out}");
-    assert!(out.contains("reloaded: 3 workers, 3 ready"), "{out}");
+    assert!(out.contains("reloaded: 3 workers, all new: true"), "{out}");
     server.signal(libc::SIGTERM);
     assert_eq!(server.wait_exit(Duration::from_secs(5)).expect("exit").code(), Some(0));
 }
