@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The tests, on a fresh machine as on a developer's: installs the programs the tests drive
+# when they are missing (Debian's packages, with apt-get as root or through sudo), then runs
+# `cargo test --workspace` with any arguments given (`./test.sh -p cluster-core`).
+#
+# Without root or sudo it names the packages to install and stops: a test suite that skips
+# half of itself in silence would pass for the wrong reason.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# A program the tests run, and the Debian package that has it.
+needs=(
+    "wrk wrk"                                         # load in the reload, upgrade and dispatch tests
+    "redis-server redis-server"                       # the config-agent example's store
+    "setpriv util-linux"                              # clusterctl as another user
+    "unshare util-linux"                              # the master as PID 1 of a namespace
+    "systemd-socket-activate systemd"                 # socket activation
+    "systemd-analyze systemd"                         # the unit files are checked
+)
+
+missing=()
+for entry in "${needs[@]}"; do
+    read -r program package <<<"$entry"
+    command -v "$program" >/dev/null 2>&1 || missing+=("$package")
+done
+
+if [ "${#missing[@]}" -gt 0 ]; then
+    mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+    if [ "$(id -u)" -eq 0 ]; then
+        as_root=()
+    elif command -v sudo >/dev/null 2>&1; then
+        as_root=(sudo)
+    else
+        echo "test.sh: the tests need these Debian packages: ${missing[*]}" >&2
+        echo "test.sh: install them (apt-get install ${missing[*]}) as root, then run ./test.sh again" >&2
+        exit 1
+    fi
+    echo "test.sh: installing ${missing[*]} (Debian packages the tests drive)" >&2
+    if ! { "${as_root[@]}" apt-get update -qq &&
+        "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"; }; then
+        echo "test.sh: could not install ${missing[*]}; install them by hand and run ./test.sh again" >&2
+        exit 1
+    fi
+fi
+
+exec cargo test --workspace "$@"
