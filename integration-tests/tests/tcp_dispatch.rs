@@ -89,14 +89,21 @@ fn accept_threads_take_connections_and_lose_none() {
     assert_eq!(report.non2xx, 0, "{}", report.output);
     assert!(report.requests > 500, "the load ran: {}", report.output);
     let threads = master_threads(server.pid());
-    for name in ["accept-1", "accept-2"] {
+    for name in ["accept-1", "accept-2", "accept-3"] {
         let used = threads.iter().find(|(n, _)| n == name).map(|(_, t)| *t);
         assert!(used.is_some_and(|t| !t.is_zero()), "{name} took connections: {threads:?}");
     }
     assert_eq!(server.events("accept_threads")[0].1["count"], 3);
 
-    // By default the master's one thread accepts: no other thread is started.
+    // By default one thread of its own accepts (and reads the workers' channels), not the
+    // master's thread, which answers signals and the control socket.
     let one = Server::start("hello", &[("CLUSTER_WORKERS", "2")], 2);
-    assert_eq!(one.get("/").status, 200);
-    assert!(!master_threads(one.pid()).iter().any(|(n, _)| n.starts_with("accept-")));
+    let report = wrk(one.addr, &["-c8", "-d1s", "-H", "Connection: close"]);
+    assert_eq!(report.errors, [0; 4], "{}", report.output);
+    let threads = master_threads(one.pid());
+    let accepting: Vec<&(String, Duration)> = threads.iter().filter(|(n, _)| n.starts_with("accept-")).collect();
+    assert_eq!(accepting.len(), 1, "{threads:?}");
+    assert_eq!(accepting[0].0, "accept-1");
+    assert!(!accepting[0].1.is_zero(), "accept-1 took the connections: {threads:?}");
+    assert_eq!(one.events("accept_threads")[0].1["count"], 1);
 }

@@ -79,7 +79,7 @@ pub(crate) fn run(cfg: Config, hook: Option<MasterHook>) -> i32 {
             registry: registry.clone(),
             calls: calls.clone(),
             asks: asks_tx,
-            samples: Arc::new(observe::CpuSamples::default()),
+            readings: Arc::new(observe::Readings::default()),
         };
         // Operators' ways in: the control socket and the admin endpoint, both thin layers over
         // the handle. A successor serves them (on the sockets handed over) once it takes over;

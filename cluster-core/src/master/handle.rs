@@ -57,7 +57,7 @@ pub struct Handle {
     pub(super) registry: Registry,
     pub(super) calls: Arc<Calls>,
     pub(super) asks: mpsc::UnboundedSender<Ask>,
-    pub(super) samples: Arc<observe::CpuSamples>,
+    pub(super) readings: Arc<observe::Readings>,
 }
 
 impl Master {
@@ -140,10 +140,10 @@ impl Handle {
     /// stopped.
     pub async fn overview(&self) -> Option<Overview> {
         let snapshot = self.snapshot().await?;
-        let (master, mut workers) = (snapshot.master, snapshot.workers);
-        let samples = self.samples.clone();
+        let (master, mut workers, ports) = (snapshot.master, snapshot.workers, snapshot.ports);
+        let readings = self.readings.clone();
         let workers = tokio::task::spawn_blocking(move || {
-            samples.enrich(&mut workers);
+            readings.enrich(&mut workers, &ports);
             workers
         })
         .await
@@ -154,9 +154,9 @@ impl Handle {
     /// The cluster's metrics in Prometheus' text format (README, "Operating a cluster").
     pub async fn metrics(&self) -> Option<String> {
         let mut snapshot = self.snapshot().await?;
-        let samples = self.samples.clone();
+        let readings = self.readings.clone();
         tokio::task::spawn_blocking(move || {
-            samples.enrich(&mut snapshot.workers);
+            readings.enrich(&mut snapshot.workers, &snapshot.ports);
             observe::prometheus(&snapshot)
         })
         .await

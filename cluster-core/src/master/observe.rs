@@ -39,55 +39,104 @@ impl Stats {
 /// Everything the metrics show, as the supervisor saw it at one instant.
 pub(super) struct Snapshot {
     pub(super) master: MasterStatus,
+    /// The local ports of the cluster's TCP sockets: its connections are the ones on them.
+    pub(super) ports: Vec<u16>,
     pub(super) workers: Vec<WorkerStatus>,
     pub(super) totals: Totals,
     pub(super) stats: Arc<Stats>,
 }
 
-/// CPU time samples by pid, so that `cpu %` covers the time since the last look.
+/// What is read of the processes from `/proc` and `sock_diag`: memory, CPU and open
+/// connections. One reading serves every request of the same tick (a live view, a scraper and
+/// `clusterctl status` at once cost the master one), and CPU time samples by pid make `cpu %`
+/// cover the time since the last reading.
 #[derive(Default)]
-pub(super) struct CpuSamples(Mutex<HashMap<u32, (Instant, Duration)>>);
+pub(super) struct Readings(Mutex<Read>);
+
+#[derive(Default)]
+struct Read {
+    cpu: HashMap<u32, (Instant, Duration)>,
+    /// The last reading, by pid.
+    last: Option<(Instant, HashMap<u32, Figures>)>,
+}
+
+/// One process's figures in a reading.
+#[derive(Debug, Clone, Copy, Default)]
+struct Figures {
+    rss: Option<u64>,
+    cpu_time: Option<Duration>,
+    cpu_percent: Option<f64>,
+    open_connections: Option<u64>,
+}
 
 /// Below this, the last sample is too recent to compute a rate from: the rate since the
 /// process started is shown.
 const MIN_SAMPLE: Duration = Duration::from_millis(200);
+/// How long a reading serves the requests that come after it (one tick of the supervisor).
+const SHARED: Duration = Duration::from_millis(100);
 
-impl CpuSamples {
-    /// Fills in memory, CPU and open connections of each process (blocking: `/proc` reads and
-    /// one `sock_diag` dump).
-    pub(super) fn enrich(&self, workers: &mut [WorkerStatus]) {
-        let connections = sys::tcp_connection_inodes().ok();
+impl Readings {
+    /// Fills in memory, CPU and open connections of each process (blocking: `/proc` reads
+    /// and, if the cluster has TCP sockets, one `sock_diag` dump filtered to their `ports`).
+    pub(super) fn enrich(&self, workers: &mut [WorkerStatus], ports: &[u16]) {
         let now = Instant::now();
-        let mut samples = self.0.lock().unwrap();
-        let live: Vec<u32> = workers.iter().filter_map(|w| w.pid).collect();
-        samples.retain(|pid, _| live.contains(pid));
+        let mut read = self.0.lock().unwrap();
+        let fresh = read.last.as_ref().filter(|(at, by_pid)| {
+            now.saturating_duration_since(*at) < SHARED
+                && workers.iter().filter_map(|w| w.pid).all(|p| by_pid.contains_key(&p))
+        });
+        let by_pid = match fresh {
+            Some((_, by_pid)) => by_pid.clone(),
+            None => {
+                let by_pid = read.measure(workers, ports, now);
+                read.last = Some((now, by_pid.clone()));
+                by_pid
+            }
+        };
         for w in workers.iter_mut() {
+            let Some(f) = w.pid.and_then(|pid| by_pid.get(&pid)) else { continue };
+            (w.rss, w.cpu_time, w.cpu_percent, w.open_connections) =
+                (f.rss, f.cpu_time, f.cpu_percent, f.open_connections);
+        }
+    }
+}
+
+impl Read {
+    fn measure(&mut self, workers: &[WorkerStatus], ports: &[u16], now: Instant) -> HashMap<u32, Figures> {
+        let connections = sys::tcp_connection_inodes(ports).ok();
+        let live: Vec<u32> = workers.iter().filter_map(|w| w.pid).collect();
+        self.cpu.retain(|pid, _| live.contains(pid));
+        let mut out = HashMap::new();
+        for w in workers {
             let Some(pid) = w.pid else { continue };
-            w.rss = sys::rss(pid).ok();
-            w.cpu_time = sys::cpu_time(pid).ok();
-            if let Some(cpu) = w.cpu_time {
-                let since = match samples.get(&pid) {
+            let mut f = Figures { rss: sys::rss(pid).ok(), cpu_time: sys::cpu_time(pid).ok(), ..Figures::default() };
+            if let Some(cpu) = f.cpu_time {
+                let since = match self.cpu.get(&pid) {
                     Some((at, then)) if now.duration_since(*at) >= MIN_SAMPLE => Some((now.duration_since(*at), *then)),
                     Some(_) => None,
                     None => Some((w.uptime, Duration::ZERO)),
                 };
                 if let Some((wall, then)) = since.filter(|(wall, _)| !wall.is_zero()) {
-                    w.cpu_percent = Some(100.0 * cpu.saturating_sub(then).as_secs_f64() / wall.as_secs_f64());
-                    samples.insert(pid, (now, cpu));
-                } else if let Some((at, then)) = samples.get(&pid) {
+                    f.cpu_percent = Some(100.0 * cpu.saturating_sub(then).as_secs_f64() / wall.as_secs_f64());
+                    self.cpu.insert(pid, (now, cpu));
+                } else if let Some((at, then)) = self.cpu.get(&pid) {
                     // Too soon: the rate of the last interval long enough.
                     let wall = now.duration_since(*at) + MIN_SAMPLE;
-                    w.cpu_percent = Some(100.0 * cpu.saturating_sub(*then).as_secs_f64() / wall.as_secs_f64());
+                    f.cpu_percent = Some(100.0 * cpu.saturating_sub(*then).as_secs_f64() / wall.as_secs_f64());
                 }
             }
-            if let Some(established) = &connections
-                && w.id != AGENT_ID
-            {
-                w.open_connections = sys::socket_inodes(pid)
+            f.open_connections = match &connections {
+                Some(_) if w.id == AGENT_ID => None,
+                // No connection anywhere: nothing to look for in its descriptors.
+                Some(established) if established.is_empty() => Some(0),
+                Some(established) => sys::socket_inodes(pid)
                     .ok()
-                    .map(|inodes| inodes.iter().filter(|i| established.contains(i)).count() as u64);
-            }
+                    .map(|inodes| inodes.iter().filter(|i| established.contains(i)).count() as u64),
+                None => None,
+            };
+            out.insert(pid, f);
         }
+        out
     }
 }
 

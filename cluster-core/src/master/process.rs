@@ -54,6 +54,9 @@ pub(super) struct Links {
     pub(super) events: Option<mpsc::Sender<Event>>,
     /// Counters for metrics.
     pub(super) stats: Arc<super::observe::Stats>,
+    /// The runtime of the data path's first thread (`dispatch/accept.rs`): the channels are
+    /// read there, beside the accept loops.
+    pub(super) data_path: tokio::runtime::Handle,
 }
 
 /// Starts workers: the binary this master was started from, with its arguments.
@@ -93,9 +96,14 @@ impl Launcher {
         Ok(Launcher { exe, argv0, args: argv.collect(), capture, credentials })
     }
 
-    /// Starts worker `id` (or the agent) as process `serial`, with its channel reader.
+    /// Starts worker `id` (or the agent) as process `serial`, with its channel reader on the
+    /// data path's thread (`links.data_path`).
     pub(super) fn spawn(&self, id: u32, serial: Serial, links: &Links) -> io::Result<Child> {
-        let (channel, child_end) = Channel::pair()?;
+        // Registered with that thread's reactor, where it is read.
+        let (channel, child_end) = {
+            let _data_path = links.data_path.enter();
+            Channel::pair()?
+        };
         // Each start runs the binary on disk, so a reload picks up a new build.
         let mut child = match self.command(&self.exe, id, child_end.as_raw_fd()).spawn() {
             // The binary on disk vanished (a deploy in progress): fall back to the running one.
@@ -115,8 +123,8 @@ impl Launcher {
         let channel = Arc::new(channel);
         links.dispatch.add_worker(serial, id, channel.clone());
         let relay = relay(id, serial, channel.clone(), links);
-        let reader =
-            tokio::spawn(read_loop(serial, channel.clone(), links.dispatch.clone(), links.reports.clone(), relay));
+        let reads = read_loop(serial, channel.clone(), links.dispatch.clone(), links.reports.clone(), relay);
+        let reader = links.data_path.spawn(reads);
         let (kill, killed) = oneshot::channel();
         let (dispatch, reports) = (links.dispatch.clone(), links.reports.clone());
         tokio::spawn(async move {

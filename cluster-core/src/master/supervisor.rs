@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::sleep_until;
 
 use super::decide::{Action, Answer, Command, Core, Fact, StopKind, World};
-use super::dispatch::Dispatch;
+use super::dispatch::{AcceptThreads, Dispatch};
 use super::events::Events;
 use super::handle::{Ask, Registry, Reply};
 use super::listeners::Listeners;
@@ -97,7 +97,9 @@ impl Supervisor {
         let (reports_tx, reports) = mpsc::unbounded_channel();
         let stats = Arc::new(Stats::default());
         let mut notifier = Notifier::new(Instant::now());
-        let mut listeners = Listeners::new(cfg.clone(), dispatch.clone());
+        let threads = Arc::new(AcceptThreads::new(cfg.accept_threads, cfg.accept_gather));
+        let data_path = threads.data_path();
+        let mut listeners = Listeners::new(cfg.clone(), dispatch.clone(), threads);
         let successor = successor.map(|(successor, handed)| {
             notifier.pause();
             listeners.adopt_handed(handed);
@@ -121,6 +123,7 @@ impl Supervisor {
                 calls,
                 events: events.sender(),
                 stats: stats.clone(),
+                data_path,
             },
             stats,
             children: HashMap::new(),
@@ -381,6 +384,7 @@ impl Supervisor {
         };
         Snapshot {
             master,
+            ports: self.listeners.tcp_ports(),
             workers: self.core.status(now, &world),
             totals: self.links.dispatch.counts(),
             stats: self.stats.clone(),

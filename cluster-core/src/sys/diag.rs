@@ -6,22 +6,77 @@ use std::os::fd::AsRawFd;
 
 use super::check;
 
-/// Inodes of every TCP connection of this network namespace that is established or closing
-/// (not listening, not a handshake), read with one `sock_diag` dump per address family.
-pub(crate) fn tcp_connection_inodes() -> io::Result<std::collections::HashSet<u64>> {
-    // ESTABLISHED .. CLOSING (1..=11) except LISTEN (10).
-    const STATES: u32 = 0b1111_1111_1110 & !(1 << 10);
+/// Inodes of the TCP connections of this network namespace whose local port is one of
+/// `ports` and that are open (established, or closing with the socket still held: not
+/// listening, not a handshake, not in time-wait), read with one `sock_diag` dump per address
+/// family that the kernel filters by state and port, so the cost follows the cluster's own
+/// connections, not every socket of the host.
+pub(crate) fn tcp_connection_inodes(ports: &[u16]) -> io::Result<std::collections::HashSet<u64>> {
+    // ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING: the states of a
+    // connection a process still holds.
+    const STATES: u32 = 1 << 1 | 1 << 4 | 1 << 5 | 1 << 8 | 1 << 9 | 1 << 11;
     let mut out = std::collections::HashSet::new();
+    if ports.is_empty() {
+        return Ok(out);
+    }
     for family in [libc::AF_INET, libc::AF_INET6] {
-        diag_dump(family as u8, STATES, |msg| {
-            // inet_diag_msg: 4 bytes, inet_diag_sockid (48), expires, rqueue, wqueue, uid,
-            // then the inode.
-            if let Some(inode) = msg.get(68..72) {
-                out.insert(u64::from(u32::from_ne_bytes(inode.try_into().expect("4 bytes"))));
-            }
-        })?;
+        diag_dump(family as u8, STATES, ports, |msg| out.extend(DiagMsg::parse(msg).map(|m| m.inode)))?;
     }
     Ok(out)
+}
+
+/// What the dumps use of one `inet_diag_msg`: family, state, timer, retrans (a byte each),
+/// then `inet_diag_sockid` (sport and dport big-endian, src[16], dst[16], if, cookie[2] in
+/// host order), expires, rqueue, wqueue, uid, inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DiagMsg {
+    state: u8,
+    sport: u16,
+    cookie: u64,
+    inode: u64,
+}
+
+impl DiagMsg {
+    fn parse(msg: &[u8]) -> Option<DiagMsg> {
+        let word = |at: usize| Some(u32::from_ne_bytes(msg.get(at..at + 4)?.try_into().ok()?));
+        Some(DiagMsg {
+            state: *msg.get(1)?,
+            sport: u16::from_be_bytes([*msg.get(4)?, *msg.get(5)?]),
+            cookie: u64::from(word(44)?) | u64::from(word(48)?) << 32,
+            inode: u64::from(word(68)?),
+        })
+    }
+}
+
+/// The `sock_diag` filter (`INET_DIAG_REQ_BYTECODE`) that keeps the sockets whose local port
+/// is one of `ports`: `sport == p` is `sport >= p && sport <= p`, and the alternatives are
+/// chained as `ss` chains them (`a || b` is `a`, a jump over `b` when `a` holds, then `b`), so
+/// that the kernel's check of the program (every jump lands on an instruction of the "yes"
+/// chain, or just past the end to reject) accepts it.
+fn local_port_filter(ports: &[u16]) -> Vec<u8> {
+    const S_GE: u8 = 2;
+    const S_LE: u8 = 3;
+    const JMP: u8 = 1;
+    // struct inet_diag_bc_op: code u8, yes u8, no u16; a port comparison is followed by one
+    // whose `no` holds the port.
+    let op = |code: u8, yes: u8, no: u16| -> [u8; 4] {
+        let no = no.to_ne_bytes();
+        [code, yes, no[0], no[1]]
+    };
+    let Some((&port, rest)) = ports.split_first() else { return Vec::new() };
+    // 16 bytes: a failed comparison jumps past this expression and 4 more (the end, or the
+    // jump below, for the next alternative).
+    let mut out = Vec::with_capacity(20 * ports.len());
+    out.extend(op(S_GE, 8, 20));
+    out.extend(op(0, 0, port));
+    out.extend(op(S_LE, 8, 12));
+    out.extend(op(0, 0, port));
+    if !rest.is_empty() {
+        let others = local_port_filter(rest);
+        out.extend(op(JMP, 4, others.len() as u16 + 4));
+        out.extend(others);
+    }
+    out
 }
 
 /// One classic BPF instruction.
@@ -76,21 +131,16 @@ pub(crate) fn accept_queue_len(listener: &socket2::Socket) -> io::Result<u32> {
 pub(crate) fn pending_handshakes(locals: &[std::net::SocketAddr]) -> io::Result<Vec<Vec<u64>>> {
     let mut found = vec![Vec::new(); locals.len()];
     for (family, v4) in [(libc::AF_INET, true), (libc::AF_INET6, false)] {
-        if !locals.iter().any(|l| l.is_ipv4() == v4) {
+        let ports: Vec<u16> = locals.iter().filter(|l| l.is_ipv4() == v4).map(|l| l.port()).collect();
+        if ports.is_empty() {
             continue;
         }
         // Request socks are TCP_NEW_SYN_RECV (12) inside the kernel, TCP_SYN_RECV (3) in dumps.
-        diag_dump(family as u8, 1 << 3 | 1 << 12, |msg| {
-            // inet_diag_msg: family, state, timer, retrans, then inet_diag_sockid: sport (big
-            // endian), dport, src[16], dst[16], if, cookie[2] (host order).
-            if msg.len() < 52 {
-                return;
-            }
-            let port = u16::from_be_bytes([msg[4], msg[5]]);
-            let half = |at: usize| u64::from(u32::from_ne_bytes(msg[at..at + 4].try_into().expect("4 bytes")));
+        diag_dump(family as u8, 1 << 3 | 1 << 12, &ports, |msg| {
+            let Some(msg) = DiagMsg::parse(msg) else { return };
             for (i, local) in locals.iter().enumerate() {
-                if local.is_ipv4() == v4 && local.port() == port {
-                    found[i].push(half(44) | half(48) << 32);
+                if local.is_ipv4() == v4 && local.port() == msg.sport {
+                    found[i].push(msg.cookie);
                 }
             }
         })?;
@@ -98,9 +148,9 @@ pub(crate) fn pending_handshakes(locals: &[std::net::SocketAddr]) -> io::Result<
     Ok(found)
 }
 
-/// Dumps the TCP sockets of `family` in `states` (a bit per TCP state) over
-/// `NETLINK_SOCK_DIAG`, calling `each` with every `inet_diag_msg`.
-fn diag_dump(family: u8, states: u32, mut each: impl FnMut(&[u8])) -> io::Result<()> {
+/// Dumps the TCP sockets of `family` in `states` (a bit per TCP state) whose local port is one
+/// of `ports` over `NETLINK_SOCK_DIAG`, calling `each` with every `inet_diag_msg`.
+fn diag_dump(family: u8, states: u32, ports: &[u16], mut each: impl FnMut(&[u8])) -> io::Result<()> {
     const SOCK_DIAG_BY_FAMILY: u16 = 20;
     const HEADER: usize = 16; // struct nlmsghdr
     let socket = socket2::Socket::new(
@@ -108,15 +158,22 @@ fn diag_dump(family: u8, states: u32, mut each: impl FnMut(&[u8])) -> io::Result
         socket2::Type::DGRAM,
         Some(socket2::Protocol::from(libc::NETLINK_SOCK_DIAG)),
     )?;
+    const BYTECODE: u16 = 1; // INET_DIAG_REQ_BYTECODE
     // nlmsghdr, then inet_diag_req_v2: family, protocol, ext, pad, states, and an all-zero
-    // inet_diag_sockid (a dump matches every socket in `states`).
-    let mut request = [0u8; HEADER + 56];
-    request[0..4].copy_from_slice(&((HEADER + 56) as u32).to_ne_bytes());
+    // inet_diag_sockid (a dump matches every socket in `states`), then the filter as an
+    // attribute (length, type, program).
+    let filter = local_port_filter(ports);
+    let len = HEADER + 56 + 4 + filter.len();
+    let mut request = vec![0u8; HEADER + 56];
+    request[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
     request[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
     request[6..8].copy_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
     request[HEADER] = family;
     request[HEADER + 1] = libc::IPPROTO_TCP as u8;
     request[HEADER + 4..HEADER + 8].copy_from_slice(&states.to_ne_bytes());
+    request.extend(((4 + filter.len()) as u16).to_ne_bytes());
+    request.extend(BYTECODE.to_ne_bytes());
+    request.extend(&filter);
     socket.send(&request)?;
     let mut buf = vec![0u8; 32 * 1024];
     loop {
@@ -158,7 +215,8 @@ mod tests {
 
     use socket2::{Domain, Socket, Type};
 
-    use super::{accept_queue_len, bpf, pending_handshakes, stop_queueing};
+    use super::tcp_connection_inodes;
+    use super::{DiagMsg, accept_queue_len, bpf, local_port_filter, pending_handshakes, stop_queueing};
 
     fn eventually(what: &str, mut done: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -212,5 +270,70 @@ mod tests {
             crate::sys::accept(&listener).unwrap();
         }
         assert_eq!(accept_queue_len(&listener).unwrap(), 0);
+    }
+
+    fn inode_of(fd: &impl std::os::fd::AsRawFd) -> u64 {
+        crate::sys::inode(fd.as_raw_fd()).unwrap()
+    }
+
+    fn listener() -> (std::net::TcpListener, u16) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        (l, port)
+    }
+
+    #[test]
+    fn connections_are_dumped_for_the_ports_asked_for_only() {
+        let ((a, pa), (b, pb)) = (listener(), listener());
+        let clients: Vec<TcpStream> =
+            [pa, pa, pb].iter().map(|p| TcpStream::connect(("127.0.0.1", *p)).unwrap()).collect();
+        let accepted: Vec<TcpStream> = [&a, &a, &b].iter().map(|l| l.accept().unwrap().0).collect();
+        let on_a: Vec<u64> = accepted[..2].iter().map(inode_of).collect();
+        let on_b = inode_of(&accepted[2]);
+        let clients: Vec<u64> = clients.iter().map(inode_of).collect();
+
+        let got = tcp_connection_inodes(&[pa]).unwrap();
+        assert!(on_a.iter().all(|i| got.contains(i)), "{on_a:?} in {got:?}");
+        assert!(!got.contains(&on_b), "another port's connection");
+        assert!(!clients.iter().any(|i| got.contains(i)), "the client ends have other local ports");
+        assert!(!got.contains(&inode_of(&a)), "a listening socket is no connection");
+        let both = tcp_connection_inodes(&[pb, pa]).unwrap();
+        assert!(on_a.iter().chain([&on_b]).all(|i| both.contains(i)), "{both:?}");
+        assert!(tcp_connection_inodes(&[]).unwrap().is_empty());
+        // Three ports, one of them unused: the chained program is accepted and still exact.
+        let (_c, pc) = listener();
+        let three = tcp_connection_inodes(&[pc, pa, pb]).unwrap();
+        assert!(on_a.iter().chain([&on_b]).all(|i| three.contains(i)), "{three:?}");
+    }
+
+    #[test]
+    fn the_port_filter_jumps_where_the_kernel_expects() {
+        let one = local_port_filter(&[80]);
+        assert_eq!(one.len(), 16);
+        // sport >= 80, yes: next, no: 20 (past the end + 4: reject); the port; sport <= 80,
+        // yes: the end, no: 12 (reject); the port.
+        let port = 80u16.to_ne_bytes();
+        let twenty = 20u16.to_ne_bytes();
+        let twelve = 12u16.to_ne_bytes();
+        assert_eq!(one[..8], [2, 8, twenty[0], twenty[1], 0, 0, port[0], port[1]]);
+        assert_eq!(one[8..], [3, 8, twelve[0], twelve[1], 0, 0, port[0], port[1]]);
+        let two = local_port_filter(&[80, 443]);
+        assert_eq!(two.len(), 16 + 4 + 16);
+        // After the first alternative holds, a jump over the second one.
+        let over = 20u16.to_ne_bytes();
+        assert_eq!(two[16..20], [1, 4, over[0], over[1]]);
+    }
+
+    #[test]
+    fn a_diag_message_is_read_at_its_fields() {
+        let mut msg = vec![0u8; 72];
+        msg[1] = 1; // ESTABLISHED
+        msg[4..6].copy_from_slice(&8080u16.to_be_bytes());
+        msg[44..48].copy_from_slice(&7u32.to_ne_bytes());
+        msg[48..52].copy_from_slice(&1u32.to_ne_bytes());
+        msg[68..72].copy_from_slice(&123_456u32.to_ne_bytes());
+        let parsed = DiagMsg::parse(&msg).unwrap();
+        assert_eq!(parsed, DiagMsg { state: 1, sport: 8080, cookie: 7 | 1 << 32, inode: 123_456 });
+        assert_eq!(DiagMsg::parse(&msg[..71]), None, "cut short");
     }
 }

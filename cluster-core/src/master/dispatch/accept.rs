@@ -16,48 +16,62 @@ use crate::ipc::message::{ListenKey, MAX_FDS};
 use crate::log::{note, warning};
 use crate::sys::{self, is_connection_error};
 
-/// The master's accept threads: the runtime's own thread, plus `accept_threads − 1` threads
-/// started when the first socket needs them, each running a single-threaded runtime with its
-/// own reactor. Each thread runs one accept loop per listening socket (on its own duplicate of
-/// the socket), and all of them share the one dispatch table.
+/// The master's data-path threads: `accept_threads` of them (at least one), each running a
+/// single-threaded runtime with its own reactor, started with the master. Each runs one accept
+/// loop per listening socket (on its own duplicate of the socket), all sharing the one dispatch
+/// table; the first also reads the workers' channels (`master/process.rs`), so the
+/// acknowledgements that come in while connections gather are read in the same wake-up. The
+/// master's own thread (the supervisor, signals, the control socket) never accepts: none of
+/// them waits behind a pass over a busy listener or a gathering.
 pub(crate) struct AcceptThreads {
-    extra: usize,
     /// See [`gathering`].
     gather: Duration,
-    handles: std::sync::OnceLock<Vec<tokio::runtime::Handle>>,
+    handles: Vec<tokio::runtime::Handle>,
 }
 
 /// The accept loops of one listening socket, one per accept thread.
 pub(crate) struct Accepting {
-    own: JoinHandle<()>,
-    others: Vec<JoinHandle<()>>,
-    /// Held (read) by the other threads' loops while they accept and dispatch; [`stop`]
-    /// takes it (write), so that once it returns no loop of another thread accepts any more.
-    /// The runtime's own loop needs none: it is aborted on its own thread, between two polls.
+    loops: Vec<JoinHandle<()>>,
+    /// Held (read) by the loops while they accept and dispatch; [`stop`] takes it (write), so
+    /// that once it returns no loop accepts any more: a loop is aborted only at its next
+    /// yield, on a thread of its own.
     ///
     /// [`stop`]: Accepting::stop
     open: Arc<std::sync::RwLock<bool>>,
 }
 
 impl AcceptThreads {
+    /// Starts the threads. One that cannot start is reported; with none at all, the loops run
+    /// on the caller's runtime (as they did before this split).
     pub(crate) fn new(accept_threads: usize, gather: Duration) -> Self {
-        AcceptThreads { extra: accept_threads.saturating_sub(1), gather, handles: std::sync::OnceLock::new() }
+        // Their log goes where the master's does (a subscriber of its own is thread-local).
+        let log = tracing::dispatcher::get_default(Clone::clone);
+        let handles: Vec<_> = (1..=accept_threads.max(1)).filter_map(|i| start_thread(i, log.clone())).collect();
+        let count = handles.len();
+        note!(event = "accept_threads", count, "accepting on {count} thread(s) of their own");
+        AcceptThreads { gather, handles }
+    }
+
+    /// The runtime of the first data-path thread, where the workers' channels are read.
+    pub(crate) fn data_path(&self) -> tokio::runtime::Handle {
+        self.handles.first().cloned().unwrap_or_else(tokio::runtime::Handle::current)
     }
 
     /// Starts accepting on `socket` on every accept thread.
-    pub(crate) fn start(&self, socket: &Arc<AsyncFd<Socket>>, key: ListenKey, dispatch: &Arc<Dispatch>) -> Accepting {
+    pub(crate) fn start(&self, socket: &Socket, key: ListenKey, dispatch: &Arc<Dispatch>) -> Accepting {
         let open = Arc::new(std::sync::RwLock::new(true));
         let gather = self.gather;
-        let own = tokio::spawn(accept_loop(socket.clone(), key, dispatch.clone(), gather, None));
-        let mut others = Vec::new();
-        for handle in self.handles() {
+        let mut loops = Vec::new();
+        let current = [tokio::runtime::Handle::current()];
+        let handles = if self.handles.is_empty() { &current[..] } else { &self.handles[..] };
+        for handle in handles {
             let (dispatch, open) = (dispatch.clone(), open.clone());
             // Registered with that thread's reactor, so the duplicate is made here and
             // registered there.
-            match socket.get_ref().try_clone() {
-                Ok(dup) => others.push(handle.spawn(async move {
+            match socket.try_clone() {
+                Ok(dup) => loops.push(handle.spawn(async move {
                     match sys::watch(dup) {
-                        Ok(dup) => accept_loop(Arc::new(dup), key, dispatch, gather, Some(open)).await,
+                        Ok(dup) => accept_loop(dup, key, dispatch, gather, open).await,
                         Err(e) => warning!(event = "accept_thread_failed", key, error = %e, "an accept thread cannot watch listener {key}: {e}"),
                     }
                 })),
@@ -66,33 +80,21 @@ impl AcceptThreads {
                 }
             }
         }
-        Accepting { own, others, open }
-    }
-
-    fn handles(&self) -> &[tokio::runtime::Handle] {
-        self.handles.get_or_init(|| {
-            let handles: Vec<_> = (1..=self.extra).filter_map(start_thread).collect();
-            if !handles.is_empty() {
-                note!(
-                    event = "accept_threads",
-                    count = handles.len() + 1,
-                    "accepting on {} threads",
-                    handles.len() + 1
-                );
-            }
-            handles
-        })
+        Accepting { loops, open }
     }
 }
 
-/// Starts accept thread `i` (1-based; the runtime's own thread is 0): a single-threaded
-/// runtime that runs until the process exits.
-fn start_thread(i: usize) -> Option<tokio::runtime::Handle> {
+/// Starts accept thread `i` (1-based): a single-threaded runtime that runs until the process
+/// exits, logging through `log`.
+fn start_thread(i: usize, log: tracing::Dispatch) -> Option<tokio::runtime::Handle> {
     let started = tokio::runtime::Builder::new_current_thread().enable_all().build().and_then(|rt| {
         let handle = rt.handle().clone();
         std::thread::Builder::new()
             .name(format!("accept-{i}"))
-            .spawn(move || rt.block_on(std::future::pending::<()>()))
+            .spawn(move || {
+                let _log = tracing::dispatcher::set_default(&log);
+                rt.block_on(std::future::pending::<()>())
+            })
             .map(|_| handle)
     });
     started
@@ -103,9 +105,8 @@ fn start_thread(i: usize) -> Option<tokio::runtime::Handle> {
 impl Accepting {
     /// Stops every loop: none accepts once this returns.
     pub(crate) fn stop(self) {
-        self.own.abort();
         *self.open.write().unwrap_or_else(|e| e.into_inner()) = false;
-        for task in self.others {
+        for task in self.loops {
             task.abort();
         }
     }
@@ -162,11 +163,11 @@ fn gather_on_this_thread(wait: Duration, now: Instant) {
 /// as many as they can take (up to one message's worth) per lock of the table. `gather`: see
 /// [`gathering`]; `open`: see [`Accepting`].
 async fn accept_loop(
-    listener: Arc<AsyncFd<Socket>>,
+    listener: AsyncFd<Socket>,
     key: ListenKey,
     dispatch: Arc<Dispatch>,
     gather: Duration,
-    open: Option<Arc<std::sync::RwLock<bool>>>,
+    open: Arc<std::sync::RwLock<bool>>,
 ) {
     let mut batch: Vec<Conn> = Vec::with_capacity(MAX_FDS);
     let mut failing: Option<(Instant, u64)> = None;
@@ -174,12 +175,9 @@ async fn accept_loop(
     loop {
         dispatch.wait_room(key).await;
         let Ok(mut ready) = listener.readable().await else { return };
-        let pass = match &open {
-            None => take(&mut ready, key, &dispatch, &mut batch),
-            Some(open) => {
-                let open = open.read().unwrap_or_else(|e| e.into_inner());
-                if *open { take(&mut ready, key, &dispatch, &mut batch) } else { Pass::Closed }
-            }
+        let pass = {
+            let open = open.read().unwrap_or_else(|e| e.into_inner());
+            if *open { take(&mut ready, key, &dispatch, &mut batch) } else { Pass::Closed }
         };
         match pass {
             Pass::Closed => return,
@@ -260,11 +258,11 @@ fn take(
 /// Takes every connection the kernel has already completed on `listener` (clients that are
 /// connected but not yet accepted) and queues them for workers, so that closing the socket
 /// right after resets nobody who was already let in.
-pub(crate) fn sweep(listener: &AsyncFd<Socket>, key: ListenKey, dispatch: &Dispatch) -> usize {
+pub(crate) fn sweep(listener: &Socket, key: ListenKey, dispatch: &Dispatch) -> usize {
     let mut n = 0;
     let mut batch = Vec::new();
     loop {
-        match sys::accept(listener.get_ref()) {
+        match sys::accept(listener) {
             Ok((socket, peer)) => {
                 batch.push(Conn { key, socket, peer: peer.as_socket() });
                 n += 1;

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use socket2::{Domain, Socket, Type};
-use tokio::io::unix::AsyncFd;
 
 use self::drain::{Drain, Verdict};
 use super::dispatch::{self, AcceptThreads, Accepting, Dispatch};
@@ -52,7 +51,7 @@ pub(super) struct Listeners {
     /// hands over (a connection it took before could be lost with it if the upgrade failed).
     live: bool,
     /// The threads that run accept loops (`accept_threads`).
-    threads: AcceptThreads,
+    threads: Arc<AcceptThreads>,
 }
 
 /// Who else holds a socket, and so what letting go of it may do.
@@ -79,16 +78,16 @@ struct Listener {
 
 enum Kind {
     /// The master accepts and dispatches connections (once it is live: see `Listeners::live`).
-    Stream { socket: Arc<AsyncFd<Socket>>, accepting: Option<Accepting> },
+    Stream { socket: Socket, accepting: Option<Accepting> },
     /// Workers get the socket itself and use it directly: UDP, and TCP under the `shared` and
     /// `reuseport` policies.
     Handed(Socket),
 }
 
 impl Listeners {
-    pub(super) fn new(cfg: Arc<Config>, dispatch: Arc<Dispatch>) -> Self {
+    pub(super) fn new(cfg: Arc<Config>, dispatch: Arc<Dispatch>, threads: Arc<AcceptThreads>) -> Self {
         Listeners {
-            threads: AcceptThreads::new(cfg.accept_threads, cfg.accept_gather),
+            threads,
             cfg,
             dispatch,
             open: HashMap::new(),
@@ -338,6 +337,19 @@ impl Listeners {
         out
     }
 
+    /// The local ports of the TCP sockets the master listens on for its workers.
+    pub(super) fn tcp_ports(&self) -> Vec<u16> {
+        let mut out: Vec<u16> = self
+            .by_addr
+            .iter()
+            .filter(|((endpoint, _, _), _)| matches!(endpoint, Endpoint::Tcp(_)))
+            .filter_map(|(_, key)| Some(self.open.get(key)?.addr?.port()))
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// The address socket `key` is bound to (none for Unix sockets).
     pub(super) fn addr(&self, key: ListenKey) -> Option<SocketAddr> {
         self.open.get(&key).and_then(|l| l.addr)
@@ -467,7 +479,6 @@ impl Listeners {
         addr: Option<SocketAddr>,
         unix_path: Option<PathBuf>,
     ) -> io::Result<Listener> {
-        let socket = Arc::new(sys::watch(socket)?);
         let accepting = self.live.then(|| self.threads.start(&socket, key, &self.dispatch));
         Ok(Listener { addr, kind: Kind::Stream { socket, accepting }, unix_path, keep: Keep::Own })
     }
@@ -542,7 +553,7 @@ impl Draining {
 impl Kind {
     fn socket(&self) -> &Socket {
         match self {
-            Kind::Stream { socket, .. } => socket.get_ref(),
+            Kind::Stream { socket, .. } => socket,
             Kind::Handed(socket) => socket,
         }
     }
@@ -577,14 +588,14 @@ impl Kind {
                 }
                 if let Some(dispatch) = sweep {
                     if !tcp {
-                        let _ = socket.get_ref().shutdown(std::net::Shutdown::Both);
+                        let _ = socket.shutdown(std::net::Shutdown::Both);
                     }
                     let n = dispatch::sweep(&socket, key, dispatch);
                     if n > 0 {
                         log!("took {n} last connection(s) from listener {key}");
                     }
                 }
-                let _ = socket.get_ref().shutdown(std::net::Shutdown::Both);
+                let _ = socket.shutdown(std::net::Shutdown::Both);
             }
             Kind::Handed(socket) if tcp => {
                 let _ = socket.shutdown(std::net::Shutdown::Both);
