@@ -36,8 +36,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
         exit 1
     fi
     echo "test.sh: installing ${missing[*]} (Debian packages the tests drive)" >&2
-    if ! { "${as_root[@]}" apt-get update -qq &&
-        "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"; }; then
+    if ! { "${as_root[@]}" apt-get update -qq >/dev/null &&
+        "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }; then
         echo "test.sh: could not install ${missing[*]}; install them by hand and run ./test.sh again" >&2
         exit 1
     fi

@@ -79,7 +79,8 @@ impl Builder {
     }
 
     /// Threads of the master that accept and hand out connections under [`Policy::Rr`]
-    /// (default 1; at most 64; env `CLUSTER_ACCEPT_THREADS`). One thread spends some 13 µs of
+    /// (default 1; at most 64; env `CLUSTER_ACCEPT_THREADS`), apart from the thread that
+    /// supervises and answers the control socket. One thread spends some 13 µs of
     /// CPU per new connection on a small machine, so it hands out on the order of 70k a
     /// second; where more arrive, more threads accept on the same sockets and share the
     /// dispatch table. Each new connection wakes every idle accept thread, so extra threads
