@@ -4,6 +4,8 @@
 //! bind, close). It decides nothing itself: "what happens when a worker dies" is in
 //! `decide.rs`.
 
+mod upgrading;
+
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::io;
@@ -23,11 +25,10 @@ use super::events::Events;
 use super::handle::{Ask, Registry, Reply};
 use super::listeners::Listeners;
 use super::observe::{Snapshot, Stats};
-use super::pid_file;
 use super::process::{Child, Launcher, Links, Report};
 use super::systemd::{Notifier, Seen};
-use super::types::{ControlError, Event, MasterStatus, Reloaded, Scale, Serial, Upgraded};
-use super::upgrade::{self, Effect, Handover, Side, Successor, Upgrading};
+use super::types::{ControlError, Event, MasterStatus, Reloaded, Scale, Serial};
+use super::upgrade::{self, Successor, Upgrading};
 use crate::config::Config;
 use crate::ipc::Channel;
 use crate::ipc::encode;
@@ -274,95 +275,6 @@ impl Supervisor {
                 let _ = reply.send(Ok((from, n)));
             }
         }
-    }
-
-    /// Starts an upgrade of the master (SIGUSR2, `clusterctl upgrade`), unless something is in
-    /// the way (`upgrade/decide.rs` says what).
-    fn start_upgrade(&mut self, reply: Option<Reply<Upgraded>>) {
-        let now = Instant::now();
-        let effects = self.upgrade.start(now, self.upgrade_seen(), reply);
-        self.carry_upgrade(effects, now);
-    }
-
-    /// What the upgrade needs to know of the rest of the master.
-    fn upgrade_seen(&self) -> upgrade::Seen {
-        upgrade::Seen {
-            stopping: self.core.stopping(),
-            reloading: self.core.reloading(),
-            all_ready: self.core.ready_count() >= self.core.target(),
-        }
-    }
-
-    /// Carries out what the upgrade decided: the channels and the waiter in `upgrade/`, the
-    /// rest here.
-    fn carry_upgrade(&mut self, effects: Vec<Effect>, now: Instant) {
-        let mut effects = effects;
-        while !effects.is_empty() {
-            let mut next = Vec::new();
-            for effect in self.upgrade.carry(effects) {
-                match effect {
-                    Effect::Spawn => {
-                        let command = self.launcher.successor_command();
-                        next.extend(self.upgrade.spawn(command, self.handover(), now));
-                    }
-                    Effect::HandOver(pid) => {
-                        self.notifier.hand_over(pid);
-                        if let Err(e) = sys::tell_init_successor(pid) {
-                            warning!(event = "init_failed", error = %e, "cannot name the new master to the container's init: {e}");
-                        }
-                        self.listeners.handed_over();
-                        self.serving.send_replace(false);
-                    }
-                    Effect::StopCluster => self.core.command(Command::Stop(StopKind::Graceful)),
-                    Effect::TakeOver => {
-                        self.listeners.take_over();
-                        self.notifier.resume(now);
-                        self.serving.send_replace(true);
-                        if let Some(path) = &self.cfg.pid_file
-                            && let Err(e) = pid_file::write(path)
-                        {
-                            warning!(event = "pid_file_failed", error = %e, "cannot write the pid file {}: {e}", path.display());
-                        }
-                    }
-                    Effect::OwnHanded => self.listeners.own_handed(),
-                    other => debug_assert!(false, "{other:?} is carried out in upgrade/"),
-                }
-            }
-            effects = next;
-        }
-    }
-
-    /// Copies of everything a successor gets.
-    fn handover(&self) -> io::Result<Handover> {
-        let control = match &self.info.control_fd {
-            Some((path, fd)) => Some((path.clone(), fd.try_clone()?)),
-            None => None,
-        };
-        Ok(Handover {
-            listeners: self.listeners.hand_out()?,
-            control,
-            admin: self.info.admin_fd.as_ref().map(OwnedFd::try_clone).transpose()?,
-            workers: self.core.target(),
-        })
-    }
-
-    /// A successor whose worker dies before they are all ready gives up (`upgrade/decide.rs`):
-    /// a crash loop would only end at the ready timeout.
-    fn worker_failed(&mut self, event: &Event, now: Instant) {
-        let why = match event {
-            Event::Exit(info) if !info.after_disconnect => {
-                let how = match (info.code, info.signal, &info.reason) {
-                    (_, _, Some(reason)) => reason.to_string(),
-                    (Some(code), _, _) => format!("exit code {code}"),
-                    (_, Some(signal), _) => format!("signal {signal}"),
-                    _ => "unknown status".into(),
-                };
-                format!("{} (pid {}) exited before every worker was ready: {how}", Peer::from_wire(info.id), info.pid)
-            }
-            _ => return,
-        };
-        let effects = self.upgrade.record(Side::From, upgrade::Input::WorkerFailed(why), now);
-        self.carry_upgrade(effects, now);
     }
 
     /// What status and metrics show, at this instant.
