@@ -1,8 +1,8 @@
 //! The master process: supervision (control path) and dispatch (data path), plus the handle
 //! that user code running in the master gets.
 //!
-//! `boot.rs` starts it; `supervisor.rs` runs its loop and carries out what the decision core
-//! (`decide.rs`) decides; `dispatch.rs` is the data path and `listeners.rs` the sockets;
+//! `boot.rs` starts it; `supervisor/` runs its loop and carries out what the decision core
+//! (`decide.rs`) decides; `dispatch/` is the data path and `listeners/` the sockets; `upgrade/` the master upgrade;
 //! `handle.rs` and `types.rs` are what code in the master, the control socket (`control.rs`)
 //! and the admin endpoint (`admin.rs`) see.
 
