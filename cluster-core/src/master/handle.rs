@@ -140,10 +140,10 @@ impl Handle {
     /// stopped.
     pub async fn overview(&self) -> Option<Overview> {
         let snapshot = self.snapshot().await?;
-        let (master, mut workers, ports) = (snapshot.master, snapshot.workers, snapshot.ports);
+        let (master, mut workers, listening) = (snapshot.master, snapshot.workers, snapshot.listening);
         let readings = self.readings.clone();
         let workers = tokio::task::spawn_blocking(move || {
-            readings.enrich(&mut workers, &ports);
+            readings.enrich(&mut workers, &listening);
             workers
         })
         .await
@@ -156,7 +156,7 @@ impl Handle {
         let mut snapshot = self.snapshot().await?;
         let readings = self.readings.clone();
         tokio::task::spawn_blocking(move || {
-            readings.enrich(&mut snapshot.workers, &snapshot.ports);
+            readings.enrich(&mut snapshot.workers, &snapshot.listening);
             observe::prometheus(&snapshot)
         })
         .await

@@ -39,17 +39,19 @@ impl Stats {
 /// Everything the metrics show, as the supervisor saw it at one instant.
 pub(super) struct Snapshot {
     pub(super) master: MasterStatus,
-    /// The local ports of the cluster's TCP sockets: its connections are the ones on them.
-    pub(super) ports: Vec<u16>,
+    /// The cluster's TCP listening sockets: its connections are the ones accepted on them.
+    pub(super) listening: Vec<std::net::SocketAddr>,
     pub(super) workers: Vec<WorkerStatus>,
     pub(super) totals: Totals,
     pub(super) stats: Arc<Stats>,
 }
 
 /// What is read of the processes from `/proc` and `sock_diag`: memory, CPU and open
-/// connections. One reading serves every request of the same tick (a live view, a scraper and
-/// `clusterctl status` at once cost the master one), and CPU time samples by pid make `cpu %`
-/// cover the time since the last reading.
+/// connections. One reading serves every request of the same tick ([`SHARED`]: a live view, a
+/// scraper and `clusterctl status` at once cost the master one), the open connections, whose
+/// dump makes the kernel walk its whole table of connections, every request of the same
+/// second ([`SHARED_CONNECTIONS`]); CPU time samples by pid make `cpu %` cover the time since
+/// the last reading.
 #[derive(Default)]
 pub(super) struct Readings(Mutex<Read>);
 
@@ -58,6 +60,8 @@ struct Read {
     cpu: HashMap<u32, (Instant, Duration)>,
     /// The last reading, by pid.
     last: Option<(Instant, HashMap<u32, Figures>)>,
+    /// The last count of open connections, by pid.
+    open: Option<(Instant, HashMap<u32, Option<u64>>)>,
 }
 
 /// One process's figures in a reading.
@@ -74,11 +78,14 @@ struct Figures {
 const MIN_SAMPLE: Duration = Duration::from_millis(200);
 /// How long a reading serves the requests that come after it (one tick of the supervisor).
 const SHARED: Duration = Duration::from_millis(100);
+/// How long a count of open connections serves.
+const SHARED_CONNECTIONS: Duration = Duration::from_secs(1);
 
 impl Readings {
     /// Fills in memory, CPU and open connections of each process (blocking: `/proc` reads
-    /// and, if the cluster has TCP sockets, one `sock_diag` dump filtered to their `ports`).
-    pub(super) fn enrich(&self, workers: &mut [WorkerStatus], ports: &[u16]) {
+    /// and, if the cluster has TCP sockets, one `sock_diag` dump filtered to the connections
+    /// accepted on them, `listening`).
+    pub(super) fn enrich(&self, workers: &mut [WorkerStatus], listening: &[std::net::SocketAddr]) {
         let now = Instant::now();
         let mut read = self.0.lock().unwrap();
         let fresh = read.last.as_ref().filter(|(at, by_pid)| {
@@ -88,7 +95,7 @@ impl Readings {
         let by_pid = match fresh {
             Some((_, by_pid)) => by_pid.clone(),
             None => {
-                let by_pid = read.measure(workers, ports, now);
+                let by_pid = read.measure(workers, listening, now);
                 read.last = Some((now, by_pid.clone()));
                 by_pid
             }
@@ -102,9 +109,22 @@ impl Readings {
 }
 
 impl Read {
-    fn measure(&mut self, workers: &[WorkerStatus], ports: &[u16], now: Instant) -> HashMap<u32, Figures> {
-        let connections = sys::tcp_connection_inodes(ports).ok();
+    fn measure(
+        &mut self,
+        workers: &[WorkerStatus],
+        listening: &[std::net::SocketAddr],
+        now: Instant,
+    ) -> HashMap<u32, Figures> {
         let live: Vec<u32> = workers.iter().filter_map(|w| w.pid).collect();
+        let open = match self.open.take() {
+            Some((at, open))
+                if now.saturating_duration_since(at) < SHARED_CONNECTIONS
+                    && live.iter().all(|p| open.contains_key(p)) =>
+            {
+                (at, open)
+            }
+            _ => (now, open_connections(workers, listening)),
+        };
         self.cpu.retain(|pid, _| live.contains(pid));
         let mut out = HashMap::new();
         for w in workers {
@@ -125,19 +145,28 @@ impl Read {
                     f.cpu_percent = Some(100.0 * cpu.saturating_sub(*then).as_secs_f64() / wall.as_secs_f64());
                 }
             }
-            f.open_connections = match &connections {
-                Some(_) if w.id == AGENT_ID => None,
-                // No connection anywhere: nothing to look for in its descriptors.
-                Some(established) if established.is_empty() => Some(0),
-                Some(established) => sys::socket_inodes(pid)
-                    .ok()
-                    .map(|inodes| inodes.iter().filter(|i| established.contains(i)).count() as u64),
-                None => None,
-            };
+            f.open_connections = open.1.get(&pid).copied().flatten();
             out.insert(pid, f);
         }
+        self.open = Some(open);
         out
     }
+}
+
+/// Each process's open TCP connections: its socket inodes (`/proc/<pid>/fd`) that are
+/// connections accepted on the cluster's sockets (one dump per address family).
+fn open_connections(workers: &[WorkerStatus], listening: &[std::net::SocketAddr]) -> HashMap<u32, Option<u64>> {
+    let connections = sys::tcp_connection_inodes(listening).ok();
+    let count = |w: &WorkerStatus, pid: u32| match &connections {
+        _ if w.id == AGENT_ID => None,
+        // No connection anywhere: nothing to look for in its descriptors.
+        Some(established) if established.is_empty() => Some(0),
+        Some(established) => {
+            sys::socket_inodes(pid).ok().map(|inodes| inodes.iter().filter(|i| established.contains(i)).count() as u64)
+        }
+        None => None,
+    };
+    workers.iter().filter_map(|w| Some((w.pid?, count(w, w.pid?)))).collect()
 }
 
 /// The name of a state in status and metrics.

@@ -6,21 +6,24 @@ use std::os::fd::AsRawFd;
 
 use super::check;
 
-/// Inodes of the TCP connections of this network namespace whose local port is one of
-/// `ports` and that are open (established, or closing with the socket still held: not
-/// listening, not a handshake, not in time-wait), read with one `sock_diag` dump per address
-/// family that the kernel filters by state and port, so the cost follows the cluster's own
-/// connections, not every socket of the host.
-pub(crate) fn tcp_connection_inodes(ports: &[u16]) -> io::Result<std::collections::HashSet<u64>> {
+/// Inodes of the TCP connections of this network namespace accepted on the listeners bound
+/// to `locals` (their local port is one of theirs) and open (established, or closing with the
+/// socket still held: not listening, not a handshake, not in time-wait), read with one
+/// `sock_diag` dump per address family the listeners have (a dual-stack IPv6 listener's IPv4
+/// clients are IPv6 sockets), which the kernel filters by state and port: only the cluster's
+/// own connections are copied out, whatever else the host holds. The kernel still walks its
+/// whole table of connections for each dump (some milliseconds on a large host): callers
+/// read it sparingly (`master/observe.rs`).
+pub(crate) fn tcp_connection_inodes(locals: &[std::net::SocketAddr]) -> io::Result<std::collections::HashSet<u64>> {
     // ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING: the states of a
     // connection a process still holds.
     const STATES: u32 = 1 << 1 | 1 << 4 | 1 << 5 | 1 << 8 | 1 << 9 | 1 << 11;
     let mut out = std::collections::HashSet::new();
-    if ports.is_empty() {
-        return Ok(out);
-    }
-    for family in [libc::AF_INET, libc::AF_INET6] {
-        diag_dump(family as u8, STATES, ports, |msg| out.extend(DiagMsg::parse(msg).map(|m| m.inode)))?;
+    for (family, v4) in [(libc::AF_INET, true), (libc::AF_INET6, false)] {
+        let ports: Vec<u16> = locals.iter().filter(|l| l.is_ipv4() == v4).map(|l| l.port()).collect();
+        if !ports.is_empty() {
+            diag_dump(family as u8, STATES, &ports, |msg| out.extend(DiagMsg::parse(msg).map(|m| m.inode)))?;
+        }
     }
     Ok(out)
 }
@@ -276,6 +279,10 @@ mod tests {
         crate::sys::inode(fd.as_raw_fd()).unwrap()
     }
 
+    fn v4(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
     fn listener() -> (std::net::TcpListener, u16) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
@@ -292,17 +299,18 @@ mod tests {
         let on_b = inode_of(&accepted[2]);
         let clients: Vec<u64> = clients.iter().map(inode_of).collect();
 
-        let got = tcp_connection_inodes(&[pa]).unwrap();
+        let got = tcp_connection_inodes(&[v4(pa)]).unwrap();
         assert!(on_a.iter().all(|i| got.contains(i)), "{on_a:?} in {got:?}");
         assert!(!got.contains(&on_b), "another port's connection");
         assert!(!clients.iter().any(|i| got.contains(i)), "the client ends have other local ports");
         assert!(!got.contains(&inode_of(&a)), "a listening socket is no connection");
-        let both = tcp_connection_inodes(&[pb, pa]).unwrap();
+        let both = tcp_connection_inodes(&[v4(pb), v4(pa)]).unwrap();
         assert!(on_a.iter().chain([&on_b]).all(|i| both.contains(i)), "{both:?}");
         assert!(tcp_connection_inodes(&[]).unwrap().is_empty());
+        assert!(tcp_connection_inodes(&[SocketAddr::from(([0u16; 8], pa))]).unwrap().is_empty(), "IPv6 only");
         // Three ports, one of them unused: the chained program is accepted and still exact.
         let (_c, pc) = listener();
-        let three = tcp_connection_inodes(&[pc, pa, pb]).unwrap();
+        let three = tcp_connection_inodes(&[v4(pc), v4(pa), v4(pb)]).unwrap();
         assert!(on_a.iter().chain([&on_b]).all(|i| three.contains(i)), "{three:?}");
     }
 

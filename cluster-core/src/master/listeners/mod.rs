@@ -337,13 +337,13 @@ impl Listeners {
         out
     }
 
-    /// The local ports of the TCP sockets the master listens on for its workers.
-    pub(super) fn tcp_ports(&self) -> Vec<u16> {
-        let mut out: Vec<u16> = self
+    /// The local addresses of the TCP sockets the master listens on for its workers.
+    pub(super) fn tcp_locals(&self) -> Vec<SocketAddr> {
+        let mut out: Vec<SocketAddr> = self
             .by_addr
             .iter()
             .filter(|((endpoint, _, _), _)| matches!(endpoint, Endpoint::Tcp(_)))
-            .filter_map(|(_, key)| Some(self.open.get(key)?.addr?.port()))
+            .filter_map(|(_, key)| self.open.get(key)?.addr)
             .collect();
         out.sort_unstable();
         out.dedup();

@@ -296,7 +296,7 @@ impl Supervisor {
         };
         Snapshot {
             master,
-            ports: self.listeners.tcp_ports(),
+            listening: self.listeners.tcp_locals(),
             workers: self.core.status(now, &world),
             totals: self.links.dispatch.counts(),
             stats: self.stats.clone(),
