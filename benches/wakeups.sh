@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Context switches per connection of the master and of the workers (voluntary + involuntary,
-# from /proc/<pid>/status), bench-server under `rr` with 2 workers, while
+# from /proc/<pid>/task/*/status), bench-server under `rr` with 2 workers, while
 # `wrk -t1 -c64 -d3s -H 'Connection: close'` runs: how often the data path puts each process
 # to sleep and wakes it. With BASELINE=<release dir of another build>, that build's
 # bench-server takes turns with this one, round by round; medians are printed.
@@ -14,7 +14,8 @@ declare -A builds=([this]=target/release/bench-server)
 [ -n "${BASELINE:-}" ] && builds[base]=$BASELINE/bench-server
 declare -A master workers
 
-switches() { local t=0 p; for p in "$@"; do t=$((t + $(awk '/ctxt_switches/{s+=$2} END{print s+0}' "/proc/$p/status"))); done; echo $t; }
+# Every thread's (the master's data path runs on threads of its own).
+switches() { local t=0 p; for p in "$@"; do t=$((t + $(cat /proc/$p/task/*/status | awk '/ctxt_switches/{s+=$2} END{print s+0}'))); done; echo $t; }
 
 for round in $(seq "$ROUNDS"); do
   for name in "${!builds[@]}"; do
