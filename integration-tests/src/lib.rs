@@ -283,7 +283,17 @@ fn join(lines: &Lines) -> String {
 
 /// CPU time (user + system) a process has used so far.
 pub fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_cpu_time(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU time (user + system) one thread of a process has used so far (`/proc/<tid>/stat` is the
+/// whole process's; the task's own file is the thread's).
+pub fn thread_cpu_time(pid: u32, tid: u32) -> Duration {
+    stat_cpu_time(&format!("/proc/{pid}/task/{tid}/stat"))
+}
+
+fn stat_cpu_time(path: &str) -> Duration {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after the state.
     let ticks: u64 = [11, 12].iter().filter_map(|n| stat_field(&stat, *n)?.parse::<u64>().ok()).sum();
     // SAFETY: sysconf has no memory-safety preconditions.

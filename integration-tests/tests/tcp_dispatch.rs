@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use integration_tests::{Server, children, cpu_time, listening_inode, parse_worker, socket_inodes, wrk};
+use integration_tests::{Server, children, listening_inode, parse_worker, socket_inodes, thread_cpu_time, wrk};
 
 #[test]
 fn two_workers_answer_every_request() {
@@ -69,14 +69,13 @@ fn bench_server_answers_keep_alive_and_close() {
     assert_eq!(out.matches("connection: close").count(), 1, "{out}");
 }
 
-/// The master's threads, by name, with the CPU time each has used (`/proc/<tid>/stat` reads
-/// as a process's does).
+/// The master's threads, by name, with the CPU time each has used.
 fn master_threads(pid: u32) -> Vec<(String, Duration)> {
     let mut out = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
         let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else { continue };
         let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_string();
-        out.push((name, cpu_time(tid)));
+        out.push((name, thread_cpu_time(pid, tid)));
     }
     out
 }
@@ -105,5 +104,8 @@ fn accept_threads_take_connections_and_lose_none() {
     assert_eq!(accepting.len(), 1, "{threads:?}");
     assert_eq!(accepting[0].0, "accept-1");
     assert!(!accepting[0].1.is_zero(), "accept-1 took the connections: {threads:?}");
+    // The main thread (the supervisor) spent a small part of what the data path did.
+    let main = threads.iter().find(|(n, _)| n == "hello").map(|(_, t)| *t).expect("the main thread");
+    assert!(main * 4 < accepting[0].1, "the main thread does not accept: {threads:?}");
     assert_eq!(one.events("accept_threads")[0].1["count"], 1);
 }
