@@ -149,7 +149,7 @@ pub enum WorkerState {
     Backoff,
 }
 
-/// One line of [`Handle::status`] (`Master::status`).
+/// One line of [`Handle::status`](crate::master::Handle::status) (`Master::status`).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct WorkerStatus {
@@ -167,14 +167,17 @@ pub struct WorkerStatus {
     pub connections: u64,
     /// Time until the next start, in backoff.
     pub restart_in: Option<Duration>,
-    /// Resident memory, in bytes (read from `/proc` by [`Handle::overview`]).
+    /// Time until it is killed, while it retires (the kill timeout's deadline: what its
+    /// connections have left to finish).
+    pub kill_in: Option<Duration>,
+    /// Resident memory, in bytes (read from `/proc` by [`Handle::overview`](crate::master::Handle::overview)).
     pub rss: Option<u64>,
-    /// CPU time used so far (by [`Handle::overview`]).
+    /// CPU time used so far (by [`Handle::overview`](crate::master::Handle::overview)).
     pub cpu_time: Option<Duration>,
     /// CPU use since the previous overview (or since the process started), in % of one core
-    /// (by [`Handle::overview`]).
+    /// (by [`Handle::overview`](crate::master::Handle::overview)).
     pub cpu_percent: Option<f64>,
-    /// TCP connections the process has open (by [`Handle::overview`]).
+    /// TCP connections the process has open (by [`Handle::overview`](crate::master::Handle::overview)).
     pub open_connections: Option<u64>,
 }
 
@@ -206,7 +209,7 @@ pub struct MasterStatus {
     pub control_socket: Option<std::path::PathBuf>,
 }
 
-/// The whole cluster at one instant ([`Handle::overview`]).
+/// The whole cluster at one instant ([`Handle::overview`](crate::master::Handle::overview)).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Overview {
@@ -216,7 +219,7 @@ pub struct Overview {
     pub workers: Vec<WorkerStatus>,
 }
 
-/// A rolling reload that replaced every worker ([`Handle::reload_and_wait`]).
+/// A rolling reload that replaced every worker ([`Handle::reload_and_wait`](crate::master::Handle::reload_and_wait)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Reloaded {
@@ -226,7 +229,7 @@ pub struct Reloaded {
     pub took: Duration,
 }
 
-/// A master upgrade that handed over to a new master ([`Handle::upgrade`]).
+/// A master upgrade that handed over to a new master ([`Handle::upgrade`](crate::master::Handle::upgrade)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Upgraded {
@@ -262,7 +265,7 @@ pub enum ControlError {
     Gone,
 }
 
-/// A new number of workers ([`Handle::scale`]).
+/// A new number of workers ([`Handle::scale`](crate::master::Handle::scale)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scale {
     /// Exactly this many (at least 1).
