@@ -16,6 +16,10 @@ needs=(
     "unshare util-linux"                              # the master as PID 1 of a namespace
     "systemd-socket-activate systemd"                 # socket activation
     "systemd-analyze systemd"                         # the unit files are checked
+    "curl curl"                                       # server-sent events through a reload
+    "ab apache2-utils"                                # HTTP/1.0 keep-alive through reloads
+    "h2load nghttp2-client"                           # HTTP/2 through reloads
+    "python3 python3"                                 # runs the WebSocket clients
 )
 
 missing=()
@@ -42,5 +46,18 @@ if [ "${#missing[@]}" -gt 0 ]; then
         exit 1
     fi
 fi
+
+# Python modules the tests drive, from PyPI.
+for module in websockets; do
+    if ! python3 -c "import $module" 2>/dev/null; then
+        echo "test.sh: installing the Python module $module (PyPI)" >&2
+        user=()
+        [ "$(id -u)" -eq 0 ] || user=(--user)
+        if ! python3 -m pip install --quiet "${user[@]}" "$module" >/dev/null; then
+            echo "test.sh: could not install $module; run python3 -m pip install $module, then ./test.sh again" >&2
+            exit 1
+        fi
+    fi
+done
 
 exec cargo test --workspace "$@"

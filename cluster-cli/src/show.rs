@@ -42,9 +42,12 @@ pub(crate) fn status(reply: &Value, colour: bool) -> String {
                 "backoff" => "31",
                 _ => "33",
             };
-            let uptime = match w["restart_in_ms"].as_u64() {
-                Some(wait) => format!("restart in {}", human(Duration::from_millis(wait))),
-                None => ms(&w["uptime_ms"]),
+            let uptime = match (w["restart_in_ms"].as_u64(), w["kill_in_ms"].as_u64()) {
+                (Some(wait), _) => format!("restart in {}", human(Duration::from_millis(wait))),
+                (None, Some(kill)) => {
+                    format!("{}, killed in {}", ms(&w["uptime_ms"]), human(Duration::from_millis(kill)))
+                }
+                (None, None) => ms(&w["uptime_ms"]),
             };
             vec![
                 (text(&w["id"]), None),

@@ -425,6 +425,7 @@ fn worker_json(w: &WorkerStatus) -> Value {
         "connections_open": w.open_connections,
         "connections_total": w.connections,
         "restart_in_ms": w.restart_in.map(|d| d.as_millis() as u64),
+        "kill_in_ms": w.kill_in.map(|d| d.as_millis() as u64),
     })
 }
 

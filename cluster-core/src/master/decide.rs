@@ -485,6 +485,10 @@ impl Core {
                 restarts: self.slots.get(&p.id).map_or(0, |s| s.restarts),
                 connections: world.handled(*serial),
                 restart_in: None,
+                kill_in: match p.life {
+                    Life::Retiring { kill_at, .. } => Some(kill_at.saturating_duration_since(now)),
+                    _ => None,
+                },
                 rss: None,
                 cpu_time: None,
                 cpu_percent: None,
@@ -501,6 +505,7 @@ impl Core {
                     restarts: slot.restarts,
                     connections: 0,
                     restart_in: Some(at.saturating_duration_since(now)),
+                    kill_in: None,
                     rss: None,
                     cpu_time: None,
                     cpu_percent: None,

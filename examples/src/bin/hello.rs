@@ -104,6 +104,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 
 async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let debug = std::env::var("HELLO_DEBUG").is_ok_and(|v| v == "1");
+    let version = req.version();
     let mut response = match req.uri().path() {
         "/" => text(StatusCode::OK, "hello world\n"),
         "/worker" => {
@@ -146,8 +147,6 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     };
-    if cluster::worker::is_shutting_down() {
-        response.headers_mut().insert("connection", "close".parse().expect("header"));
-    }
+    cluster::http::close_on_shutdown(version, &mut response);
     Ok(response)
 }

@@ -1,8 +1,10 @@
 //! `tonic-hello`: a gRPC server (tonic, with the standard health service) on a cluster
 //! listener. `serve_with_incoming_shutdown` with `cluster::http::shutdown()` stops with
-//! HTTP/2 GOAWAY after the grace period and waits for the calls in flight, so reloads and
-//! stops fail no call. (Plain `serve_with_incoming` would return without waiting for them.)
-//! Same env as `hello`.
+//! HTTP/2 GOAWAY and waits for the calls in flight, so reloads and stops fail no call; the
+//! listener goes through `cluster::http::incoming`, because tonic begins its graceful shutdown
+//! as soon as its incoming stream ends, which would send GOAWAY at once instead of after the
+//! grace. (Plain `serve_with_incoming` would return without waiting for the calls.) Same env
+//! as `hello`.
 
 #[cluster::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -12,7 +14,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (_reporter, health) = tonic_health::server::health_reporter();
     tonic::transport::Server::builder()
         .add_service(health)
-        .serve_with_incoming_shutdown(listener, cluster::http::shutdown())
+        .serve_with_incoming_shutdown(cluster::http::incoming(listener), cluster::http::shutdown())
         .await?;
     Ok(())
 }

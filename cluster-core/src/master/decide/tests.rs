@@ -592,6 +592,16 @@ fn status_shows_backoff_and_states() {
     assert_eq!(states, [(1, WorkerState::Ready, None), (2, WorkerState::Backoff, Some(100 * MS))]);
 }
 
+#[test]
+fn status_shows_when_a_retiring_worker_will_be_killed() {
+    let mut sim = Sim::started(cfg(1));
+    assert_eq!(sim.core.status(sim.now, &sim.world)[0].kill_in, None, "not retiring");
+    sim.cmd(Command::Stop(StopKind::Graceful));
+    sim.advance(2 * TICK, &[]);
+    let status = sim.core.status(sim.now, &sim.world);
+    assert_eq!((status[0].state, status[0].kill_in), (WorkerState::Stopping, Some(Duration::from_secs(5) - 2 * TICK)));
+}
+
 // ----- the first start -----
 
 #[test]
