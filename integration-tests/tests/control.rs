@@ -466,3 +466,34 @@ fn logs_show_recent_events_follow_new_ones_and_carry_captured_worker_output() {
     let _ = follower.kill();
     let _ = follower.wait();
 }
+
+#[test]
+fn status_shows_what_a_retiring_worker_still_holds_and_when_it_will_be_killed() {
+    let dir = TempDir::new("ctl-retiring");
+    let server = start(&dir, "hello", 1, &[("CLUSTER_KILL_TIMEOUT_MS", "20000")]);
+    let old = server.workers()[0];
+    // A request that outlives the worker's stop.
+    let addr = server.addr;
+    let slow = std::thread::spawn(move || get(addr, "/sleep?ms=4000"));
+    wait_until(T, "the slow request to be counted", || {
+        let s = status(&dir, &[]);
+        let open = s["workers"][0]["connections_open"].as_u64().unwrap_or(0);
+        if open >= 1 { Ok(()) } else { Err(format!(": {s}")) }
+    });
+    server.signal(libc::SIGHUP);
+    let retiring = wait_until(T, "the old worker to be retiring", || {
+        let s = status(&dir, &[]);
+        let w = s["workers"].as_array().unwrap().iter().find(|w| w["pid"] == old).cloned();
+        match w {
+            Some(w) if w["state"] == "stopping" => Ok(w),
+            _ => Err(format!(": {s}")),
+        }
+    });
+    let kill_in = retiring["kill_in_ms"].as_u64().expect("kill_in_ms");
+    assert!(kill_in > 10_000 && kill_in <= 20_000, "{retiring}");
+    assert!(retiring["connections_open"].as_u64() >= Some(1), "the slow request's connection: {retiring}");
+    let (code, table, _) = ctl(&dir, &["status"]);
+    assert_eq!(code, 0);
+    assert!(table.contains("killed in"), "{table}");
+    assert_eq!(slow.join().unwrap().unwrap().status, 200, "the slow request was answered");
+}
