@@ -20,6 +20,7 @@ needs=(
     "ab apache2-utils"                                # HTTP/1.0 keep-alive through reloads
     "h2load nghttp2-client"                           # HTTP/2 through reloads
     "python3 python3"                                 # runs the WebSocket clients
+    "promtool prometheus"                             # checks the metrics' text
 )
 
 missing=()

@@ -81,8 +81,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Metrics in Prometheus' text format.
-    Metrics,
+    /// Metrics in Prometheus' text format: the master's, then the application's (summed over
+    /// workers; `--per-worker`: counters and histograms per worker id).
+    Metrics {
+        /// The application's counters and histograms per worker id (label `worker`).
+        #[arg(long)]
+        per_worker: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -181,8 +186,8 @@ fn run(cli: Cli) -> Result<(), Fail> {
                 }
             }
         }
-        Command::Metrics => {
-            let reply = ok(conn.call(&cmd("metrics"), |_| {})?)?;
+        Command::Metrics { per_worker } => {
+            let reply = ok(conn.call(&json!({"cmd": "metrics", "per_worker": per_worker}), |_| {})?)?;
             print!("{}", reply["metrics"].as_str().unwrap_or(""));
         }
     }

@@ -225,6 +225,25 @@ impl Builder {
         self
     }
 
+    /// The buckets of histogram `name` (feature `metrics`; default
+    /// [`DEFAULT_BUCKETS`](crate::metrics::DEFAULT_BUCKETS); env `CLUSTER_METRICS_BUCKETS`,
+    /// `name=0.01,0.1,1;other=…`, wins). Bounds in increasing order; others are ignored.
+    pub fn histogram_buckets(mut self, name: impl Into<String>, bounds: &[f64]) -> Self {
+        let increasing = bounds.windows(2).all(|w| w[0] < w[1]) && bounds.iter().all(|b| b.is_finite());
+        if increasing && !bounds.is_empty() {
+            self.cfg.histogram_buckets.push((name.into(), bounds.to_vec()));
+        }
+        self
+    }
+
+    /// Whether workers and the agent install the cluster's recorder as the `metrics` facade's
+    /// global recorder (feature `metrics`; default true). A program with a recorder of its own
+    /// says false, and may combine the two with [`metrics::recorder`](crate::metrics).
+    pub fn metrics_recorder(mut self, install: bool) -> Self {
+        self.cfg.metrics_recorder = install;
+        self
+    }
+
     /// Runs `hook` in the master beside the supervisor, with a [`Master`] handle for worker
     /// events and messages.
     pub fn master<F, Fut>(mut self, hook: F) -> Self
@@ -304,6 +323,8 @@ impl Builder {
 /// master first, and when `body` returns because the process is stopping, lets the tasks it
 /// spawned finish.
 fn connected<F: Future>(id: u32, channel: OwnedFd, threads: Option<usize>, cfg: &Config, body: F) -> F::Output {
+    #[cfg(feature = "metrics")]
+    crate::metrics::prepare(&cfg.histogram_buckets, cfg.metrics_recorder);
     runtime(threads).block_on(async move {
         if let Err(e) = worker::client::start(id, channel, cfg).await {
             crate::log::say!("{}: cannot reach the master: {e}", Peer::from_wire(id));

@@ -63,6 +63,10 @@ pub(crate) struct Config {
     /// `CLUSTER_USER` / `CLUSTER_GROUP`: who workers run as (names or numbers).
     pub(crate) user: Option<String>,
     pub(crate) group: Option<String>,
+    /// Histogram buckets by metric name (`metrics`).
+    pub(crate) histogram_buckets: crate::metrics::Buckets,
+    /// Whether workers install the cluster's metrics recorder as the global one.
+    pub(crate) metrics_recorder: bool,
     /// The two above, resolved by the master before anything starts.
     pub(crate) credentials: Option<std::sync::Arc<crate::sys::Credentials>>,
 }
@@ -249,6 +253,12 @@ impl Config {
         if let Some(v) = var::<String>(ENV_GROUP)? {
             self.group = Some(v);
         }
+        if let Some(v) = checked(ENV_METRICS_BUCKETS, |v: &String| crate::metrics::parse_buckets(v).is_ok())? {
+            // Before the code's own: the environment's win.
+            let mut buckets = crate::metrics::parse_buckets(&v).expect("checked");
+            buckets.append(&mut self.histogram_buckets);
+            self.histogram_buckets = buckets;
+        }
         Ok(())
     }
 }
@@ -309,6 +319,8 @@ impl Default for Config {
             user: None,
             group: None,
             credentials: None,
+            histogram_buckets: Vec::new(),
+            metrics_recorder: true,
         }
     }
 }

@@ -69,6 +69,9 @@ pub const ENV_ADMIN_ADDR: &str = "CLUSTER_ADMIN_ADDR";
 /// `1`: workers' stdout and stderr go through the master, each line prefixed with the worker.
 pub const ENV_LOG_CAPTURE: &str = "CLUSTER_LOG_CAPTURE";
 
+/// Histogram buckets by metric name (feature `metrics`): `name=0.01,0.1,1;other=…`.
+pub const ENV_METRICS_BUCKETS: &str = "CLUSTER_METRICS_BUCKETS";
+
 /// Set by a master in the new master it starts for an upgrade: the handover channel's fd
 /// number (`master/upgrade`).
 pub(crate) const ENV_UPGRADE_FD: &str = "CLUSTER_UPGRADE_FD";
@@ -87,6 +90,7 @@ pub(crate) fn expected(name: &str) -> &'static str {
         ENV_ADMIN_ADDR => "an address and port such as `127.0.0.1:9100`",
         ENV_ACCEPT_THREADS => "a whole number from 1 to 64",
         ENV_ACCEPT_GATHER_US => "a number of microseconds from 0 to 10000",
+        ENV_METRICS_BUCKETS => "`name=bound,bound,…` items separated by `;`, bounds increasing",
         _ if name.ends_with("_MS") => "a number of milliseconds",
         _ => "a whole number",
     }

@@ -44,6 +44,7 @@ mod ipc;
 mod log;
 pub mod master;
 pub mod messaging;
+pub mod metrics;
 pub mod net;
 mod role;
 #[allow(unsafe_code)]

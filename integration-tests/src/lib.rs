@@ -301,6 +301,14 @@ fn stat_cpu_time(path: &str) -> Duration {
     Duration::from_millis(ticks * 1000 / hz)
 }
 
+/// Resident memory of a process, in bytes (0 once it is gone).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib: u64 =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse().ok()).unwrap_or(0);
+    kib * 1024
+}
+
 /// What `wrk` reported.
 #[derive(Debug, Default)]
 pub struct WrkReport {

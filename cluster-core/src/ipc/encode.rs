@@ -45,6 +45,11 @@ pub(crate) fn newconn_entry(out: &mut BytesMut, id: ConnId, peer: Option<&Socket
     put_opt_addr(out, peer);
 }
 
+pub(crate) fn metrics(out: &mut BytesMut, words: u32) {
+    out.put_u8(tag::METRICS);
+    out.put_u32(words);
+}
+
 pub(crate) fn disconnect(out: &mut BytesMut) {
     out.put_u8(tag::DISCONNECT);
 }

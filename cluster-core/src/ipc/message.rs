@@ -16,7 +16,7 @@ use std::os::fd::OwnedFd;
 use bytes::{Buf, Bytes};
 
 /// Version of this protocol; sent by a worker in its first message.
-pub(crate) const PROTOCOL_VERSION: u16 = 5;
+pub(crate) const PROTOCOL_VERSION: u16 = 6;
 
 /// Largest datagram either side sends or accepts.
 pub(crate) const MAX_MESSAGE: usize = 64 * 1024;
@@ -227,6 +227,9 @@ pub(crate) enum ToWorker {
     /// The fate of the oldest message this process sent to another process and that the
     /// master has not reported on yet: handed to the recipient, or not (it is not running).
     Relayed { delivered: bool },
+    /// The worker's metrics segment (`metrics/segment.rs`), `words` long, its descriptor
+    /// attached: the first message a worker gets, with the feature `metrics`.
+    Metrics { words: u32, fd: OwnedFd },
 }
 
 /// Wire address of the agent process in user messages.
@@ -270,6 +273,7 @@ pub(crate) mod tag {
     pub(crate) const USER_START_TO_WORKER: u8 = 0x85;
     pub(crate) const USER_MORE_TO_WORKER: u8 = 0x86;
     pub(crate) const RELAYED: u8 = 0x87;
+    pub(crate) const METRICS: u8 = 0x88;
 }
 
 impl ToMaster {
@@ -388,6 +392,7 @@ impl ToWorker {
             Self::UserStart { .. } => "user start",
             Self::UserMore(_) => "user more",
             Self::Relayed { .. } => "relayed",
+            Self::Metrics { .. } => "metrics",
         }
     }
 
@@ -444,6 +449,13 @@ impl ToWorker {
             tag::RELAYED => {
                 r.message = "relayed";
                 Self::Relayed { delivered: r.u8()? != 0 }
+            }
+            tag::METRICS => {
+                r.message = "metrics";
+                let words = r.u32()?;
+                r.finish()?;
+                expect_fds("metrics", fds.len(), 1)?;
+                return Ok(Self::Metrics { words, fd: fds.into_iter().next().expect("one fd") });
             }
             other => return Err(ProtocolError::UnknownTag(other)),
         };

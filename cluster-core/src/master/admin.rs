@@ -121,12 +121,20 @@ async fn answer(mut stream: TcpStream, handle: Handle) -> io::Result<()> {
             };
             respond(&mut stream, code, "text/plain", &text, body_wanted).await
         }
-        "/metrics" => match handle.metrics().await {
+        "/metrics" => match handle.metrics_of(query_flag(path, "per_worker")).await {
             Some(text) => respond(&mut stream, 200, "text/plain; version=0.0.4", &text, body_wanted).await,
             None => respond(&mut stream, 503, "text/plain", "stopping\n", body_wanted).await,
         },
         _ => respond(&mut stream, 404, "text/plain", "not found: /healthz, /readyz, /metrics\n", body_wanted).await,
     }
+}
+
+/// Whether `path`'s query sets `name` (`?name=1` or `?name=true`).
+fn query_flag(path: &str, name: &str) -> bool {
+    let query = path.split_once('?').map_or("", |(_, q)| q);
+    query.split('&').any(|kv| {
+        kv == name || kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')).is_some_and(|v| v == "1" || v == "true")
+    })
 }
 
 async fn respond(stream: &mut TcpStream, code: u16, kind: &str, body: &str, with_body: bool) -> io::Result<()> {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use super::handle::{Handle, Master, MasterHook, Registry};
+use super::handle::{AppMetrics, Handle, Master, MasterHook, Registry};
 use super::{admin, control, events, observe, pid_file, supervisor, upgrade};
 use crate::config::Config;
 use crate::log::log;
@@ -75,11 +75,13 @@ pub(crate) fn run(cfg: Config, hook: Option<MasterHook>) -> i32 {
         let calls = Arc::new(Calls::default());
         let (asks_tx, asks) = mpsc::unbounded_channel();
         let (events, receiver) = events::Events::new(hook.is_some());
+        let app_metrics = AppMetrics::default();
         let handle = Handle {
             registry: registry.clone(),
             calls: calls.clone(),
             asks: asks_tx,
             readings: Arc::new(observe::Readings::default()),
+            app_metrics: app_metrics.clone(),
         };
         // Operators' ways in: the control socket and the admin endpoint, both thin layers over
         // the handle. A successor serves them (on the sockets handed over) once it takes over;
@@ -108,8 +110,17 @@ pub(crate) fn run(cfg: Config, hook: Option<MasterHook>) -> i32 {
             admin_fd: admin.as_ref().and_then(|a| a.dup().ok()),
         };
         let successor = successor.map(|s| (s, handover.listeners));
-        let supervisor =
-            supervisor::Supervisor::new(cfg.clone(), info, registry, calls, events, asks, serving_tx, successor);
+        let supervisor = supervisor::Supervisor::new(
+            cfg.clone(),
+            info,
+            registry,
+            calls,
+            events,
+            asks,
+            serving_tx,
+            successor,
+            app_metrics,
+        );
         let code = match supervisor {
             Ok(supervisor) => supervisor.run().await,
             Err(e) => {

@@ -293,7 +293,7 @@ async fn run(request: Request, wr: &mut OwnedWriteHalf, handle: &Handle) -> io::
             Some(overview) => status_json(&overview),
             None => fail("the master is stopping"),
         },
-        Request::Metrics => match handle.metrics().await {
+        Request::Metrics { per_worker } => match handle.metrics_of(per_worker).await {
             Some(text) => json!({"ok": true, "metrics": text}),
             None => fail("the master is stopping"),
         },

@@ -33,6 +33,9 @@ pub(super) enum Ask {
 pub(super) type Reply<T> = oneshot::Sender<Result<T, ControlError>>;
 
 /// Channels of the workers (and the agent, under `AGENT_ID`) that are online, by id.
+/// The totals of the application's metrics (`metrics/totals.rs`).
+pub(super) type AppMetrics = Arc<Mutex<crate::metrics::totals::Totals>>;
+
 pub(super) type Registry = Arc<Mutex<HashMap<u32, Arc<Channel>>>>;
 
 /// User code to run in the master beside the supervisor.
@@ -58,6 +61,7 @@ pub struct Handle {
     pub(super) calls: Arc<Calls>,
     pub(super) asks: mpsc::UnboundedSender<Ask>,
     pub(super) readings: Arc<observe::Readings>,
+    pub(super) app_metrics: AppMetrics,
 }
 
 impl Master {
@@ -151,13 +155,27 @@ impl Handle {
         Some(Overview { master, workers })
     }
 
-    /// The cluster's metrics in Prometheus' text format (README, "Operating a cluster").
+    /// The cluster's metrics in Prometheus' text format (README, "Operating a cluster"): the
+    /// master's own `cluster_*` series, then the application's, its counters and histograms
+    /// summed over every process (feature `metrics`).
     pub async fn metrics(&self) -> Option<String> {
+        self.metrics_of(false).await
+    }
+
+    /// [`metrics`](Self::metrics), with the application's counters and histograms per worker id
+    /// (label `worker`) rather than summed.
+    pub async fn metrics_per_worker(&self) -> Option<String> {
+        self.metrics_of(true).await
+    }
+
+    pub(super) async fn metrics_of(&self, per_worker: bool) -> Option<String> {
         let mut snapshot = self.snapshot().await?;
-        let readings = self.readings.clone();
+        let (readings, app) = (self.readings.clone(), self.app_metrics.clone());
         tokio::task::spawn_blocking(move || {
             readings.enrich(&mut snapshot.workers, &snapshot.listening);
-            observe::prometheus(&snapshot)
+            let mut text = observe::prometheus(&snapshot);
+            app.lock().unwrap_or_else(|e| e.into_inner()).exposition(per_worker, &mut text);
+            text
         })
         .await
         .ok()

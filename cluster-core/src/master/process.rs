@@ -4,7 +4,7 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -57,6 +57,8 @@ pub(super) struct Links {
     /// The runtime of the data path's first thread (`dispatch/accept.rs`): the channels are
     /// read there, beside the accept loops.
     pub(super) data_path: tokio::runtime::Handle,
+    /// The totals of the application's metrics, which read each process's segment.
+    pub(super) app_metrics: super::handle::AppMetrics,
 }
 
 /// Starts workers: the binary this master was started from, with its arguments.
@@ -121,6 +123,9 @@ impl Launcher {
             tokio::spawn(capture(id, pid, "stderr", err, tokio::io::stderr()));
         }
         let channel = Arc::new(channel);
+        if cfg!(feature = "metrics") {
+            give_segment(id, serial, &channel, links);
+        }
         links.dispatch.add_worker(serial, id, channel.clone());
         let relay = relay(id, serial, channel.clone(), links);
         let reads = read_loop(serial, channel.clone(), links.dispatch.clone(), links.reports.clone(), relay);
@@ -164,6 +169,28 @@ impl Launcher {
             cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
         }
         cmd
+    }
+}
+
+/// Creates process `serial`'s metrics segment, registers it with the totals and sends it, the
+/// first message on its channel (its buffer is empty: the send cannot block). A segment that
+/// cannot be made is logged, and the process records nothing.
+fn give_segment(id: u32, serial: Serial, channel: &Channel, links: &Links) {
+    use crate::metrics::segment;
+    let made = sys::create_segment(&format!("cluster-metrics-{id}"), segment::WORDS).and_then(|fd| {
+        let map = sys::map_segment(&fd, segment::WORDS)?;
+        segment::init(map.words());
+        let mut out = BytesMut::new();
+        encode::metrics(&mut out, segment::WORDS as u32);
+        channel.try_send_with_fds(&out, &[fd.as_fd()])?;
+        Ok((fd, map))
+    });
+    match made {
+        Ok((fd, map)) => {
+            let reader = segment::Reader::new(map);
+            links.app_metrics.lock().unwrap_or_else(|e| e.into_inner()).add(serial, id, fd, segment::WORDS, reader);
+        }
+        Err(e) => log!("{}: no metrics segment: {e}", Peer::from_wire(id)),
     }
 }
 

@@ -9,6 +9,7 @@ mod fd;
 mod init;
 mod process;
 mod procfs;
+mod shm;
 
 pub(crate) use creds::{Credentials, geteuid, getuid, lookup_credentials, may_write_dir, set_socket_file};
 pub(crate) use diag::{accept_queue_len, pending_handshakes, stop_queueing, tcp_connection_inodes};
@@ -22,6 +23,7 @@ pub(crate) use process::{
     alive, exit_now, getpid, prepare_successor_command, prepare_worker_command, raise_fd_limit, remove_env, signal,
 };
 pub(crate) use procfs::{cpu_time, rss, socket_inodes};
+pub(crate) use shm::{Mapping, create_segment, map_segment};
 
 use std::io;
 

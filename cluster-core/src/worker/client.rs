@@ -30,6 +30,9 @@ pub(crate) type Unserved = Arc<Mutex<VecDeque<NewConn>>>;
 /// The queue of connections the master handed to one listener.
 pub(crate) type ConnQueue = mpsc::UnboundedReceiver<NewConn>;
 
+/// How long a starting worker waits for the master's metrics segment.
+const SEGMENT_WAIT: Duration = Duration::from_secs(5);
+
 /// How long a worker whose master vanished keeps draining before it exits.
 const ORPHAN_GRACE: Duration = Duration::from_secs(5);
 
@@ -39,6 +42,8 @@ pub(crate) struct Client {
     pub(crate) channel: Channel,
     state: Mutex<State>,
     shutdown: watch::Sender<bool>,
+    /// Whether the master's metrics segment has come (feature `metrics`).
+    segment: watch::Sender<bool>,
     pub(super) messages: tokio::sync::Mutex<mpsc::UnboundedReceiver<Message>>,
     /// Requests this process waits on.
     pub(super) calls: Calls,
@@ -82,6 +87,7 @@ pub(crate) async fn start(id: u32, channel: OwnedFd, cfg: &Config) -> io::Result
             messages: messages_tx,
         }),
         shutdown: watch::Sender::new(false),
+        segment: watch::Sender::new(false),
         messages: tokio::sync::Mutex::new(messages_rx),
         calls: Calls::default(),
         receipts: Mutex::default(),
@@ -92,6 +98,13 @@ pub(crate) async fn start(id: u32, channel: OwnedFd, cfg: &Config) -> io::Result
     install_panic_hook(cfg.exit_on_panic);
     client.send(|out| encode::hello(out, PROTOCOL_VERSION, sys::getpid())).await?;
     spawn_own(read_loop(client.clone()));
+    // The master sends the segment before anything else: the program's first records go in it.
+    if cfg!(feature = "metrics") {
+        let mut segment = client.segment.subscribe();
+        if tokio::time::timeout(SEGMENT_WAIT, segment.wait_for(|came| *came)).await.is_err() {
+            crate::log::say!("{}: no metrics segment from the master; metrics are not recorded", Peer::from_wire(id));
+        }
+    }
     if let Some(every) = cfg.heartbeat_interval() {
         spawn_own(heartbeat(client.clone(), every));
     }
@@ -371,6 +384,15 @@ impl Client {
                 let from = Peer::from_wire(from);
                 let request = (call != 0).then(|| Request::from_client(call, from, self.clone()));
                 let _ = self.state.lock().unwrap().messages.send(Message { from, data, request });
+            }
+            ToWorker::Metrics { words, fd } => {
+                #[cfg(feature = "metrics")]
+                if let Err(e) = crate::metrics::attach(fd, words as usize) {
+                    crate::log::say!("{}: cannot map the metrics segment: {e}", Peer::from_wire(self.id));
+                }
+                #[cfg(not(feature = "metrics"))]
+                let _ = (fd, words);
+                self.segment.send_replace(true);
             }
             ToWorker::Relayed { delivered } => {
                 if let Some(receipt) = self.receipts.lock().unwrap().pop_front() {

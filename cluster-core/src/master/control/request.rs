@@ -11,13 +11,21 @@ use crate::master::Scale;
 pub(super) enum Request {
     Ping,
     Status,
-    Metrics,
+    /// `per_worker`: the application's counters and histograms per worker id.
+    Metrics {
+        per_worker: bool,
+    },
     Reload,
     Scale(Scale),
     Restart(u32),
-    Stop { fast: bool },
+    Stop {
+        fast: bool,
+    },
     Upgrade,
-    Logs { lines: usize, follow: bool },
+    Logs {
+        lines: usize,
+        follow: bool,
+    },
 }
 
 /// Why a line is not a request.
@@ -56,7 +64,7 @@ pub(super) fn parse(line: &[u8]) -> Result<Request, Refused> {
     Ok(match cmd {
         "ping" => Request::Ping,
         "status" => Request::Status,
-        "metrics" => Request::Metrics,
+        "metrics" => Request::Metrics { per_worker: flag("per_worker")? },
         "reload" => Request::Reload,
         "upgrade" => Request::Upgrade,
         "scale" => {
@@ -168,7 +176,7 @@ mod tests {
         prop_oneof![
             Just(Request::Ping),
             Just(Request::Status),
-            Just(Request::Metrics),
+            any::<bool>().prop_map(|per_worker| Request::Metrics { per_worker }),
             Just(Request::Reload),
             Just(Request::Upgrade),
             (1usize..100_000).prop_map(|n| Request::Scale(Scale::To(n))),
@@ -184,7 +192,7 @@ mod tests {
         match r {
             Request::Ping => json!({"cmd": "ping"}),
             Request::Status => json!({"cmd": "status"}),
-            Request::Metrics => json!({"cmd": "metrics"}),
+            Request::Metrics { per_worker } => json!({"cmd": "metrics", "per_worker": per_worker}),
             Request::Reload => json!({"cmd": "reload"}),
             Request::Upgrade => json!({"cmd": "upgrade"}),
             Request::Scale(Scale::To(n)) => json!({"cmd": "scale", "workers": n}),

@@ -22,7 +22,7 @@ use tokio::time::sleep_until;
 use super::decide::{Action, Answer, Command, Core, Fact, StopKind, World};
 use super::dispatch::{AcceptThreads, Dispatch};
 use super::events::Events;
-use super::handle::{Ask, Registry, Reply};
+use super::handle::{AppMetrics, Ask, Registry, Reply};
 use super::listeners::Listeners;
 use super::observe::{Snapshot, Stats};
 use super::process::{Child, Launcher, Links, Report};
@@ -93,6 +93,7 @@ impl Supervisor {
         asks: mpsc::UnboundedReceiver<Ask>,
         serving: watch::Sender<bool>,
         successor: Option<(Successor, Vec<upgrade::Listener>)>,
+        app_metrics: AppMetrics,
     ) -> io::Result<Self> {
         let dispatch = Arc::new(Dispatch::new(cfg.window, cfg.balancer, cfg.max_worker_connections));
         let (reports_tx, reports) = mpsc::unbounded_channel();
@@ -106,7 +107,8 @@ impl Supervisor {
             listeners.adopt_handed(handed);
             successor
         });
-        let upgrade = Upgrading::new(sys::getpid(), cfg.ready_timeout, cfg.kill_timeout, successor);
+        let upgrade =
+            Upgrading::new(sys::getpid(), cfg.ready_timeout, cfg.kill_timeout, successor, app_metrics.clone());
         Ok(Supervisor {
             notifier,
             upgrade,
@@ -125,6 +127,7 @@ impl Supervisor {
                 events: events.sender(),
                 stats: stats.clone(),
                 data_path,
+                app_metrics,
             },
             stats,
             children: HashMap::new(),
@@ -429,6 +432,8 @@ impl Supervisor {
             }
             Report::Gone { serial, status } => {
                 self.children.remove(&serial);
+                // Its channel is read to the end and it has exited: its counts are final.
+                self.links.app_metrics.lock().unwrap_or_else(|e| e.into_inner()).retire(serial);
                 self.core.record(serial, Fact::Exited(status), now);
             }
         }

@@ -65,7 +65,10 @@ impl Supervisor {
                             warning!(event = "pid_file_failed", error = %e, "cannot write the pid file {}: {e}", path.display());
                         }
                     }
-                    Effect::OwnHanded => self.listeners.own_handed(),
+                    Effect::OwnHanded => {
+                        self.listeners.own_handed();
+                        self.links.app_metrics.lock().unwrap_or_else(|e| e.into_inner()).own_handed();
+                    }
                     other => debug_assert!(false, "{other:?} is carried out in upgrade/"),
                 }
             }

@@ -13,6 +13,8 @@ use super::decide::{Input, Side};
 use super::wire::{self, Handover, PER_DATAGRAM, Successor, UPGRADE_FD};
 use crate::env::ENV_UPGRADE_FD;
 use crate::ipc::{Channel, Receiver};
+use crate::log::warning;
+use crate::master::handle::AppMetrics;
 use crate::sys;
 
 /// What a link tells the supervisor: which link (its number), which side, what happened.
@@ -93,18 +95,31 @@ impl Link {
                 }
             }
         });
-        let mut link = Link::open(id, Side::To, channel, Receiver::new(), news);
+        let mut link = Link::open(id, Side::To, channel, Receiver::new(), news, None);
         link.signals = Some(signals);
         link.tasks.push(reaper);
         Ok((link, pid))
     }
 
-    /// The channel to the predecessor, once the handshake at boot is done.
-    pub(in crate::master) fn predecessor(id: u64, successor: Successor, news: mpsc::UnboundedSender<News>) -> Link {
-        Link::open(id, Side::From, Arc::new(successor.channel), successor.rx, news)
+    /// The channel to the predecessor, once the handshake at boot is done; the metrics it hands
+    /// over go to `app_metrics`.
+    pub(in crate::master) fn predecessor(
+        id: u64,
+        successor: Successor,
+        news: mpsc::UnboundedSender<News>,
+        app_metrics: AppMetrics,
+    ) -> Link {
+        Link::open(id, Side::From, Arc::new(successor.channel), successor.rx, news, Some(app_metrics))
     }
 
-    fn open(id: u64, side: Side, channel: Arc<Channel>, mut rx: Receiver, news: mpsc::UnboundedSender<News>) -> Link {
+    fn open(
+        id: u64,
+        side: Side,
+        channel: Arc<Channel>,
+        mut rx: Receiver,
+        news: mpsc::UnboundedSender<News>,
+        app_metrics: Option<AppMetrics>,
+    ) -> Link {
         let (out, mut outgoing) = mpsc::unbounded_channel::<Outgoing>();
         let writing = channel.clone();
         let writer = tokio::spawn(async move {
@@ -119,6 +134,13 @@ impl Link {
         let reader = tokio::spawn(async move {
             loop {
                 let input = match (rx.recv(&channel).await, side) {
+                    // Metrics handed over are data, not a step of the upgrade.
+                    (Ok(Some(datagram)), Side::From) if wire::is_metrics(&datagram.data) => {
+                        if let Some(app_metrics) = &app_metrics {
+                            wire::adopt_metrics(datagram, app_metrics);
+                        }
+                        continue;
+                    }
                     (Ok(Some(datagram)), Side::To) => wire::from_successor(&datagram.data),
                     (Ok(Some(datagram)), Side::From) => wire::from_predecessor(&datagram.data),
                     (Err(e), Side::From) => Input::Off(format!("upgrade channel: {e}")),
@@ -137,6 +159,28 @@ impl Link {
     /// Sends a message (after those sent before it).
     pub(in crate::master) fn send(&self, data: Vec<u8>) {
         let _ = self.out.send((data, Vec::new()));
+    }
+
+    /// Sends the application's metrics totals and copies of its processes' segments
+    /// (`metrics/totals.rs`), then `go`.
+    pub(in crate::master) fn send_go(&self, app_metrics: &AppMetrics) {
+        let exported = app_metrics.lock().unwrap_or_else(|e| e.into_inner()).export(wire::METRICS_PIECE);
+        match exported {
+            Ok((pieces, segments)) => {
+                for piece in pieces {
+                    self.send(wire::metrics(&piece, &[]));
+                }
+                let mut segments = segments.into_iter().peekable();
+                while segments.peek().is_some() {
+                    let (items, fds): (Vec<_>, Vec<_>) = segments.by_ref().take(PER_DATAGRAM).unzip();
+                    let _ = self.out.send((wire::metrics(&serde_json::Value::Null, &items), fds));
+                }
+            }
+            Err(e) => {
+                warning!(event = "metrics_handover_failed", error = %e, "cannot hand the metrics' segments over: {e}")
+            }
+        }
+        self.send(wire::go());
     }
 
     /// Sends every socket (one datagram per [`PER_DATAGRAM`] descriptors), then `start`.

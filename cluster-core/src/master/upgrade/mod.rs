@@ -50,7 +50,7 @@ use tokio::sync::mpsc;
 
 use self::decide::Upgrade;
 use self::link::{Link, News, Packed, Signal};
-use super::handle::Reply;
+use super::handle::{AppMetrics, Reply};
 use super::types::Upgraded;
 
 /// The upgrade as the supervisor runs it: the decided state, the channels to the other
@@ -69,6 +69,8 @@ pub(super) struct Upgrading {
     waiter: Option<Reply<Upgraded>>,
     /// What the successor gets once its hello is checked.
     packed: Option<Packed>,
+    /// The application's metrics, handed over with `go` and taken over from a predecessor.
+    app_metrics: AppMetrics,
 }
 
 impl Upgrading {
@@ -78,6 +80,7 @@ impl Upgrading {
         ready_timeout: Duration,
         kill_timeout: Duration,
         successor: Option<Successor>,
+        app_metrics: AppMetrics,
     ) -> Upgrading {
         let (news_tx, news) = mpsc::unbounded_channel();
         let predecessor = successor.as_ref().map(|s| s.predecessor);
@@ -90,10 +93,12 @@ impl Upgrading {
             news,
             waiter: None,
             packed: None,
+            app_metrics,
         };
         if let Some(successor) = successor {
             upgrading.opened += 1;
-            upgrading.from = Some(Link::predecessor(upgrading.opened, successor, upgrading.news_tx.clone()));
+            let news = upgrading.news_tx.clone();
+            upgrading.from = Some(Link::predecessor(upgrading.opened, successor, news, upgrading.app_metrics.clone()));
         }
         upgrading
     }
@@ -186,7 +191,11 @@ impl Upgrading {
                         link.send_sockets(packed);
                     }
                 }
-                Effect::Go => self.send(Side::To, wire::go()),
+                Effect::Go => {
+                    if let Some(link) = &self.to {
+                        link.send_go(&self.app_metrics);
+                    }
+                }
                 Effect::Terminate => self.signal(Signal::Term),
                 Effect::Kill => self.signal(Signal::Kill),
                 Effect::Answer(result) => {

@@ -14,6 +14,7 @@ use super::decide::{HANDSHAKE, Heard, Input, VERSION};
 use crate::env::ENV_UPGRADE_FD;
 use crate::ipc::message::{Endpoint, MAX_FDS};
 use crate::ipc::{Channel, Receiver};
+use crate::log::warning;
 use crate::master::systemd;
 use crate::sys;
 
@@ -78,6 +79,44 @@ pub(super) fn failed(reason: &str) -> Vec<u8> {
 /// See [`ready`].
 pub(super) fn serving() -> Vec<u8> {
     json!({"t": "serving"}).to_string().into_bytes()
+}
+
+/// About how much JSON one `metrics` datagram carries (the channel takes 64 KiB).
+pub(super) const METRICS_PIECE: usize = 32 * 1024;
+
+/// `{"t":"metrics"}`: a piece of the application's metrics totals, or descriptions of segments
+/// whose descriptors come with it.
+pub(super) fn metrics(piece: &Value, segments: &[Value]) -> Vec<u8> {
+    json!({"t": "metrics", "piece": piece, "segments": segments}).to_string().into_bytes()
+}
+
+/// Whether a datagram from the predecessor is a `metrics` one.
+pub(super) fn is_metrics(data: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(data).is_ok_and(|m| m["t"] == "metrics")
+}
+
+/// Takes a `metrics` datagram into the totals; what cannot be read is logged and left out.
+pub(super) fn adopt_metrics(datagram: crate::ipc::Datagram, totals: &crate::master::handle::AppMetrics) {
+    let fds = datagram.fds;
+    let Ok(msg) = serde_json::from_slice::<Value>(&datagram.data) else { return };
+    let mut totals = totals.lock().unwrap_or_else(|e| e.into_inner());
+    if !msg["piece"].is_null()
+        && let Err(e) = totals.adopt(&msg["piece"])
+    {
+        warning!(event = "metrics_handover_failed", error = %e, "{e}");
+    }
+    let segments = msg["segments"].as_array().map(Vec::as_slice).unwrap_or_default();
+    for (item, fd) in segments.iter().zip(fds) {
+        let id = item["id"].as_u64().and_then(|i| u32::try_from(i).ok());
+        let words = item["words"].as_u64().and_then(|w| usize::try_from(w).ok());
+        let adopted = match (id, words) {
+            (Some(id), Some(words)) => totals.adopt_segment(id, fd, words).map_err(|e| e.to_string()),
+            _ => Err(format!("a segment description the new master cannot read: {item}")),
+        };
+        if let Err(e) = adopted {
+            warning!(event = "metrics_handover_failed", error = %e, "a metrics segment handed over: {e}");
+        }
+    }
 }
 
 /// What a datagram from the successor says.
