@@ -69,6 +69,19 @@ pub mod __private {
     pub use crate::builder::Builder;
     pub use crate::ipc::bench as ipc_bench;
 
+    /// A recorder with a segment of its own, as a worker has one, for the benchmark
+    /// (`benches/metrics.rs`) to measure records without a master.
+    #[cfg(feature = "metrics")]
+    pub fn metrics_bench_recorder() -> crate::metrics::Recorder {
+        let words = crate::metrics::segment::WORDS;
+        let fd = crate::sys::create_segment("bench", words).expect("a segment");
+        let map = crate::sys::map_segment(&fd, words).expect("mapped");
+        crate::metrics::segment::init(map.words());
+        crate::metrics::attach(fd, words).expect("attached");
+        crate::metrics::prepare(&Vec::new(), false);
+        crate::metrics::recorder()
+    }
+
     /// A worker's first message as this build encodes it (for tests that speak the protocol
     /// by hand).
     pub fn hello(pid: u32) -> Vec<u8> {

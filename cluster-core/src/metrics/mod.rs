@@ -27,9 +27,9 @@ pub(crate) mod segment;
 pub(crate) mod totals;
 
 #[cfg(feature = "metrics")]
-pub(crate) use recorder::{attach, prepare};
-#[cfg(feature = "metrics")]
 pub use recorder::{Recorder, recorder};
+#[cfg(feature = "metrics")]
+pub(crate) use recorder::{attach, prepare};
 
 /// The buckets of a histogram no setting names: Prometheus' client libraries' default, in
 /// seconds.

@@ -43,7 +43,6 @@ pub(crate) fn attach(fd: std::os::fd::OwnedFd, words: usize) -> std::io::Result<
     Ok(())
 }
 
-
 /// The recorder of this process's cluster metrics: the one the library installs in each
 /// worker and in the agent, or, if the program installs a recorder of its own
 /// ([`Builder::metrics_recorder`](crate::Builder::metrics_recorder)`(false)`), one it can
