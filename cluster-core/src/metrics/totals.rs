@@ -256,9 +256,12 @@ impl Totals {
                             let le = number(*b);
                             lines.push(format!("{name}_bucket{} {cumulative}", labels(&key.labels, id, Some(&le))));
                         }
-                        lines.push(format!("{name}_bucket{} {}", labels(&key.labels, id, Some("+Inf")), h.count));
+                        // A worker adds to the bucket, then to the count: read in between, the
+                        // buckets are one ahead, and +Inf must not be below them.
+                        let count = h.count.max(cumulative);
+                        lines.push(format!("{name}_bucket{} {count}", labels(&key.labels, id, Some("+Inf"))));
                         lines.push(format!("{name}_sum{} {}", labels(&key.labels, id, None), number(h.sum)));
-                        lines.push(format!("{name}_count{} {}", labels(&key.labels, id, None), h.count));
+                        lines.push(format!("{name}_count{} {count}", labels(&key.labels, id, None)));
                     }
                 }
             }
@@ -532,6 +535,17 @@ mod tests {
             "took_seconds_bucket{le=\"+Inf\"} 6\n",
             "took_seconds_count 6\n",
         ] {
+            assert!(t.contains(line), "{line:?} in {t}");
+        }
+        // Read between a worker's add to a bucket and its add to the count: +Inf and the
+        // count are never below the buckets.
+        let at = one.add(Kind::Histogram, &key("mid_seconds", &[]), &[0.1]).unwrap();
+        bump(&one, at + 1, 3);
+        bump(&one, at + 2, 2);
+        let t = text(&mut totals, false);
+        for line in
+            ["mid_seconds_bucket{le=\"0.1\"} 3\n", "mid_seconds_bucket{le=\"+Inf\"} 3\n", "mid_seconds_count 3\n"]
+        {
             assert!(t.contains(line), "{line:?} in {t}");
         }
         // Other bounds: counted at the union, each at its highest bound not above.
