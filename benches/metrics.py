@@ -4,8 +4,9 @@
 - keep-alive req/s (wrk -t1 -c64 -d4s) of `metrics-hello` (2 workers) with the feature on,
   and the same program built with `--no-default-features` (its records go to the facade's no-op
   recorder), rounds taking turns;
-- the time of a scrape of the admin endpoint's /metrics with 8 workers x 1,000 series each
-  (`/labels?n=1000` on every worker), median of 20, and its size.
+- the time of a scrape of the admin endpoint's /metrics with 8 workers, first with the master's
+  own series only, then with 1,000 series in each worker (`/labels?n=1000` on every worker),
+  median of 20, and its size.
 
     python3 benches/metrics.py [ROUNDS]
 
@@ -68,14 +69,20 @@ def main():
             stop(p)
     admin = free_port()
     p, port = start(exes["on"], 8, admin=admin, debug=True)
+
+    def scrapes():
+        times, body = [], b""
+        for _ in range(20):
+            t = time.perf_counter()
+            body = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics").read()
+            times.append((time.perf_counter() - t) * 1000)
+        return times, body
+
+    own, own_body = scrapes()
     for _ in range(32):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/labels?n=1000").read()
-    times, size = [], 0
-    for _ in range(20):
-        t = time.perf_counter()
-        body = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics").read()
-        times.append((time.perf_counter() - t) * 1000)
-        size = len(body)
+    times, body = scrapes()
+    size = len(body)
     series = sum(1 for line in body.decode().splitlines() if line.startswith("hello_labelled_total{"))
     stop(p)
     print(f"keep-alive req/s of metrics-hello, 2 workers, wrk -t1 -c64 -d4s (median of {rounds}):")
@@ -83,6 +90,8 @@ def main():
         print(f"  feature {name:3}: {statistics.median(rps[name]):9.0f}   rounds {[int(x) for x in rps[name]]}")
     ratio = statistics.median(rps["on"]) / statistics.median(rps["off"])
     print(f"  on / off: {ratio:.3f}")
+    print(f"scrape of /metrics, 8 workers, the master's own series only ({len(own_body)} bytes):"
+          f" median {statistics.median(own):.1f} ms, max {max(own):.1f} ms")
     print(f"scrape of /metrics, 8 workers x 1000 series ({series} series of hello_labelled_total shown, {size} bytes):"
           f" median {statistics.median(times):.1f} ms, max {max(times):.1f} ms")
 
