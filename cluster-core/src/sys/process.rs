@@ -27,7 +27,8 @@ fn single_threaded() -> bool {
 /// Prepares a freshly forked worker, between `fork` and `exec`.
 ///
 /// Puts the channel at `target` (clearing close-on-exec only in the child), and asks the kernel
-/// to SIGKILL the worker if the master dies, so no worker is ever orphaned.
+/// to send the worker [`orphan_signal`] if the master dies: the worker then finishes its
+/// connections, and dies at the latest at its deadline ([`die_when_orphaned`]).
 ///
 /// # Safety
 /// Must only be called in the child of a `fork`, as a `pre_exec` hook: it only makes
@@ -36,6 +37,7 @@ pub(crate) unsafe fn child_setup(
     channel: RawFd,
     target: RawFd,
     master_pid: libc::pid_t,
+    orphan: libc::c_int,
     creds: Option<&Credentials>,
 ) -> io::Result<()> {
     // SAFETY: async-signal-safe syscalls only, on this process and its descriptors (all the
@@ -49,7 +51,7 @@ pub(crate) unsafe fn child_setup(
             check(libc::setuid(c.uid))?;
         }
         inherit_at(channel, target)?;
-        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
+        check(libc::prctl(libc::PR_SET_PDEATHSIG, orphan, 0, 0, 0))?;
         // The master may have died between fork and prctl: then nobody would send the signal.
         if libc::getppid() != master_pid {
             libc::_exit(1);
@@ -68,11 +70,51 @@ pub(crate) fn prepare_worker_command(
     use std::os::unix::process::CommandExt;
     // SAFETY: `getpid` has no preconditions.
     let master = unsafe { libc::getpid() };
+    let orphan = orphan_signal();
     // SAFETY: the hook runs in the forked child and makes only async-signal-safe calls (the
     // group list was read in the parent).
     unsafe {
-        cmd.pre_exec(move || child_setup(channel, target, master, creds.as_deref()));
+        cmd.pre_exec(move || child_setup(channel, target, master, orphan, creds.as_deref()));
     }
+}
+
+/// The signal the kernel sends a worker when its master dies (`PR_SET_PDEATHSIG`): the last
+/// real-time signal, which neither the C library nor tokio uses. Until the worker has set its
+/// handler up, its default action ends the worker (it had not served yet).
+pub(crate) fn orphan_signal() -> libc::c_int {
+    libc::SIGRTMAX()
+}
+
+/// Whole seconds [`on_orphaned`] arms the alarm for.
+static ORPHAN_DEADLINE_SECS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+
+extern "C" fn on_orphaned(_: libc::c_int) {
+    let secs = ORPHAN_DEADLINE_SECS.load(std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: `alarm` is async-signal-safe, and the atomic load above is lock-free.
+    unsafe { libc::alarm(secs) };
+}
+
+/// The backstop of a worker whose master died: from the moment [`orphan_signal`] arrives, the
+/// process is ended by SIGALRM (its default action) `after` that (rounded up to a second),
+/// whatever its runtime is doing. The graceful path (`worker/client.rs`: the channel's end
+/// seen, the listeners closed, the connections finished, the exit) is expected first; this is
+/// for a worker whose runtime is stuck.
+pub(crate) fn die_when_orphaned(after: std::time::Duration) -> io::Result<()> {
+    let secs = u32::try_from(after.as_millis().div_ceil(1000)).unwrap_or(u32::MAX).max(1);
+    ORPHAN_DEADLINE_SECS.store(secs, std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: a zeroed sigaction is a valid value to fill in; the handler only makes an
+    // async-signal-safe call; SIGALRM is set back to its default action, which ends the process.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_orphaned as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        action.sa_flags = libc::SA_RESTART;
+        check(libc::sigemptyset(&mut action.sa_mask))?;
+        check(libc::sigaction(orphan_signal(), &action, std::ptr::null_mut()))?;
+        if libc::signal(libc::SIGALRM, libc::SIG_DFL) == libc::SIG_ERR {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Arranges for a new master (an upgrade's successor) to get `channel` at `target`, with

@@ -33,9 +33,6 @@ pub(crate) type ConnQueue = mpsc::UnboundedReceiver<NewConn>;
 /// How long a starting worker waits for the master's metrics segment.
 const SEGMENT_WAIT: Duration = Duration::from_secs(5);
 
-/// How long a worker whose master vanished keeps draining before it exits.
-const ORPHAN_GRACE: Duration = Duration::from_secs(5);
-
 /// This worker's connection to its master.
 pub(crate) struct Client {
     pub(super) id: u32,
@@ -54,6 +51,9 @@ pub(crate) struct Client {
     open_conns: Option<Mutex<OpenConns>>,
     /// Per listener, connections acknowledged but not yet handed to user code.
     unserved: Mutex<Vec<(ListenKey, Unserved)>>,
+    /// How long this process may finish its connections once stopping: after that, a worker
+    /// whose master is gone exits.
+    kill_timeout: Duration,
 }
 
 struct State {
@@ -93,9 +93,15 @@ pub(crate) async fn start(id: u32, channel: OwnedFd, cfg: &Config) -> io::Result
         receipts: Mutex::default(),
         open_conns: cfg.counts_closes().then(Mutex::default),
         unserved: Mutex::default(),
+        kill_timeout: cfg.kill_timeout,
     });
     let client = CLIENT.get_or_init(|| client);
     install_panic_hook(cfg.exit_on_panic);
+    // If the master dies, whatever this process is doing, it is gone a second after the kill
+    // timeout at the latest (the graceful way out below comes first).
+    if let Err(e) = sys::die_when_orphaned(cfg.kill_timeout + Duration::from_secs(1)) {
+        crate::log::say!("{}: no deadline if the master dies: {e}", Peer::from_wire(id));
+    }
     client.send(|out| encode::hello(out, PROTOCOL_VERSION, sys::getpid())).await?;
     spawn_own(read_loop(client.clone()));
     // The master sends the segment before anything else: the program's first records go in it.
@@ -520,16 +526,25 @@ async fn read_loop(client: Arc<Client>) {
                 }
             },
             Ok(None) | Err(_) => {
-                // The master is gone (PR_SET_PDEATHSIG normally kills us first). Drain briefly,
-                // then go, even if the runtime is blocked.
+                // The master is gone. What it had handed over was read before this end: the
+                // listeners give those connections out, then end, and the program finishes
+                // them as in any stop; `main` returns once they are done and the process exits.
+                // Whatever is still running at the kill timeout is ended here (a thread: the
+                // runtime may be stuck), and the kernel's alarm backs that up.
+                crate::log::say!(
+                    "{}: the master is gone; finishing this process's connections (at most {:?})",
+                    Peer::from_wire(client.id),
+                    client.kill_timeout
+                );
                 client.begin_shutdown();
                 // Dropping the sender ends `recv()` once queued messages are read; sends and
                 // requests waiting on the master fail.
                 client.state.lock().unwrap().messages = mpsc::unbounded_channel().0;
                 client.receipts.lock().unwrap().clear();
                 client.calls.close();
-                std::thread::spawn(|| {
-                    std::thread::sleep(ORPHAN_GRACE);
+                let deadline = client.kill_timeout;
+                std::thread::spawn(move || {
+                    std::thread::sleep(deadline);
                     sys::exit_now(1);
                 });
                 return;
