@@ -24,7 +24,7 @@ pub(crate) fn status(reply: &Value, colour: bool) -> String {
         text(&m["balancer"]),
         text(&m["version"]),
         if m["reloading"] == Value::Bool(true) { " · reloading" } else { "" },
-        if m["stopping"] == Value::Bool(true) { " · stopping" } else { "" },
+        stopping(m),
     );
     let listeners: Vec<String> = m["listeners"].as_array().into_iter().flatten().map(text).collect();
     if !listeners.is_empty() {
@@ -177,6 +177,15 @@ fn bytes(b: u64) -> String {
     }
 }
 
+/// " · stopping", or " · stopping in 1.2 s" while the stop delay runs.
+fn stopping(m: &Value) -> String {
+    match (m["stopping"].as_bool(), m["stop_in_ms"].as_u64()) {
+        (Some(true), Some(left)) => format!(" · stopping in {:.1} s", left as f64 / 1000.0),
+        (Some(true), None) => " · stopping".into(),
+        _ => String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,5 +221,12 @@ mod tests {
         let r = json!({"timestamp": "2026-12-01T23:04:05.123Z", "level": "WARN", "event": "exit", "id": 2,
                        "pid": 99, "message": "worker 2 crashed"});
         assert_eq!(record(&r, false), "23:04:05.123 WARN  [exit worker 2 pid 99] worker 2 crashed");
+    }
+
+    #[test]
+    fn a_stopping_master_says_how_long_it_still_serves() {
+        assert_eq!(stopping(&json!({"stopping": true, "stop_in_ms": 1234})), " · stopping in 1.2 s");
+        assert_eq!(stopping(&json!({"stopping": true})), " · stopping");
+        assert_eq!(stopping(&json!({"stopping": false})), "");
     }
 }

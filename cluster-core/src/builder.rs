@@ -65,6 +65,17 @@ impl Builder {
         self
     }
 
+    /// On a graceful stop (SIGTERM, `clusterctl stop`, a service manager's stop), how long the
+    /// master keeps accepting and its workers keep serving while the admin endpoint's
+    /// `/readyz` answers 503, before the drain begins, so that a load balancer checking it
+    /// stops sending first (env `CLUSTER_STOP_DELAY_MS`). Default: 1 s with an admin endpoint,
+    /// none without one (nothing could see the readiness). A first SIGINT (Ctrl-C) and a
+    /// second stop do not wait.
+    pub fn stop_delay(mut self, delay: Duration) -> Self {
+        self.cfg.stop_delay = Some(delay);
+        self
+    }
+
     /// Listen backlog of the master's sockets (default 1024).
     pub fn backlog(mut self, backlog: i32) -> Self {
         self.cfg.backlog = backlog;

@@ -20,6 +20,9 @@ pub(crate) const MAX_ACCEPT_GATHER: Duration = Duration::from_millis(10);
 pub(crate) struct Config {
     pub(crate) workers: usize,
     pub(crate) kill_timeout: Duration,
+    /// How long a graceful stop keeps serving, not ready, before it drains; `None`: the
+    /// default ([`Config::stop_delay`]).
+    pub(crate) stop_delay: Option<Duration>,
     pub(crate) backlog: i32,
     pub(crate) window: usize,
     /// Threads of the master that accept connections under `rr`.
@@ -153,7 +156,19 @@ impl std::str::FromStr for Balancer {
     }
 }
 
+/// The stop delay of a master with an admin endpoint, unless set.
+pub(crate) const DEFAULT_STOP_DELAY: Duration = Duration::from_secs(1);
+
 impl Config {
+    /// How long a graceful stop (SIGTERM, `clusterctl stop`) keeps serving while `/readyz`
+    /// says 503, before the drain. Unless set: [`DEFAULT_STOP_DELAY`] with an admin endpoint,
+    /// whose `/readyz` a load balancer may be checking, and none without, since then nothing
+    /// can see the master's readiness and waiting would buy nothing. A first SIGINT (a
+    /// terminal's Ctrl-C) never waits.
+    pub(crate) fn stop_delay(&self) -> Duration {
+        self.stop_delay.unwrap_or(if self.admin_addr.is_some() { DEFAULT_STOP_DELAY } else { Duration::ZERO })
+    }
+
     /// How often a worker sends a heartbeat: a few per timeout, at most one a second.
     pub(crate) fn heartbeat_interval(&self) -> Option<Duration> {
         self.heartbeat_timeout.map(|t| (t / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)))
@@ -170,6 +185,9 @@ impl Config {
         let ms = Duration::from_millis;
         if let Some(v) = var(ENV_KILL_TIMEOUT_MS)? {
             self.kill_timeout = ms(v);
+        }
+        if let Some(v) = var(ENV_STOP_DELAY_MS)? {
+            self.stop_delay = Some(ms(v));
         }
         if let Some(v) = var(ENV_READY_TIMEOUT_MS)? {
             self.ready_timeout = ms(v);
@@ -288,6 +306,7 @@ impl Default for Config {
         Config {
             workers: std::thread::available_parallelism().map_or(1, usize::from),
             kill_timeout: Duration::from_secs(30),
+            stop_delay: None,
             backlog: 1024,
             window: 64,
             accept_threads: 1,

@@ -13,6 +13,9 @@ pub const ENV_CHANNEL_FD: &str = "CLUSTER_CHANNEL_FD";
 pub const ENV_WORKERS: &str = "CLUSTER_WORKERS";
 /// Kill timeout of a stopping worker, in ms.
 pub const ENV_KILL_TIMEOUT_MS: &str = "CLUSTER_KILL_TIMEOUT_MS";
+/// On a graceful stop, how long the master stays up and serving, not ready, before it drains,
+/// in ms (so a load balancer stops sending first).
+pub const ENV_STOP_DELAY_MS: &str = "CLUSTER_STOP_DELAY_MS";
 /// How long a reload waits for a new worker to be ready, in ms.
 pub const ENV_READY_TIMEOUT_MS: &str = "CLUSTER_READY_TIMEOUT_MS";
 /// `1`: a worker is ready only once it calls `cluster::worker::ready()`.

@@ -2,7 +2,8 @@
 //! Unix socket: `GET /healthz` (200 while the master runs), `GET /readyz` (200 once a worker
 //! is ready, 503 before that and while stopping), `GET /metrics` (Prometheus text). HTTP/1.1
 //! by hand, one request per connection: three fixed paths do not need an HTTP stack in the
-//! master.
+//! master. A connection whose first line is `agent` gets HAProxy's agent-check answer instead
+//! (`agent_reply`).
 
 use std::io;
 use std::net::SocketAddr;
@@ -94,6 +95,18 @@ async fn answer(mut stream: TcpStream, handle: Handle) -> io::Result<()> {
             return Ok(());
         }
         head.extend_from_slice(&buf[..n]);
+        if head == b"agent\n" || head == b"agent\r\n" {
+            let reply = match handle.snapshot().await {
+                Some(s) => {
+                    let workers = s.workers.iter().filter(|w| w.id != AGENT_ID);
+                    let ready = workers.filter(|w| w.state == WorkerState::Ready).count();
+                    agent_reply(s.master.stopping, ready, s.master.workers_target)
+                }
+                None => agent_reply(true, 0, 0),
+            };
+            stream.write_all(reply.as_bytes()).await?;
+            return stream.shutdown().await;
+        }
         if head.len() > MAX_HEAD {
             return respond(&mut stream, 431, "text/plain", "request head too large\n", true).await;
         }
@@ -129,6 +142,21 @@ async fn answer(mut stream: TcpStream, handle: Handle) -> io::Result<()> {
     }
 }
 
+/// What HAProxy's agent check (`agent-check agent-send "agent\n"` on the admin port) is told:
+/// `drain` while stopping (the stop delay included), `down` while no worker is ready, and
+/// otherwise `ready up` with a weight that follows the ready workers out of those wanted
+/// (`ready` ends a drain an earlier master of this address asked for).
+fn agent_reply(stopping: bool, ready: usize, target: usize) -> String {
+    if stopping {
+        "drain #stopping\n".into()
+    } else if ready == 0 {
+        "down #no worker ready\n".into()
+    } else {
+        let weight = (ready * 100 / target.max(ready)).max(1);
+        format!("ready up {weight}%\n")
+    }
+}
+
 /// Whether `path`'s query sets `name` (`?name=1` or `?name=true`).
 fn query_flag(path: &str, name: &str) -> bool {
     let query = path.split_once('?').map_or("", |(_, q)| q);
@@ -154,4 +182,19 @@ async fn respond(stream: &mut TcpStream, code: u16, kind: &str, body: &str, with
     }
     stream.write_all(out.as_bytes()).await?;
     stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::agent_reply;
+
+    #[test]
+    fn the_agent_check_drains_while_stopping_and_weighs_by_ready_workers() {
+        assert_eq!(agent_reply(true, 4, 4), "drain #stopping\n");
+        assert_eq!(agent_reply(false, 0, 4), "down #no worker ready\n");
+        assert_eq!(agent_reply(false, 4, 4), "ready up 100%\n");
+        assert_eq!(agent_reply(false, 3, 4), "ready up 75%\n");
+        assert_eq!(agent_reply(false, 1, 200), "ready up 1%\n");
+        assert_eq!(agent_reply(false, 5, 4), "ready up 100%\n", "a scale-down under way");
+    }
 }

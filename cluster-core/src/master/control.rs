@@ -406,6 +406,7 @@ fn status_json(o: &Overview) -> Value {
             "listeners": m.listeners,
             "reloading": m.reloading,
             "stopping": m.stopping,
+            "stop_in_ms": m.stop_in.map(|d| d.as_millis() as u64),
             "control_socket": m.control_socket.as_ref().map(|p| p.display().to_string()),
         },
         "workers": workers,

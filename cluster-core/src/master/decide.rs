@@ -96,8 +96,11 @@ pub(super) enum Command {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) enum StopKind {
-    /// Stop accepting, let every worker finish (SIGTERM, first SIGINT).
+    /// After the stop delay (serving on, not ready), stop accepting and let every worker
+    /// finish (SIGTERM, `clusterctl stop`). A second one during the delay ends it.
     Graceful,
+    /// The same without the delay (a first SIGINT, an upgraded-away master).
+    Now,
     /// SIGKILL every worker (SIGQUIT).
     Fast,
     /// SIGKILL every worker and exit at once with 130 (second SIGINT).
@@ -289,6 +292,8 @@ pub(super) struct Core {
     target: usize,
     next_serial: Serial,
     stop: Stop,
+    /// A graceful stop waits for this instant (the stop delay), serving on, not ready.
+    stop_at: Option<Instant>,
     reload: Option<Reload>,
     /// Reloads begun so far.
     reloads: u64,
@@ -317,6 +322,7 @@ impl Core {
             slots,
             next_serial: 1,
             stop: Stop::Running,
+            stop_at: None,
             reload: None,
             reloads: 0,
             asked: Vec::new(),
@@ -416,7 +422,17 @@ impl Core {
 
     /// Whether the cluster is stopping (no worker starts any more, no socket is bound).
     pub(super) fn stopping(&self) -> bool {
+        self.stop != Stop::Running || self.stop_at.is_some()
+    }
+
+    /// Whether the cluster is past its stop delay, if any: draining, or killing.
+    pub(super) fn draining(&self) -> bool {
         self.stop != Stop::Running
+    }
+
+    /// While a graceful stop waits out its delay: how long until it drains.
+    pub(super) fn stop_delay_left(&self, now: Instant) -> Option<Duration> {
+        self.stop_at.map(|at| at.saturating_duration_since(now))
     }
 
     /// Decides what to do at `now`. See the module documentation.
@@ -426,6 +442,9 @@ impl Core {
             self.first_start = Some(now);
         }
         self.notice_suspension(now);
+        if self.stop_at.is_some_and(|at| now >= at) {
+            self.apply(Command::Stop(StopKind::Now), now, &mut out);
+        }
         for command in std::mem::take(&mut self.asked) {
             self.apply(command, now, &mut out);
         }
@@ -459,6 +478,9 @@ impl Core {
         let waiting =
             self.procs.values().any(|p| matches!(p.life, Life::Retiring { step, .. } if step != Step::Disconnected));
         let mut wake = now + if waiting { FAST_TICK } else { TICK };
+        if let Some(at) = self.stop_at {
+            wake = wake.min(at);
+        }
         let starts = self.slots.values().filter(|s| s.current.is_none() && s.incoming.is_none());
         for at in starts.filter_map(|s| s.restart_at) {
             wake = wake.min(at);

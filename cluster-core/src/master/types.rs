@@ -89,6 +89,12 @@ pub enum Event {
         /// How long the reload took.
         took: std::time::Duration,
     },
+    /// A graceful stop began with a stop delay: the master is not ready from now on, and
+    /// serves on for `delay` before it drains (so load balancers stop sending first).
+    Stopping {
+        /// How long it serves on.
+        delay: Duration,
+    },
     /// A rolling reload was abandoned: the new process of worker `id` died, could not start or
     /// was not ready in time. The workers not yet replaced keep serving.
     ReloadAbandoned {
@@ -205,6 +211,9 @@ pub struct MasterStatus {
     pub reloading: bool,
     /// Whether the cluster is stopping.
     pub stopping: bool,
+    /// While a graceful stop waits out its stop delay (serving, not ready): how long until it
+    /// drains.
+    pub stop_in: Option<Duration>,
     /// Its control socket, if it serves one.
     pub control_socket: Option<std::path::PathBuf>,
 }

@@ -99,7 +99,7 @@ impl Core {
     /// give up. `fail_fast(false)` keeps trying from the start too.
     pub(super) fn check_first_start(&mut self, now: Instant, out: &mut Vec<Action>) {
         let Some(since) = self.first_start else { return };
-        if !self.cfg.fail_fast || self.stop != Stop::Running {
+        if !self.cfg.fail_fast || self.stopping() {
             return;
         }
         let mut workers = self.slots.range(..AGENT_ID).map(|(_, s)| s).peekable();
@@ -171,7 +171,7 @@ impl Core {
     /// has passed without the master stopping. After that (only the worker was signalled), it
     /// is replaced like a restart: the new process first, then it retires.
     fn stop_asked(&mut self, now: Instant, out: &mut Vec<Action>) {
-        if self.stop != Stop::Running {
+        if self.stopping() {
             return;
         }
         let due: Vec<(Serial, u32)> = self

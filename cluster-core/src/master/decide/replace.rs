@@ -16,7 +16,21 @@ impl Core {
                 self.stop = Stop::Abort;
                 self.kill_all(out);
             }
-            (Command::Stop(StopKind::Graceful), Stop::Running) => {
+            (Command::Stop(StopKind::Graceful), Stop::Running)
+                if self.stop_at.is_none() && !self.cfg.stop_delay().is_zero() =>
+            {
+                // Not ready from now on (`stopping()`), serving on until the delay is over.
+                let delay = self.cfg.stop_delay();
+                note!(
+                    event = "stop",
+                    kind = "delayed",
+                    "stopping in {delay:?}: not ready from now on, serving until then"
+                );
+                self.stop_at = Some(now + delay);
+                out.push(Action::Emit(Event::Stopping { delay }));
+            }
+            (Command::Stop(StopKind::Graceful | StopKind::Now), Stop::Running) => {
+                self.stop_at = None;
                 let timeout = self.cfg.kill_timeout;
                 note!(event = "stop", kind = "graceful", "stopping gracefully (kill timeout {timeout:?})");
                 self.stop = Stop::Graceful { deadline: now + timeout };
@@ -31,12 +45,13 @@ impl Core {
             }
             (Command::Stop(StopKind::Fast), Stop::Running | Stop::Graceful { .. }) => {
                 note!(event = "stop", kind = "fast", "fast stop");
+                self.stop_at = None;
                 self.stop = Stop::Fast;
                 self.reload = None;
                 out.push(Action::StopListening { drain: false });
                 self.kill_all(out);
             }
-            (Command::SetWorkers(n), Stop::Running) => {
+            (Command::SetWorkers(n), Stop::Running) if self.stop_at.is_none() => {
                 let n = n.clamp(1, MAX_WORKERS);
                 if n == self.target {
                     note!(event = "scale", from = n, to = n, "already {n} worker(s)");
@@ -45,7 +60,7 @@ impl Core {
                 }
                 self.target = n;
             }
-            (Command::Restart(id), Stop::Running) => {
+            (Command::Restart(id), Stop::Running) if self.stop_at.is_none() => {
                 if let Err(why) = self.can_restart(id) {
                     out.push(Action::Answer(Answer::Restart { id, result: Err(why) }));
                     return;
@@ -56,7 +71,7 @@ impl Core {
                     incoming.answer = true;
                 }
             }
-            (Command::Reload, Stop::Running) => match &mut self.reload {
+            (Command::Reload, Stop::Running) if self.stop_at.is_none() => match &mut self.reload {
                 Some(reload) => {
                     reload.again = true;
                     note!(event = "reload_queued", "a reload is in progress; another one follows it");
@@ -70,7 +85,7 @@ impl Core {
     /// Adds or removes worker slots to match the target (removed ones: highest ids first, their
     /// processes retire gracefully).
     pub(super) fn scale(&mut self, out: &mut Vec<Action>, now: Instant) {
-        if self.stop != Stop::Running {
+        if self.stopping() {
             return;
         }
         while self.worker_count() < self.target {
@@ -250,7 +265,7 @@ impl Core {
 
     /// Memory and connection limits: a worker over one is replaced gracefully.
     pub(super) fn check_limits(&mut self, now: Instant, world: &dyn World, out: &mut Vec<Action>) {
-        if self.reload.is_some() || self.stop != Stop::Running {
+        if self.reload.is_some() || self.stopping() {
             return;
         }
         let check_rss = self.cfg.max_rss.is_some() && self.next_rss_check.is_none_or(|t| now >= t);

@@ -90,6 +90,7 @@ impl Sim {
             restart_delay_max: Duration::from_millis(800),
             reload_concurrency: 1 + rng.below(2) as usize,
             fail_fast: rng.chance(50),
+            stop_delay: rng.chance(40).then(|| Duration::from_millis(300)),
             ..Config::default()
         };
         Sim {
@@ -230,7 +231,11 @@ impl Sim {
                 format!("set workers {n}")
             }
             5 if self.stopped_at.is_none() => {
-                let kind = if self.rng.chance(70) { StopKind::Graceful } else { StopKind::Fast };
+                let kind = match self.rng.below(10) {
+                    0..=4 => StopKind::Graceful,
+                    5..=6 => StopKind::Now,
+                    _ => StopKind::Fast,
+                };
                 self.core.command(Command::Stop(kind));
                 self.stopped_at = Some(self.now);
                 format!("stop {kind:?}")

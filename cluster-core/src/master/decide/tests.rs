@@ -530,6 +530,90 @@ fn a_graceful_stop_serves_the_master_s_last_connections_before_closing_workers()
     assert_eq!(exit_code(&sim.exit(2, 0)), Some(0));
 }
 
+fn delayed(workers: usize) -> Config {
+    Config { stop_delay: Some(Duration::from_secs(1)), ..cfg(workers) }
+}
+
+fn stops_listening(actions: &[Action]) -> bool {
+    actions.iter().any(|a| matches!(a, Action::StopListening { .. }))
+}
+
+#[test]
+fn a_stop_delay_serves_on_not_ready_then_drains() {
+    let mut sim = Sim::started(delayed(2));
+    let out = sim.cmd(Command::Stop(StopKind::Graceful));
+    assert!(has(&out, |e| matches!(e, Event::Stopping { delay } if *delay == Duration::from_secs(1))));
+    assert!(!stops_listening(&out) && closes(&out).is_empty(), "still accepting and serving: {out:?}");
+    assert!(sim.core.stopping(), "not ready from the first instant");
+    assert_eq!(sim.core.stop_delay_left(sim.now), Some(Duration::from_secs(1)));
+    assert!(sim.core.next_wake(sim.now) <= sim.now + Duration::from_secs(1));
+    let out = sim.advance(999 * MS, &[]);
+    assert!(!stops_listening(&out) && closes(&out).is_empty() && disconnects(&out).is_empty(), "{out:?}");
+    let mut out = sim.advance(MS, &[]);
+    assert!(out.iter().any(|a| matches!(a, Action::StopListening { drain: true })), "{out:?}");
+    assert_eq!(sim.core.stop_delay_left(sim.now), None);
+    out.extend(sim.advance(FAST_TICK, &[]));
+    assert_eq!(disconnects(&out), vec![1, 2]);
+    sim.exit(1, 0);
+    assert_eq!(exit_code(&sim.exit(2, 0)), Some(0));
+}
+
+#[test]
+fn a_second_stop_or_a_stop_without_delay_ends_the_delay_at_once() {
+    for second in [StopKind::Graceful, StopKind::Now] {
+        let mut sim = Sim::started(delayed(1));
+        sim.cmd(Command::Stop(StopKind::Graceful));
+        sim.advance(100 * MS, &[]);
+        let out = sim.cmd(Command::Stop(second));
+        assert!(out.iter().any(|a| matches!(a, Action::StopListening { drain: true })), "{second:?}: {out:?}");
+        assert_eq!(sim.core.stop_delay_left(sim.now), None);
+    }
+    // SIGINT's kind never waits; a fast stop kills at once, during the delay too.
+    let mut sim = Sim::started(delayed(1));
+    assert!(stops_listening(&sim.cmd(Command::Stop(StopKind::Now))));
+    let mut sim = Sim::started(delayed(1));
+    sim.cmd(Command::Stop(StopKind::Graceful));
+    let out = sim.cmd(Command::Stop(StopKind::Fast));
+    assert!(out.iter().any(|a| matches!(a, Action::StopListening { drain: false })) && kills(&out) == vec![1]);
+    assert_eq!(exit_code(&sim.exit(1, 137)), Some(0));
+}
+
+#[test]
+fn during_the_stop_delay_commands_wait_for_nothing_and_a_crash_is_still_replaced() {
+    let mut sim = Sim::started(delayed(2));
+    sim.cmd(Command::Stop(StopKind::Graceful));
+    assert!(spawns(&sim.cmd(Command::Reload)).is_empty(), "no reload");
+    assert!(spawns(&sim.cmd(Command::SetWorkers(4))).is_empty(), "no scaling");
+    assert!(spawns(&sim.cmd(Command::Restart(1))).is_empty(), "no restart");
+    assert!(sim.core.can_restart(1).is_err());
+    // Its clients are still sent to it: a worker that dies now is replaced.
+    sim.advance(Duration::from_millis(500), &[]);
+    sim.exit(1, 1);
+    let out = sim.advance(Duration::from_millis(200), &[]);
+    assert_eq!(spawns(&out).len(), 1, "{out:?}");
+    // Once it drains, nothing starts.
+    sim.advance(Duration::from_millis(400), &[]);
+    assert!(sim.core.draining());
+    let serials: Vec<Serial> = sim.core.procs.keys().copied().collect();
+    for serial in serials {
+        assert!(spawns(&sim.exit(serial, 0)).is_empty());
+    }
+    assert!(sim.core.procs.is_empty());
+}
+
+#[test]
+fn the_stop_delay_defaults_to_one_second_with_an_admin_endpoint_and_none_without() {
+    let plain = cfg(1);
+    assert_eq!(plain.stop_delay(), Duration::ZERO);
+    let admin = Config { admin_addr: Some("127.0.0.1:9100".parse().unwrap()), ..cfg(1) };
+    assert_eq!(admin.stop_delay(), Duration::from_secs(1));
+    let set = Config { stop_delay: Some(Duration::ZERO), ..admin };
+    assert_eq!(set.stop_delay(), Duration::ZERO);
+    // No delay: a graceful stop drains at once, as before.
+    let mut sim = Sim::started(cfg(1));
+    assert!(stops_listening(&sim.cmd(Command::Stop(StopKind::Graceful))));
+}
+
 #[test]
 fn a_stop_during_a_reload_cancels_it_and_starts_nothing() {
     let mut sim = Sim::started(cfg(2));

@@ -170,7 +170,12 @@ impl Supervisor {
                 _ = signals.term.recv() => self.core.command(Command::Stop(StopKind::Graceful)),
                 _ = signals.usr2.recv() => self.start_upgrade(None),
                 _ = signals.int.recv() => {
-                    let kind = if self.core.stopping() { StopKind::Abort } else { StopKind::Graceful };
+                    // A terminal's Ctrl-C: no stop delay; a second one aborts.
+                    let kind = if self.core.stopping() && self.core.stop_delay_left(Instant::now()).is_none() {
+                        StopKind::Abort
+                    } else {
+                        StopKind::Now
+                    };
                     self.core.command(Command::Stop(kind));
                 }
                 _ = signals.quit.recv() => self.core.command(Command::Stop(StopKind::Fast)),
@@ -295,6 +300,7 @@ impl Supervisor {
             listeners: self.listeners.addresses(),
             reloading: self.core.reloading(),
             stopping: self.core.stopping(),
+            stop_in: self.core.stop_delay_left(now),
             control_socket: self.info.control_socket.clone(),
         };
         Snapshot {
@@ -449,7 +455,7 @@ impl Supervisor {
             }
             ToMaster::Listen { req, endpoint, index } => {
                 let shown = endpoint.to_string();
-                let result = self.listeners.listen(endpoint, index, id, self.core.stopping());
+                let result = self.listeners.listen(endpoint, index, id, self.core.draining());
                 if let Err(e) = &result {
                     warning!(event = "listen_failed", id, pid, endpoint = %shown, error = %e, "{} cannot listen on {shown}: {e}", Peer::from_wire(id));
                 }

@@ -54,7 +54,7 @@ impl Supervisor {
                         self.listeners.handed_over();
                         self.serving.send_replace(false);
                     }
-                    Effect::StopCluster => self.core.command(Command::Stop(StopKind::Graceful)),
+                    Effect::StopCluster => self.core.command(Command::Stop(StopKind::Now)),
                     Effect::TakeOver => {
                         self.listeners.take_over();
                         self.notifier.resume(now);
