@@ -116,7 +116,7 @@ impl Hits {
 }
 
 /// Keeps `config` up to date: asks the agent for the current value until it answers, then
-/// takes every update it broadcasts.
+/// takes every update it broadcasts, until the worker stops.
 async fn follow_config(config: Arc<Mutex<Option<Bytes>>>) {
     let ask = async {
         loop {
@@ -145,6 +145,8 @@ async fn follow_config(config: Arc<Mutex<Option<Bytes>>>) {
                     *config.lock().unwrap() = Some(msg.data);
                 }
             }
+            // A stopping worker waits for the tasks it spawned: this one ends with it.
+            _ = cluster::worker::shutdown() => return,
         }
     }
 }
