@@ -37,10 +37,12 @@ async fn main() -> std::io::Result<()> {
     tokio::spawn(follow_config(config.clone()));
     let state = AppState { config, hits: Arc::new(Hits { client: redis, conn: Default::default() }) };
     let app = Router::new().route("/config", get(get_config)).route("/hits", get(get_hits)).with_state(state);
+    // Stops and reloads fail no request: see `axum-hello`.
+    let app = app.layer(cluster::http::CloseOnShutdown);
     let listener = cluster::net::TcpListener::bind(examples::listen_addr()).await?;
     let id = cluster::worker::id().unwrap_or(0);
     println!("worker {id} (pid {}) listening on http://{}", std::process::id(), listener.local_addr()?);
-    axum::serve(listener, app).with_graceful_shutdown(cluster::worker::shutdown()).await
+    axum::serve(listener, app).with_graceful_shutdown(cluster::http::shutdown()).await
 }
 
 fn redis_client() -> redis::Client {
