@@ -12,6 +12,9 @@ cd "$(dirname "$0")"
 needs=(
     "wrk wrk"                                         # load in the reload, upgrade and dispatch tests
     "redis-server redis-server"                       # the config-agent example's store
+    "redis-cli redis-tools"                           # the fleet test publishes a config
+    "haproxy haproxy"                                 # the load balancer in front of the fleet test
+    "ip iproute2"                                     # the fleet test's hosts (network namespaces)
     "setpriv util-linux"                              # clusterctl as another user
     "unshare util-linux"                              # the master as PID 1 of a namespace
     "systemd-socket-activate systemd"                 # socket activation
@@ -49,13 +52,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 # Python modules the tests drive, from PyPI.
-for module in websockets; do
+for module in websockets kubernetes_validate; do
     if ! python3 -c "import $module" 2>/dev/null; then
         echo "test.sh: installing the Python module $module (PyPI)" >&2
         user=()
         [ "$(id -u)" -eq 0 ] || user=(--user)
-        if ! python3 -m pip install --quiet "${user[@]}" "$module" >/dev/null; then
-            echo "test.sh: could not install $module; run python3 -m pip install $module, then ./test.sh again" >&2
+        if ! python3 -m pip install --quiet "${user[@]}" "${module//_/-}" >/dev/null; then
+            echo "test.sh: could not install $module; run python3 -m pip install ${module//_/-}, then ./test.sh again" >&2
             exit 1
         fi
     fi

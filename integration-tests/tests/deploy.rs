@@ -376,6 +376,14 @@ fn the_systemd_units_verify() {
     for needed in ["Type=notify-reload", "KillMode=mixed", "WatchdogSec=", "RuntimeDirectory=", "NotifyAccess=all"] {
         assert!(text.lines().any(|l| l.starts_with(needed)), "hello.service lacks {needed}");
     }
+    // systemd's SIGKILL comes after the stop delay and the kill timeout, not during them.
+    let ms = |key: &str| -> u64 {
+        let found = text.lines().filter(|l| l.starts_with("Environment=")).flat_map(|l| l[12..].split_whitespace());
+        found.filter_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok()).next().unwrap_or(0)
+    };
+    let stop_s: u64 = text.lines().find_map(|l| l.strip_prefix("TimeoutStopSec=")?.parse().ok()).unwrap();
+    assert!(ms("CLUSTER_STOP_DELAY_MS") > 0, "hello.service sets no stop delay");
+    assert!(stop_s * 1000 > ms("CLUSTER_STOP_DELAY_MS") + ms("CLUSTER_KILL_TIMEOUT_MS"), "TimeoutStopSec too short");
 }
 
 #[test]
@@ -391,18 +399,40 @@ fn the_kubernetes_manifests_parse_and_carry_probes_grace_and_resources() {
     let c = &pod["containers"][0];
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
-    assert!(c["lifecycle"]["preStop"].is_mapping(), "a preStop lets endpoints update");
     assert!(c["resources"]["requests"]["cpu"].is_string() && c["resources"]["limits"]["memory"].is_string());
     let env = |name: &str| -> String {
         c["env"].as_sequence().unwrap().iter().find(|e| e["name"] == name).unwrap()["value"].as_str().unwrap().into()
     };
     let kill_timeout_s = env("CLUSTER_KILL_TIMEOUT_MS").parse::<u64>().unwrap() / 1000;
+    // The stop delay lets endpoints update (what a preStop sleep is for): as long as theirs.
+    let stop_delay_s = env("CLUSTER_STOP_DELAY_MS").parse::<u64>().unwrap() / 1000;
+    assert!(stop_delay_s >= 5, "a stop delay of {stop_delay_s} s is shorter than endpoints take to update");
+    let pre_stop_s = c["lifecycle"]["preStop"]["sleep"]["seconds"].as_u64().unwrap_or(0);
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
-    assert!(grace > kill_timeout_s + 5, "grace {grace} s must exceed the kill timeout {kill_timeout_s} s + preStop");
+    assert!(
+        grace > pre_stop_s + stop_delay_s + kill_timeout_s,
+        "grace {grace} s must exceed preStop {pre_stop_s} s + stop delay {stop_delay_s} s + kill timeout {kill_timeout_s} s"
+    );
     assert!(env("CLUSTER_ADMIN_ADDR").ends_with(":9100"));
     let s = read("service.yaml");
     assert_eq!(s["kind"], "Service");
     assert_eq!(s["spec"]["selector"]["app"], d["spec"]["template"]["metadata"]["labels"]["app"]);
+}
+
+/// The manifests against the real Kubernetes API schema, unknown fields refused
+/// (`kubernetes-validate --strict`, from PyPI; ./test.sh installs it).
+#[test]
+fn the_kubernetes_manifests_pass_the_api_schema_strictly() {
+    let dir = Path::new(ROOT).join("deploy/kubernetes");
+    let out = std::process::Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict"])
+        .args(["deployment.yaml", "service.yaml"])
+        .current_dir(&dir)
+        .output()
+        .expect("run python3 -m kubernetes_validate");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "kubernetes-validate --strict failed (./test.sh installs it):\n{text}");
+    assert_eq!(text.matches(" passed for resource ").count(), 2, "{text}");
 }
 
 #[test]
