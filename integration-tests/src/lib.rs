@@ -88,8 +88,8 @@ pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Resul
     }
 }
 
-/// A cluster master started by a test, with its output captured. Killed (with its workers,
-/// through PR_SET_PDEATHSIG) when dropped.
+/// A cluster master started by a test, with its output captured. Killed with its workers
+/// (each by pid: workers outlive a SIGKILLed master for up to its kill timeout) when dropped.
 pub struct Server {
     child: Child,
     stdout: Lines,

@@ -497,3 +497,67 @@ fn status_shows_what_a_retiring_worker_still_holds_and_when_it_will_be_killed() 
     assert!(table.contains("killed in"), "{table}");
     assert_eq!(slow.join().unwrap().unwrap().status, 200, "the slow request was answered");
 }
+
+/// HAProxy's agent check on the admin port: what it is told.
+fn agent_check(admin: std::net::SocketAddr) -> String {
+    let mut s = std::net::TcpStream::connect(admin).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(b"agent\n").unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    reply
+}
+
+#[test]
+fn a_stop_delay_turns_the_master_unready_at_once_and_serves_until_it_drains() {
+    let dir = TempDir::new("ctl-stop-delay");
+    let mut server =
+        start(&dir, "hello", 2, &[("CLUSTER_ADMIN_ADDR", "127.0.0.1:0"), ("CLUSTER_STOP_DELAY_MS", "1500")]);
+    socket_of(&server);
+    let admin: std::net::SocketAddr =
+        server.wait_event("admin", T, |_| true)["addr"].as_str().unwrap().parse().unwrap();
+    assert_eq!(get(admin, "/readyz").unwrap().status, 200);
+    assert_eq!(agent_check(admin), "ready up 100%\n");
+
+    let asked = std::time::Instant::now();
+    server.signal(libc::SIGTERM);
+    wait_for(Duration::from_secs(1), "/readyz to answer 503", || {
+        (get(admin, "/readyz").unwrap().status == 503).then_some(())
+    });
+    assert!(asked.elapsed() < Duration::from_millis(1000), "not ready only after {:?}", asked.elapsed());
+    assert_eq!(agent_check(admin), "drain #stopping\n");
+    let s = status(&dir, &[]);
+    assert_eq!(s["master"]["stopping"], true);
+    let left = s["master"]["stop_in_ms"].as_u64().expect("stop_in_ms while the delay runs");
+    assert!(left <= 1500, "{left}");
+    assert!(ctl(&dir, &["status"]).1.contains(" · stopping in "));
+    // New connections are still served, until the delay is over.
+    let mut served = 0;
+    while asked.elapsed() < Duration::from_millis(1200) {
+        assert_eq!(server.get("/").status, 200, "refused {:?} into the stop delay", asked.elapsed());
+        served += 1;
+    }
+    assert!(served > 0);
+    let status = server.wait_exit(T).expect("the master exits after the delay and the drain");
+    assert!(status.success(), "{status:?}");
+    assert!(asked.elapsed() >= Duration::from_millis(1500), "exited {:?} after SIGTERM", asked.elapsed());
+}
+
+#[test]
+fn ctrl_c_and_a_second_sigterm_skip_the_stop_delay() {
+    for (first, second) in [(libc::SIGINT, None), (libc::SIGTERM, Some(libc::SIGTERM))] {
+        let dir = TempDir::new("ctl-stop-skip");
+        let mut server =
+            start(&dir, "hello", 2, &[("CLUSTER_ADMIN_ADDR", "127.0.0.1:0"), ("CLUSTER_STOP_DELAY_MS", "60000")]);
+        socket_of(&server);
+        let asked = std::time::Instant::now();
+        server.signal(first);
+        if let Some(second) = second {
+            server.wait_event("stop", T, |e| e["kind"] == "delayed");
+            server.signal(second);
+        }
+        let status = server.wait_exit(T).expect("the master exits well before the 60 s delay");
+        assert!(status.success(), "{status:?}");
+        assert!(asked.elapsed() < Duration::from_secs(10), "{first}: {:?}", asked.elapsed());
+    }
+}
