@@ -20,6 +20,9 @@ once for each scenario, one keep-alive and one `Connection: close`:
 
     cargo build --release -p examples
     sudo python3 benches/fleet.py            # the table, stop delay 0 and 1000 ms
+    sudo OBSERVE=1 python3 benches/fleet.py  # HAProxy also marks a server down at its first
+                                             # refused connection (observe layer4)
+    sudo SCENARIOS=master_sigkill python3 benches/fleet.py   # only some
     sudo python3 benches/fleet.py --check    # stop delay 1000 ms, the rolling scenarios only:
                                              # exits 1 unless they fail 0 requests, and unless
                                              # HAProxy had each stopping host out of rotation
@@ -47,6 +50,9 @@ LB, REDIS = f"{NET}.2", f"{NET}.3"
 HOSTS = [f"{NET}.{11 + i}" for i in range(3)]
 PORT, ADMIN = 8080, 9100
 CONNECTIONS = int(os.environ.get("CONNECTIONS", "16"))
+# OBSERVE=1: HAProxy also marks a server down at its first failed connection (passive check).
+OBSERVE = " observe layer4 error-limit 1 on-error mark-down" if os.environ.get("OBSERVE") == "1" else ""
+# SCENARIOS=a,b: only these (names as in the table, with underscores).
 
 
 def sh(*args, check=True):
@@ -145,7 +151,7 @@ frontend web
 backend hosts
     balance roundrobin
     option httpchk GET /readyz
-    default-server check port {ADMIN} inter 200ms fall 2 rise 2 agent-check agent-port {ADMIN} agent-inter 200ms agent-send "agent\\n"
+    default-server check port {ADMIN} inter 200ms fall 2 rise 2 agent-check agent-port {ADMIN} agent-inter 200ms agent-send "agent\\n"{OBSERVE}
 {servers}
 """)
         return path
@@ -379,9 +385,10 @@ def check():
 
 def table():
     print(f"3 hosts x config-agent (2 workers) behind HAProxy (retries 0, httpchk /readyz and agent-check every "
-          f"200 ms), wrk -t1 -c{CONNECTIONS} keep-alive and close at once, GET /hits")
+          f"200 ms{', observe layer4' if OBSERVE else ''}), wrk -t1 -c{CONNECTIONS} keep-alive and close at once, "
+          "GET /hits")
     print(f"{'scenario':20} {'stop delay':>10}  {'keep-alive failed':>18} {'of':>8}  {'close failed':>13} {'of':>8}")
-    for scenario in ALL:
+    for scenario in [x for x in os.environ.get("SCENARIOS", ",".join(ALL)).split(",") if x]:
         for delay in (0, 1000):
             fleet = Fleet(delay)
             try:
