@@ -420,12 +420,14 @@ impl Core {
         }
     }
 
-    /// Whether the cluster is stopping (no worker starts any more, no socket is bound).
+    /// Whether the cluster is stopping: not ready, and no reload, scaling or limit starts a
+    /// worker any more (during the stop delay a crashed one is still restarted).
     pub(super) fn stopping(&self) -> bool {
         self.stop != Stop::Running || self.stop_at.is_some()
     }
 
-    /// Whether the cluster is past its stop delay, if any: draining, or killing.
+    /// Whether the cluster is past its stop delay, if any: draining, or killing (no worker
+    /// starts, no socket is bound).
     pub(super) fn draining(&self) -> bool {
         self.stop != Stop::Running
     }

@@ -78,6 +78,8 @@ impl Core {
                 continue;
             }
             slot.current = None;
+            // Still restarted during the stop delay (`draining()` is this test; `slot` borrows
+            // `self`): it serves until the drain.
             if self.stop != Stop::Running {
                 continue;
             }
@@ -269,7 +271,7 @@ impl Core {
 
     /// Starts a process for every slot that has none and whose (re)start is due.
     pub(super) fn fill_slots(&mut self, now: Instant, out: &mut Vec<Action>) {
-        if self.stop != Stop::Running {
+        if self.draining() {
             return;
         }
         let due: Vec<u32> = self

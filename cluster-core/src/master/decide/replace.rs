@@ -13,6 +13,7 @@ impl Core {
         match (command, self.stop) {
             (Command::Stop(StopKind::Abort), _) => {
                 warning!(event = "stop", kind = "abort", "second SIGINT: killing all workers");
+                self.stop_at = None;
                 self.stop = Stop::Abort;
                 self.kill_all(out);
             }
@@ -163,7 +164,7 @@ impl Core {
                 warning!(event = "replace_failed", id, reason = %why, "replacement of {} failed: {why}; the old process keeps serving", Peer::from_wire(id));
             }
         }
-        if self.stop == Stop::Running && self.slots.get(&id).is_some_and(|s| s.current.is_none()) {
+        if !self.draining() && self.slots.get(&id).is_some_and(|s| s.current.is_none()) {
             self.schedule_restart(id, true, now, out);
         }
     }

@@ -576,6 +576,11 @@ fn a_second_stop_or_a_stop_without_delay_ends_the_delay_at_once() {
     let out = sim.cmd(Command::Stop(StopKind::Fast));
     assert!(out.iter().any(|a| matches!(a, Action::StopListening { drain: false })) && kills(&out) == vec![1]);
     assert_eq!(exit_code(&sim.exit(1, 137)), Some(0));
+    // An abort during the delay ends it too: nothing waits for a drain that never comes.
+    let mut sim = Sim::started(delayed(1));
+    sim.cmd(Command::Stop(StopKind::Graceful));
+    assert_eq!(kills(&sim.cmd(Command::Stop(StopKind::Abort))), vec![1]);
+    assert!(sim.core.draining() && sim.core.stop_delay_left(sim.now).is_none());
 }
 
 #[test]

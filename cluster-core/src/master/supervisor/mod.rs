@@ -171,7 +171,7 @@ impl Supervisor {
                 _ = signals.usr2.recv() => self.start_upgrade(None),
                 _ = signals.int.recv() => {
                     // A terminal's Ctrl-C: no stop delay; a second one aborts.
-                    let kind = if self.core.stopping() && self.core.stop_delay_left(Instant::now()).is_none() {
+                    let kind = if self.core.draining() {
                         StopKind::Abort
                     } else {
                         StopKind::Now
