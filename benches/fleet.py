@@ -42,6 +42,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from suite import alive, wait  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # FLEET_EXE: another build of config-agent (the integration test passes its debug build).
 EXE = os.environ.get("FLEET_EXE") or os.path.join(ROOT, "target", "release", "config-agent")
@@ -60,23 +63,6 @@ def sh(*args, check=True):
     if check and r.returncode != 0:
         raise SystemExit(f"{' '.join(args)}: {r.stderr.strip()}")
     return r.stdout
-
-
-def wait(what, f, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = f()
-        if v:
-            return v
-        time.sleep(0.01)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def alive(pid):
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class Fleet:

@@ -121,6 +121,26 @@ def free_port():
         return s.getsockname()[1]
 
 
+def wait(what, f, timeout=20.0):
+    """Polls `f` every 5 ms until it returns something true (returned), or raises TimeoutError
+    naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = f()
+        if v:
+            return v
+        time.sleep(0.005)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def alive(pid):
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def rss_kib(pid):
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmRSS:"):

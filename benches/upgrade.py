@@ -18,7 +18,7 @@ Needs wrk and curl. Loopback only; every process it starts is stopped at the end
 import os, re, signal, statistics, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from suite import free_port  # noqa: E402
+from suite import alive, free_port, wait  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELLO = os.path.join(ROOT, "target", "release", "hello")
@@ -30,28 +30,11 @@ def up(port):
     return subprocess.run(["curl", "-s", "-o", "/dev/null", "--max-time", "1", f"http://127.0.0.1:{port}/"]).returncode == 0
 
 
-def wait(what, f, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = f()
-        if v:
-            return v
-        time.sleep(0.005)
-    raise SystemExit(f"timed out waiting for {what}")
-
-
 def read_pid(path):
     try:
         return int(open(path).read().strip())
     except (OSError, ValueError):
         return None
-
-
-def alive(pid):
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def run(method, close):
