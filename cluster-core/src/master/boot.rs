@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::handle::{AppMetrics, Handle, Master, MasterHook, Registry};
-use super::{admin, control, events, observe, pid_file, supervisor, upgrade};
+use super::{admin, control, events, observe, pid_file, supervisor, upgrade, watch};
 use crate::config::Config;
 use crate::log::log;
 use crate::messaging::Calls;
@@ -82,7 +82,9 @@ pub(crate) fn run(cfg: Config, hook: Option<MasterHook>) -> i32 {
             asks: asks_tx,
             readings: Arc::new(observe::Readings::default()),
             app_metrics: app_metrics.clone(),
+            history: Arc::default(),
         };
+        tokio::spawn(watch::sample(handle.clone()));
         // Operators' ways in: the control socket and the admin endpoint, both thin layers over
         // the handle. A successor serves them (on the sockets handed over) once it takes over;
         // a master that handed over stops serving them.

@@ -25,8 +25,8 @@ use tokio::task::JoinHandle;
 
 use self::request::{Refused, Request};
 use super::handle::Handle;
-use super::observe::state_name;
-use super::types::{AGENT_ID, ControlError, Overview, WorkerStatus};
+use super::types::ControlError;
+use super::watch::{interval, status_json};
 use crate::config::{Config, ControlSocket};
 use crate::control::{MAX_LINE, PROTOCOL_VERSION, parse_socket_file_name, prepare_dir, socket_dir, socket_file_name};
 use crate::log::{note, ring, warning};
@@ -335,6 +335,7 @@ async fn run(request: Request, wr: &mut OwnedWriteHalf, handle: &Handle) -> io::
                 Err(e) => fail(&e.to_string()),
             }
         }
+        Request::Watch { interval_ms, logs } => return watch(wr, handle, interval_ms, logs).await,
         Request::Logs { lines, follow } => {
             let (last, mut rx) = ring::ring().tail(lines.min(ring::CAPACITY));
             for record in last {
@@ -355,6 +356,35 @@ async fn run(request: Request, wr: &mut OwnedWriteHalf, handle: &Handle) -> io::
     };
     reply(wr, &out).await?;
     Ok(true)
+}
+
+/// Streams the history, then the status every interval and each new log record (after the
+/// last `logs` ones), until the master stops or the client leaves: the one request a live view
+/// makes (`clusterctl top`).
+async fn watch(wr: &mut OwnedWriteHalf, handle: &Handle, interval_ms: Option<u64>, logs: usize) -> io::Result<bool> {
+    reply(wr, &json!({"history": handle.history.to_json()})).await?;
+    let (last, mut records) = ring::ring().tail(logs.min(ring::CAPACITY));
+    for record in last {
+        reply(wr, &json!({"log": raw(&record)})).await?;
+    }
+    let mut tick = tokio::time::interval(interval(interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => match handle.overview().await {
+                Some(overview) => reply(wr, &json!({"status": status_json(&overview)})).await?,
+                None => {
+                    reply(wr, &json!({"ok": false, "error": "the master is stopping"})).await?;
+                    return Ok(false);
+                }
+            },
+            record = records.recv() => match record {
+                Ok(record) => reply(wr, &json!({"log": raw(&record)})).await?,
+                Err(broadcast::error::RecvError::Lagged(n)) => reply(wr, &json!({"dropped": n})).await?,
+                Err(broadcast::error::RecvError::Closed) => return Ok(false),
+            },
+        }
+    }
 }
 
 /// Waits for `done`, sending the master's log records meanwhile as progress lines.
@@ -386,54 +416,4 @@ async fn with_progress<T>(
 /// A ring record (a JSON object in text) as a value.
 fn raw(record: &str) -> Value {
     serde_json::from_str(record).unwrap_or(Value::Null)
-}
-
-fn status_json(o: &Overview) -> Value {
-    let m = &o.master;
-    let workers: Vec<Value> = o.workers.iter().map(worker_json).collect();
-    let ready = o.workers.iter().filter(|w| w.id != AGENT_ID && w.state == super::WorkerState::Ready).count();
-    json!({
-        "ok": true,
-        "master": {
-            "pid": m.pid,
-            "name": m.name,
-            "uptime_ms": m.uptime.as_millis() as u64,
-            "version": m.version,
-            "policy": format!("{:?}", m.policy).to_lowercase(),
-            "balancer": balancer_name(m.balancer),
-            "workers_target": m.workers_target,
-            "workers_ready": ready,
-            "listeners": m.listeners,
-            "reloading": m.reloading,
-            "stopping": m.stopping,
-            "stop_in_ms": m.stop_in.map(|d| d.as_millis() as u64),
-            "control_socket": m.control_socket.as_ref().map(|p| p.display().to_string()),
-        },
-        "workers": workers,
-    })
-}
-
-fn worker_json(w: &WorkerStatus) -> Value {
-    json!({
-        "id": if w.id == AGENT_ID { json!("agent") } else { json!(w.id) },
-        "pid": w.pid,
-        "state": state_name(w.state),
-        "uptime_ms": w.uptime.as_millis() as u64,
-        "restarts": w.restarts,
-        "cpu_percent": w.cpu_percent.map(|c| (c * 10.0).round() / 10.0),
-        "cpu_ms": w.cpu_time.map(|c| c.as_millis() as u64),
-        "rss_bytes": w.rss,
-        "connections_open": w.open_connections,
-        "connections_total": w.connections,
-        "restart_in_ms": w.restart_in.map(|d| d.as_millis() as u64),
-        "kill_in_ms": w.kill_in.map(|d| d.as_millis() as u64),
-    })
-}
-
-fn balancer_name(b: crate::Balancer) -> &'static str {
-    match b {
-        crate::Balancer::RoundRobin => "round-robin",
-        crate::Balancer::LeastConnections => "least-connections",
-        crate::Balancer::Sticky => "sticky",
-    }
 }

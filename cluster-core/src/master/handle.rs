@@ -16,6 +16,7 @@ use super::types::{ControlError, Event, Overview, Reloaded, Scale, Upgraded, Wor
 use crate::ipc::Channel;
 use crate::ipc::message::{AGENT, USER_TO_WORKER};
 use crate::messaging::{self, Calls, Peer, RequestError, SendError};
+use crate::sys;
 
 /// What code in the master, the control socket and the admin endpoint ask of the supervisor
 /// (see [`Handle`]).
@@ -62,6 +63,7 @@ pub struct Handle {
     pub(super) asks: mpsc::UnboundedSender<Ask>,
     pub(super) readings: Arc<observe::Readings>,
     pub(super) app_metrics: AppMetrics,
+    pub(super) history: Arc<super::history::History>,
 }
 
 impl Master {
@@ -144,15 +146,15 @@ impl Handle {
     /// stopped.
     pub async fn overview(&self) -> Option<Overview> {
         let snapshot = self.snapshot().await?;
-        let (master, mut workers, listening) = (snapshot.master, snapshot.workers, snapshot.listening);
+        let (mut master, mut workers, listening) = (snapshot.master, snapshot.workers, snapshot.listening);
         let readings = self.readings.clone();
-        let workers = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             readings.enrich(&mut workers, &listening);
-            workers
+            (master.rss, master.cpu_time) = (sys::rss(master.pid).ok(), sys::cpu_time(master.pid).ok());
+            Overview { master, workers }
         })
         .await
-        .ok()?;
-        Some(Overview { master, workers })
+        .ok()
     }
 
     /// The cluster's metrics in Prometheus' text format (README, "Operating a cluster"): the

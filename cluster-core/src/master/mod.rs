@@ -13,6 +13,7 @@ mod decide;
 mod dispatch;
 mod events;
 mod handle;
+mod history;
 mod listeners;
 mod observe;
 mod pid_file;
@@ -21,6 +22,7 @@ mod supervisor;
 mod systemd;
 mod types;
 mod upgrade;
+mod watch;
 
 pub use crate::messaging::{Peer, Request, RequestError, SendError};
 pub(crate) use boot::run;

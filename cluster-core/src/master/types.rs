@@ -209,6 +209,9 @@ pub struct MasterStatus {
     pub listeners: Vec<String>,
     /// Whether a rolling reload is under way.
     pub reloading: bool,
+    /// Whether an upgrade of the master is under way (this one starting its successor, or
+    /// taking over from its predecessor).
+    pub upgrading: bool,
     /// Whether the cluster is stopping.
     pub stopping: bool,
     /// While a graceful stop waits out its stop delay (serving, not ready): how long until it
@@ -216,6 +219,10 @@ pub struct MasterStatus {
     pub stop_in: Option<Duration>,
     /// Its control socket, if it serves one.
     pub control_socket: Option<std::path::PathBuf>,
+    /// Its resident memory (by [`Handle::overview`](crate::master::Handle::overview)).
+    pub rss: Option<u64>,
+    /// CPU time (user + system) it has used (by [`Handle::overview`](crate::master::Handle::overview)).
+    pub cpu_time: Option<Duration>,
 }
 
 /// The whole cluster at one instant ([`Handle::overview`](crate::master::Handle::overview)).

@@ -26,6 +26,12 @@ pub(super) enum Request {
         lines: usize,
         follow: bool,
     },
+    /// A live view's stream: the history, then the status every `interval_ms` (1 s when not
+    /// given) and the log records, the last `logs` first.
+    Watch {
+        interval_ms: Option<u64>,
+        logs: usize,
+    },
 }
 
 /// Why a line is not a request.
@@ -38,10 +44,11 @@ pub(super) enum Refused {
 }
 
 /// The commands, for error messages.
-const COMMANDS: &str = "status, reload, scale, restart, stop, upgrade, logs, metrics, ping";
+const COMMANDS: &str = "status, watch, reload, scale, restart, stop, upgrade, logs, metrics, ping";
 
-/// Most log records one `logs` request may ask for (more are cut to what the ring holds).
-const MAX_LOG_LINES: u64 = 1_000_000;
+/// Largest count a request takes (more is cut to this, then to what the ring holds or to the
+/// longest interval a view may ask for).
+const MAX_COUNT: u64 = 1_000_000;
 
 /// Parses one request line.
 pub(super) fn parse(line: &[u8]) -> Result<Request, Refused> {
@@ -60,6 +67,13 @@ pub(super) fn parse(line: &[u8]) -> Result<Request, Refused> {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
         Some(other) => Err(Refused::Invalid(format!("\"{name}\" is true or false, not {other}"))),
+    };
+    let count = |name: &str, default: u64| match request.get(name) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => match v.as_u64() {
+            Some(n) => Ok(n.min(MAX_COUNT)),
+            None => Err(Refused::Invalid(format!("\"{name}\" is a count, not {v}"))),
+        },
     };
     Ok(match cmd {
         "ping" => Request::Ping,
@@ -80,15 +94,13 @@ pub(super) fn parse(line: &[u8]) -> Result<Request, Refused> {
             None => return invalid("restart needs \"id\": a worker id".into()),
         },
         "stop" => Request::Stop { fast: flag("fast")? },
-        "logs" => {
-            let lines = match request.get("lines") {
-                None | Some(Value::Null) => 20,
-                Some(v) => match v.as_u64() {
-                    Some(n) => n.min(MAX_LOG_LINES),
-                    None => return invalid(format!("\"lines\" is a count, not {v}")),
-                },
+        "logs" => Request::Logs { lines: count("lines", 20)? as usize, follow: flag("follow")? },
+        "watch" => {
+            let interval_ms = match request.get("interval_ms") {
+                None | Some(Value::Null) => None,
+                Some(_) => Some(count("interval_ms", 0)?),
             };
-            Request::Logs { lines: lines as usize, follow: flag("follow")? }
+            Request::Watch { interval_ms, logs: count("logs", 0)? as usize }
         }
         other => {
             // Escaped first, then cut: an odd command echoes back at most 80 bytes.
@@ -150,6 +162,15 @@ mod tests {
             (json!({"cmd": "stop", "fast": true}), Request::Stop { fast: true }),
             (json!({"cmd": "logs", "lines": 5, "follow": true}), Request::Logs { lines: 5, follow: true }),
             (json!({"cmd": "logs"}), Request::Logs { lines: 20, follow: false }),
+            (json!({"cmd": "watch"}), Request::Watch { interval_ms: None, logs: 0 }),
+            (
+                json!({"cmd": "watch", "interval_ms": 500, "logs": 8}),
+                Request::Watch { interval_ms: Some(500), logs: 8 },
+            ),
+            (
+                json!({"cmd": "watch", "interval_ms": u64::MAX}),
+                Request::Watch { interval_ms: Some(MAX_COUNT), logs: 0 },
+            ),
         ];
         for (line, want) in cases {
             assert_eq!(parse(line.to_string().as_bytes()), Ok(want), "{line}");
@@ -168,6 +189,8 @@ mod tests {
         assert!(invalid(r#"{"cmd":"restart","id":4294967296}"#).contains("worker id"));
         assert!(invalid(r#"{"cmd":"stop","fast":"yes"}"#).contains("true or false"));
         assert!(invalid(r#"{}"#).contains("needs \"cmd\""));
+        assert!(invalid(r#"{"cmd":"watch","interval_ms":-5}"#).contains("\"interval_ms\" is a count"));
+        assert!(invalid(r#"{"cmd":"watch","logs":"all"}"#).contains("\"logs\" is a count"));
         assert!(matches!(parse(b"[1,2]"), Err(Refused::Malformed(_))));
         assert!(matches!(parse(b"{\"cmd\":"), Err(Refused::Malformed(_))));
     }
@@ -185,6 +208,8 @@ mod tests {
             any::<u32>().prop_map(Request::Restart),
             any::<bool>().prop_map(|fast| Request::Stop { fast }),
             (0usize..1_000_000, any::<bool>()).prop_map(|(lines, follow)| Request::Logs { lines, follow }),
+            (proptest::option::of(0u64..1_000_000), 0usize..1_000_000)
+                .prop_map(|(interval_ms, logs)| Request::Watch { interval_ms, logs }),
         ]
     }
 
@@ -201,6 +226,7 @@ mod tests {
             Request::Restart(id) => json!({"cmd": "restart", "id": id}),
             Request::Stop { fast } => json!({"cmd": "stop", "fast": fast}),
             Request::Logs { lines, follow } => json!({"cmd": "logs", "lines": lines, "follow": follow}),
+            Request::Watch { interval_ms, logs } => json!({"cmd": "watch", "interval_ms": interval_ms, "logs": logs}),
         }
     }
 

@@ -299,9 +299,12 @@ impl Supervisor {
             workers_target: self.core.target(),
             listeners: self.listeners.addresses(),
             reloading: self.core.reloading(),
+            upgrading: self.upgrade.busy().is_some(),
             stopping: self.core.stopping(),
             stop_in: self.core.stop_delay_left(now),
             control_socket: self.info.control_socket.clone(),
+            rss: None,
+            cpu_time: None,
         };
         Snapshot {
             master,
