@@ -34,6 +34,12 @@ pub fn socket_dir() -> PathBuf {
     PathBuf::from(format!("/tmp/cluster-{}", crate::sys::getuid()))
 }
 
+/// Makes `cmd` start in a session of its own, detached from the terminal (`setsid` in the
+/// child): how `clusterctl start` runs a master in the background.
+pub fn detach(cmd: &mut std::process::Command) {
+    crate::sys::new_session(cmd);
+}
+
 /// The file name of a master's socket in [`socket_dir`].
 pub fn socket_file_name(name: &str, pid: u32) -> String {
     format!("{name}-{pid}.sock")

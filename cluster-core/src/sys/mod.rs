@@ -20,8 +20,8 @@ pub(crate) use fd::{
 };
 pub(crate) use init::{become_init_if_pid_1, set_under_own_init, tell_init_successor, under_own_init};
 pub(crate) use process::{
-    alive, die_when_orphaned, exit_now, getpid, prepare_successor_command, prepare_worker_command, raise_fd_limit,
-    remove_env, signal,
+    alive, die_when_orphaned, exit_now, getpid, new_session, prepare_successor_command, prepare_worker_command,
+    raise_fd_limit, remove_env, signal,
 };
 pub(crate) use procfs::{cpu_time, rss, socket_inodes};
 pub(crate) use shm::{Mapping, create_segment, map_segment};

@@ -129,6 +129,17 @@ pub(crate) fn prepare_successor_command(cmd: &mut std::process::Command, channel
     }
 }
 
+/// Makes the command's process the leader of a new session (`setsid`) before it runs: no
+/// controlling terminal, and out of the starting shell's session and process groups, so a
+/// closed terminal or a Ctrl-C there does not reach it.
+pub(crate) fn new_session(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the hook runs in the forked child and makes one async-signal-safe call.
+    unsafe {
+        cmd.pre_exec(|| check(libc::setsid()).map(drop));
+    }
+}
+
 /// In a forked child: makes `channel` available at `target` across `exec`, clearing
 /// close-on-exec in the child only (the parent's descriptor keeps it).
 ///
