@@ -4,6 +4,8 @@
 
 mod client;
 mod show;
+mod start;
+mod top;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -15,7 +17,7 @@ use serde_json::{Value, json};
 
 use client::{Conn, Fail, cmd, error_of};
 
-/// Status, reload, scale, restart, stop, logs and metrics of running cluster masters.
+/// Status, a live view, reload, scale, restart, stop, logs and metrics of running cluster masters.
 #[derive(Parser)]
 #[command(name = "clusterctl", version, about, disable_help_subcommand = true)]
 struct Cli {
@@ -31,6 +33,41 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Starts PROGRAM (a binary built on the cluster library) as a master in the background:
+    /// its own session, its output in a log file with rotation; returns once its workers are
+    /// ready (exit 1, with the reason, if it cannot start).
+    Start {
+        /// The cluster's name (default: the program's file name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Workers to start (CLUSTER_WORKERS; default: the program's own setting).
+        #[arg(short, long)]
+        workers: Option<String>,
+        /// Where the log files go (default: `logs` in the control sockets' directory).
+        #[arg(long, value_name = "DIR")]
+        log_dir: Option<PathBuf>,
+        /// A log file is rotated before it grows past this many bytes.
+        #[arg(long, default_value_t = 10 << 20, value_parser = clap::value_parser!(u64).range(1024..))]
+        log_max_bytes: u64,
+        /// Rotated log files kept (NAME.log.1 …).
+        #[arg(long, default_value_t = 3)]
+        log_files: u32,
+        /// Give up waiting for the workers after this many seconds (the master goes on).
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+        /// The program and its arguments.
+        #[arg(required = true, last = true, value_name = "PROGRAM [ARGS]...")]
+        program: Vec<std::ffi::OsString>,
+    },
+    /// Copies stdin to a log file with rotation (what `start` runs next to a master).
+    #[command(hide = true)]
+    LogWriter {
+        file: PathBuf,
+        #[arg(long)]
+        max_bytes: u64,
+        #[arg(long)]
+        keep: u32,
+    },
     /// Lists the running masters of this user.
     Ls {
         /// JSON, one array.
@@ -42,6 +79,13 @@ enum Command {
         /// The master's answer as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// The cluster live: workers, connections per second, the master's CPU and memory, the
+    /// log; keys r reload, +/- scale, ↑↓ select, k restart, q quit.
+    Top {
+        /// Milliseconds between two updates.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+        interval: u64,
     },
     /// Replaces every worker with the binary on disk, one by one; returns when done (exit 1 if
     /// the reload was abandoned: the old workers keep serving).
@@ -80,6 +124,10 @@ enum Command {
         /// The records as JSON, one per line.
         #[arg(long)]
         json: bool,
+        /// Where a master started by `start` that is gone left its log (default: `logs` in the
+        /// control sockets' directory).
+        #[arg(long, value_name = "DIR")]
+        log_dir: Option<PathBuf>,
     },
     /// Metrics in Prometheus' text format: the master's, then the application's (summed over
     /// workers; `--per-worker`: counters and histograms per worker id).
@@ -102,14 +150,26 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<(), Fail> {
-    if let Command::Ls { json } = cli.command {
-        return ls(json);
+    match cli.command {
+        Command::Ls { json } => return ls(json),
+        Command::Start { name, workers, log_dir, log_max_bytes, log_files, wait, program } => {
+            let wait = Duration::from_secs(wait);
+            let log_max = log_max_bytes;
+            return start::start(start::Start { name, workers, log_dir, log_max, log_files, wait, program });
+        }
+        Command::LogWriter { file, max_bytes, keep } => return start::log_writer(&file, max_bytes, keep),
+        _ => {}
     }
-    let path = client::resolve(cli.socket.as_deref(), cli.target.as_deref())?;
+    let path = match (client::resolve(cli.socket.as_deref(), cli.target.as_deref()), &cli.command) {
+        (Ok(path), _) => path,
+        // A master `start` ran that is gone: its log file.
+        (Err(e), Command::Logs { lines, log_dir, .. }) => return logs_of_gone(e, cli.target, log_dir.clone(), *lines),
+        (Err(e), _) => return Err(e),
+    };
     let mut conn = Conn::open(&path)?;
     let colour = std::io::stdout().is_terminal();
     match cli.command {
-        Command::Ls { .. } => unreachable!("handled above"),
+        Command::Ls { .. } | Command::Start { .. } | Command::LogWriter { .. } => unreachable!("handled above"),
         Command::Status { json } => {
             let reply = ok(conn.call(&cmd("status"), |_| {})?)?;
             if json {
@@ -117,6 +177,10 @@ fn run(cli: Cli) -> Result<(), Fail> {
             } else {
                 print!("{}", show::status(&reply, colour));
             }
+        }
+        Command::Top { interval } => {
+            drop(conn);
+            return top::run(path, Duration::from_millis(interval));
         }
         Command::Reload => {
             let reply = conn.call(&cmd("reload"), |line| progress(line, colour))?;
@@ -169,7 +233,7 @@ fn run(cli: Cli) -> Result<(), Fail> {
                 reply["took_ms"].as_u64().unwrap_or(0)
             );
         }
-        Command::Logs { follow, lines, json } => {
+        Command::Logs { follow, lines, json, .. } => {
             conn.send(&json!({"cmd": "logs", "lines": lines, "follow": follow}))?;
             let mut out = std::io::stdout().lock();
             while let Some(line) = conn.next()? {
@@ -190,6 +254,23 @@ fn run(cli: Cli) -> Result<(), Fail> {
             let reply = ok(conn.call(&json!({"cmd": "metrics", "per_worker": per_worker}), |_| {})?)?;
             print!("{}", reply["metrics"].as_str().unwrap_or(""));
         }
+    }
+    Ok(())
+}
+
+/// The last lines of the log file of a master that is gone (`start` wrote it), or `why` no
+/// master was found when there is no such file.
+fn logs_of_gone(why: Fail, target: Option<String>, dir: Option<PathBuf>, lines: usize) -> Result<(), Fail> {
+    let Some(name) = target.filter(|t| cluster::control::valid_name(t) && t.parse::<u32>().is_err()) else {
+        return Err(why);
+    };
+    let file = dir.unwrap_or_else(start::log_dir).join(format!("{name}.log"));
+    if !file.exists() {
+        return Err(format!("{why}; and no log file at {}", file.display()));
+    }
+    eprintln!("clusterctl: {name} is not running; its log file {}:", file.display());
+    for line in start::tail(&file, lines) {
+        println!("{line}");
     }
     Ok(())
 }

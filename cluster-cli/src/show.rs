@@ -158,7 +158,7 @@ fn ms(v: &Value) -> String {
 }
 
 /// `45s`, `12m`, `3h`, `2d`.
-fn human(d: Duration) -> String {
+pub(crate) fn human(d: Duration) -> String {
     let s = d.as_secs();
     match s {
         0..60 => format!("{s}s"),
@@ -168,7 +168,7 @@ fn human(d: Duration) -> String {
     }
 }
 
-fn bytes(b: u64) -> String {
+pub(crate) fn bytes(b: u64) -> String {
     match b {
         0..1024 => format!("{b} B"),
         1024..1_048_576 => format!("{:.1} KiB", b as f64 / 1024.0),
