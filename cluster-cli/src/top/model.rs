@@ -79,8 +79,10 @@ impl Model {
             let dt = (at_ms - last.at_ms) as f64 / 1000.0;
             let mut total = 0.0;
             for (pid, n) in &connections {
-                let Some(before) = last.connections.get(pid) else { continue };
-                let rate = n.saturating_sub(*before) as f64 / dt;
+                // A pid the last point did not have started since: all its connections are
+                // this interval's (a reload's new workers do not dip the total).
+                let before = last.connections.get(pid).copied().unwrap_or(0);
+                let rate = n.saturating_sub(before) as f64 / dt;
                 total += rate;
                 push(self.rates.entry(*pid).or_default(), rate.round() as u64, POINTS);
             }
@@ -145,10 +147,11 @@ mod tests {
         assert_eq!((m.rate(11), m.rate(12)), (Some(30), Some(10)));
         assert_eq!(m.master_cpu, [5], "5 ms of CPU in a second: 0.5 %");
         assert_eq!(m.master_rss, [2000, 3000]);
-        // Half a second later, worker 12 replaced by 13: 13 has no rate yet, 12 is gone.
+        // Half a second later, worker 12 replaced by 13, which started since: its 7 connections
+        // are the half second's; 12 is gone.
         m.ingest(&json!({"status": sample(2500, 10, &[(11, 40), (13, 7)])}));
-        assert_eq!(m.total, [40, 20]);
-        assert_eq!((m.rate(11), m.rate(12), m.rate(13)), (Some(20), None, None));
+        assert_eq!(m.total, [40, 34]);
+        assert_eq!((m.rate(11), m.rate(12), m.rate(13)), (Some(20), None, Some(14)));
         assert_eq!(m.workers().len(), 2);
         // A status no later than the last point adds none.
         m.ingest(&json!({"status": sample(2500, 10, &[(11, 99)])}));
