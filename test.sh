@@ -8,7 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# A program the tests run, and the Debian package that has it.
+# A program the tests run (or its alternatives, separated by |), and the Debian package that
+# has it.
 needs=(
     "wrk wrk"                                         # load in the reload, upgrade and dispatch tests
     "redis-server redis-server"                       # the config-agent example's store
@@ -24,12 +25,18 @@ needs=(
     "h2load nghttp2-client"                           # HTTP/2 through reloads
     "python3 python3"                                 # runs the WebSocket clients
     "promtool prometheus"                             # checks the metrics' text
+    "tmux tmux"                                       # drives clusterctl top in a terminal
+    "chromium|chromium-browser|google-chrome chromium" # renders the status page (any of the three)
 )
 
 missing=()
 for entry in "${needs[@]}"; do
-    read -r program package <<<"$entry"
-    command -v "$program" >/dev/null 2>&1 || missing+=("$package")
+    read -r programs package <<<"$entry"
+    found=
+    for program in ${programs//|/ }; do
+        command -v "$program" >/dev/null 2>&1 && found=1
+    done
+    [ -n "$found" ] || missing+=("$package")
 done
 
 if [ "${#missing[@]}" -gt 0 ]; then

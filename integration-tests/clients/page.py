@@ -2,11 +2,11 @@
 """Loads the admin endpoint's status page in headless Chromium (Debian's `chromium`), driven
 through the DevTools protocol, and reports what the page's script rendered and what it fetched.
 
-    page.py URL [--pids 1,2,3] [--timeout S] [--hold S] [--screenshot FILE] [--size WxH]
+    page.py URL [--pids 1,2,3] [--timeout S] [--hold S [--settle S]] [--screenshot FILE] [--size WxH]
 
 Waits (polling, up to --timeout) until the workers' table holds every pid of --pids, then
 optionally keeps the page open --hold seconds (reporting the CPU time Chromium's processes used
-meanwhile) and takes a screenshot. Prints one JSON object: the pids in the table, every URL
+meanwhile, after --settle seconds for Chromium's own start to be over) and takes a screenshot. Prints one JSON object: the pids in the table, every URL
 the page requested, those outside the page's own origin, and the CPU time. Exits 1 when a pid
 is missing or anything was requested from elsewhere.
 """
@@ -116,6 +116,7 @@ async def drive(args, port, browser):
             await asyncio.sleep(0.2)
         cpu_ms = None
         if args.hold:
+            await asyncio.sleep(args.settle)
             before = tree_cpu_ms(browser.pid)
             await asyncio.sleep(args.hold)
             cpu_ms = tree_cpu_ms(browser.pid) - before
@@ -133,14 +134,16 @@ def main():
     parser.add_argument("--pids", default="")
     parser.add_argument("--timeout", type=float, default=20)
     parser.add_argument("--hold", type=float, default=0)
+    parser.add_argument("--settle", type=float, default=5)
     parser.add_argument("--screenshot")
     parser.add_argument("--size", default="1000x720")
     args = parser.parse_args()
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if not exe:
         sys.exit("page.py: no chromium (apt-get install chromium)")
     origin = "{0.scheme}://{0.netloc}".format(urllib.parse.urlsplit(args.url))
-    with tempfile.TemporaryDirectory(prefix="page-") as profile:
+    profile = tempfile.mkdtemp(prefix="page-")
+    try:
         browser = subprocess.Popen(
             [
                 exe,
@@ -167,6 +170,9 @@ def main():
             except subprocess.TimeoutExpired:
                 browser.kill()
                 browser.wait()
+    finally:
+        # Chromium's helpers may still be writing their last files into the profile.
+        shutil.rmtree(profile, ignore_errors=True)
     outside = [u for u in requests if not (u == origin or u.startswith(origin + "/"))]
     print(json.dumps({"pids": shown, "requests": requests, "outside": outside, "cpu_ms": cpu_ms}))
     missing = {p for p in args.pids.split(",") if p} - set(shown)

@@ -1,6 +1,6 @@
 //! Seeing a cluster live: `clusterctl top` driven in tmux against a cluster under load (every
-//! worker shown, connections per second above 0, `+` scales, `r` reloads, `q` leaves the
-//! terminal as it was), the admin endpoint's status page rendered by headless Chromium (every
+//! worker shown, connections per second above 0, `+` scales, `r` reloads, an upgrade is
+//! followed to the new master, `q` leaves the terminal as it was), the admin endpoint's status page rendered by headless Chromium (every
 //! worker's pid put there by its script, nothing fetched from elsewhere), and the streams both
 //! read (`watch` on the control socket, `/events` on the admin port).
 
@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use integration_tests::{Server, TempDir, clusterctl, example_bin, wait_until};
+use integration_tests::{Server, Strays, TempDir, clusterctl, example_bin, wait_until};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(30);
@@ -148,6 +148,15 @@ fn top_in_tmux_shows_every_worker_live_and_its_keys_scale_reload_and_quit() {
     assert!(after.iter().all(|p| !before.contains(p)), "new pids: {before:?} -> {after:?}");
     tmux.wait("the new pids on screen", |s| after.iter().all(|p| s.contains(&p.to_string())));
     assert!(!screen.contains("refused") && !screen.contains("failed"), "{screen}");
+
+    // An upgrade replaces the master the view streams from: it follows the new one.
+    let mut masters = Strays::default();
+    let (code, out, err) = clusterctl(&dir.0, &["-t", "top", "upgrade"]);
+    assert_eq!(code, 0, "upgrade: {out}{err}");
+    let new = status(&dir, "top")["master"]["pid"].as_u64().unwrap();
+    masters.0.push(new as u32);
+    assert_ne!(new, u64::from(server.pid()));
+    tmux.wait("the new master on screen", |s| s.contains(&format!("top · master {new} ")));
 
     // `q`: exit 0, the terminal back to normal.
     tmux.run(&["send-keys", "-t", "top", "q"]);
