@@ -11,6 +11,7 @@ use socket2::Socket;
 use tokio::io::unix::AsyncFd;
 use tokio::task::JoinHandle;
 
+use super::gate::Gate;
 use super::{Conn, Dispatch};
 use crate::ipc::message::{ListenKey, MAX_FDS};
 use crate::log::{note, warning};
@@ -32,12 +33,12 @@ pub(crate) struct AcceptThreads {
 /// The accept loops of one listening socket, one per accept thread.
 pub(crate) struct Accepting {
     loops: Vec<JoinHandle<()>>,
-    /// Held (read) by the loops while they accept and dispatch; [`stop`] takes it (write), so
-    /// that once it returns no loop accepts any more: a loop is aborted only at its next
-    /// yield, on a thread of its own.
+    /// Held open by the loops while they accept and dispatch; [`stop`] closes it, so that
+    /// once it returns no loop accepts any more: a loop is aborted only at its next yield, on
+    /// a thread of its own (`gate.rs`, model-checked).
     ///
     /// [`stop`]: Accepting::stop
-    open: Arc<std::sync::RwLock<bool>>,
+    open: Arc<Gate>,
 }
 
 impl AcceptThreads {
@@ -59,7 +60,7 @@ impl AcceptThreads {
 
     /// Starts accepting on `socket` on every accept thread.
     pub(crate) fn start(&self, socket: &Socket, key: ListenKey, dispatch: &Arc<Dispatch>) -> Accepting {
-        let open = Arc::new(std::sync::RwLock::new(true));
+        let open = Arc::new(Gate::new());
         let gather = self.gather;
         let mut loops = Vec::new();
         let current = [tokio::runtime::Handle::current()];
@@ -105,7 +106,7 @@ fn start_thread(i: usize, log: tracing::Dispatch) -> Option<tokio::runtime::Hand
 impl Accepting {
     /// Stops every loop: none accepts once this returns.
     pub(crate) fn stop(self) {
-        *self.open.write().unwrap_or_else(|e| e.into_inner()) = false;
+        self.open.close();
         for task in self.loops {
             task.abort();
         }
@@ -167,7 +168,7 @@ async fn accept_loop(
     key: ListenKey,
     dispatch: Arc<Dispatch>,
     gather: Duration,
-    open: Arc<std::sync::RwLock<bool>>,
+    open: Arc<Gate>,
 ) {
     let mut batch: Vec<Conn> = Vec::with_capacity(MAX_FDS);
     let mut failing: Option<(Instant, u64)> = None;
@@ -175,10 +176,7 @@ async fn accept_loop(
     loop {
         dispatch.wait_room(key).await;
         let Ok(mut ready) = listener.readable().await else { return };
-        let pass = {
-            let open = open.read().unwrap_or_else(|e| e.into_inner());
-            if *open { take(&mut ready, key, &dispatch, &mut batch) } else { Pass::Closed }
-        };
+        let pass = open.pass(|| take(&mut ready, key, &dispatch, &mut batch)).unwrap_or(Pass::Closed);
         match pass {
             Pass::Closed => return,
             Pass::Failed(e) => {

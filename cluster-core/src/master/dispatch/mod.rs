@@ -13,6 +13,7 @@
 
 mod accept;
 mod balance;
+mod gate;
 
 use balance::Seen;
 
