@@ -1,6 +1,7 @@
 //! The cluster's settings: plain data, filled in by the builder (`builder.rs`) and the
 //! `CLUSTER_*` environment variables.
 
+use std::ffi::OsString;
 use std::time::Duration;
 
 use crate::env::*;
@@ -182,96 +183,102 @@ impl Config {
 
     /// Applies the `CLUSTER_*` environment variables, which override the code's settings.
     pub(crate) fn apply_env(&mut self) -> Result<(), StartError> {
+        self.apply_env_from(&|name| std::env::var_os(name))
+    }
+
+    /// [`apply_env`](Self::apply_env) with the variables that `get` gives (the fuzz target
+    /// `settings` drives this).
+    pub(crate) fn apply_env_from(&mut self, get: &dyn Fn(&str) -> Option<OsString>) -> Result<(), StartError> {
         let ms = Duration::from_millis;
-        if let Some(v) = var(ENV_KILL_TIMEOUT_MS)? {
+        if let Some(v) = var(get, ENV_KILL_TIMEOUT_MS)? {
             self.kill_timeout = ms(v);
         }
-        if let Some(v) = var(ENV_STOP_DELAY_MS)? {
+        if let Some(v) = var(get, ENV_STOP_DELAY_MS)? {
             self.stop_delay = Some(ms(v));
         }
-        if let Some(v) = var(ENV_READY_TIMEOUT_MS)? {
+        if let Some(v) = var(get, ENV_READY_TIMEOUT_MS)? {
             self.ready_timeout = ms(v);
         }
-        if let Some(v) = var::<u8>(ENV_WAIT_READY)? {
+        if let Some(v) = var::<u8>(get, ENV_WAIT_READY)? {
             self.wait_ready = v != 0;
         }
-        if let Some(v) = var(ENV_HEARTBEAT_TIMEOUT_MS)? {
+        if let Some(v) = var(get, ENV_HEARTBEAT_TIMEOUT_MS)? {
             self.heartbeat_timeout = (v > 0).then(|| ms(v));
         }
-        if let Some(v) = var(ENV_MIN_UPTIME_MS)? {
+        if let Some(v) = var(get, ENV_MIN_UPTIME_MS)? {
             self.min_uptime = ms(v);
         }
-        if let Some(v) = var(ENV_RESTART_DELAY_MS)? {
+        if let Some(v) = var(get, ENV_RESTART_DELAY_MS)? {
             self.restart_delay = ms(v);
         }
-        if let Some(v) = var(ENV_RESTART_DELAY_MAX_MS)? {
+        if let Some(v) = var(get, ENV_RESTART_DELAY_MAX_MS)? {
             self.restart_delay_max = ms(v);
         }
-        if let Some(v) = var::<u64>(ENV_MAX_RSS_MB)? {
+        if let Some(v) = var::<u64>(get, ENV_MAX_RSS_MB)? {
             self.max_rss = (v > 0).then_some(v << 20);
         }
-        if let Some(v) = var::<u64>(ENV_MAX_CONNECTIONS)? {
+        if let Some(v) = var::<u64>(get, ENV_MAX_CONNECTIONS)? {
             self.max_connections = (v > 0).then_some(v);
         }
-        if let Some(v) = var(ENV_MAX_CONNECTIONS_JITTER)? {
+        if let Some(v) = var(get, ENV_MAX_CONNECTIONS_JITTER)? {
             self.max_connections_jitter = v;
         }
-        if let Some(v) = var::<usize>(ENV_RELOAD_CONCURRENCY)? {
+        if let Some(v) = var::<usize>(get, ENV_RELOAD_CONCURRENCY)? {
             self.reload_concurrency = v.max(1);
         }
-        if let Some(v) = var(ENV_SCHED_POLICY)? {
+        if let Some(v) = var(get, ENV_SCHED_POLICY)? {
             self.policy = v;
         }
-        if let Some(v) = var(ENV_BALANCER)? {
+        if let Some(v) = var(get, ENV_BALANCER)? {
             self.balancer = v;
         }
-        if let Some(v) = var::<usize>(ENV_WINDOW)? {
+        if let Some(v) = var::<usize>(get, ENV_WINDOW)? {
             self.window = v.max(1);
         }
-        if let Some(v) = checked(ENV_ACCEPT_THREADS, |v: &usize| (1..=MAX_ACCEPT_THREADS).contains(v))? {
+        if let Some(v) = checked(get, ENV_ACCEPT_THREADS, |v: &usize| (1..=MAX_ACCEPT_THREADS).contains(v))? {
             self.accept_threads = v;
         }
-        if let Some(v) = checked(ENV_ACCEPT_GATHER_US, |v: &u64| Duration::from_micros(*v) <= MAX_ACCEPT_GATHER)? {
+        if let Some(v) = checked(get, ENV_ACCEPT_GATHER_US, |v: &u64| Duration::from_micros(*v) <= MAX_ACCEPT_GATHER)? {
             self.accept_gather = Duration::from_micros(v);
         }
-        if let Some(v) = var::<u64>(ENV_MAX_WORKER_CONNECTIONS)? {
+        if let Some(v) = var::<u64>(get, ENV_MAX_WORKER_CONNECTIONS)? {
             self.max_worker_connections = (v > 0).then_some(v);
         }
-        if let Some(v) = var::<u8>(ENV_FAIL_FAST)? {
+        if let Some(v) = var::<u8>(get, ENV_FAIL_FAST)? {
             self.fail_fast = v != 0;
         }
-        if let Some(v) = var(ENV_LOG_FORMAT)? {
+        if let Some(v) = var(get, ENV_LOG_FORMAT)? {
             self.log_format = v;
         }
-        if let Some(v) = checked(ENV_LOG, |v: &String| crate::log::parse_filter(v).is_ok())? {
+        if let Some(v) = checked(get, ENV_LOG, |v: &String| crate::log::parse_filter(v).is_ok())? {
             self.log_filter = Some(v);
         }
-        if let Some(v) = var::<u8>(ENV_LOG_CAPTURE)? {
+        if let Some(v) = var::<u8>(get, ENV_LOG_CAPTURE)? {
             self.log_capture = v != 0;
         }
-        if let Some(v) = checked(ENV_NAME, |v: &String| crate::control::valid_name(v))? {
+        if let Some(v) = checked(get, ENV_NAME, |v: &String| crate::control::valid_name(v))? {
             self.name = Some(v);
         }
-        if let Some(v) = var(ENV_CONTROL_SOCKET)? {
+        if let Some(v) = var(get, ENV_CONTROL_SOCKET)? {
             self.control_socket = v;
         }
-        if let Some(v) = std::env::var_os(ENV_PID_FILE) {
+        if let Some(v) = get(ENV_PID_FILE) {
             let path = std::path::PathBuf::from(&v);
             if !path.is_absolute() {
                 return Err(bad_setting(ENV_PID_FILE, v.to_string_lossy()));
             }
             self.pid_file = Some(path);
         }
-        if let Some(v) = var(ENV_ADMIN_ADDR)? {
+        if let Some(v) = var(get, ENV_ADMIN_ADDR)? {
             self.admin_addr = Some(v);
         }
-        if let Some(v) = var::<String>(ENV_USER)? {
+        if let Some(v) = var::<String>(get, ENV_USER)? {
             self.user = Some(v);
         }
-        if let Some(v) = var::<String>(ENV_GROUP)? {
+        if let Some(v) = var::<String>(get, ENV_GROUP)? {
             self.group = Some(v);
         }
-        if let Some(v) = checked(ENV_METRICS_BUCKETS, |v: &String| crate::metrics::parse_buckets(v).is_ok())? {
+        if let Some(v) = checked(get, ENV_METRICS_BUCKETS, |v: &String| crate::metrics::parse_buckets(v).is_ok())? {
             // Before the code's own: the environment's win.
             let mut buckets = crate::metrics::parse_buckets(&v).expect("checked");
             buckets.append(&mut self.histogram_buckets);
@@ -282,13 +289,20 @@ impl Config {
 }
 
 /// The value of setting `name`, if it is set: `Err` naming what it takes if it does not parse.
-fn var<T: std::str::FromStr>(name: &'static str) -> Result<Option<T>, StartError> {
-    checked(name, |_: &T| true)
+fn var<T: std::str::FromStr>(
+    get: &dyn Fn(&str) -> Option<OsString>,
+    name: &'static str,
+) -> Result<Option<T>, StartError> {
+    checked(get, name, |_: &T| true)
 }
 
 /// [`var`], with a value that parses but fails `ok` (out of range) an error too.
-fn checked<T: std::str::FromStr>(name: &'static str, ok: impl Fn(&T) -> bool) -> Result<Option<T>, StartError> {
-    let Some(v) = std::env::var_os(name) else { return Ok(None) };
+fn checked<T: std::str::FromStr>(
+    get: &dyn Fn(&str) -> Option<OsString>,
+    name: &'static str,
+    ok: impl Fn(&T) -> bool,
+) -> Result<Option<T>, StartError> {
+    let Some(v) = get(name) else { return Ok(None) };
     let v = v.to_string_lossy();
     match v.trim().parse() {
         Ok(parsed) if ok(&parsed) => Ok(Some(parsed)),

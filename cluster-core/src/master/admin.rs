@@ -140,10 +140,8 @@ async fn route(stream: &mut TcpStream, handle: &Handle) -> io::Result<Option<Str
             return Ok(None);
         }
     }
-    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (method, path) = request_line(&head);
+    let (method, path) = (method.as_str(), path.as_str());
     let body_wanted = method != "HEAD";
     if method != "GET" && method != "HEAD" {
         respond(stream, 405, "text/plain", "only GET and HEAD\n", body_wanted).await?;
@@ -194,6 +192,14 @@ async fn route(stream: &mut TcpStream, handle: &Handle) -> io::Result<Option<Str
     Ok(None)
 }
 
+/// The method and path of a request head's first line (empty when missing).
+pub(super) fn request_line(head: &[u8]) -> (String, String) {
+    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string())
+}
+
 /// The page's event stream (`text/event-stream`): a `history` event, then a `status` event
 /// each interval (`?interval_ms=`, 1 s by default) until the master stops or the page leaves.
 /// A browser's `EventSource` reconnects by itself, to whichever master serves the port then.
@@ -229,7 +235,7 @@ async fn send(stream: &mut TcpStream, text: &str) -> io::Result<()> {
 /// `drain` while stopping (the stop delay included), `down` while no worker is ready, and
 /// otherwise `ready up` with a weight that follows the ready workers out of those wanted
 /// (`ready` ends a drain an earlier master of this address asked for).
-fn agent_reply(stopping: bool, ready: usize, target: usize) -> String {
+pub(super) fn agent_reply(stopping: bool, ready: usize, target: usize) -> String {
     if stopping {
         "drain #stopping\n".into()
     } else if ready == 0 {
@@ -241,13 +247,13 @@ fn agent_reply(stopping: bool, ready: usize, target: usize) -> String {
 }
 
 /// Whether `path`'s query sets `name` (`?name`, `?name=1` or `?name=true`).
-fn query_flag(path: &str, name: &str) -> bool {
+pub(super) fn query_flag(path: &str, name: &str) -> bool {
     let query = path.split_once('?').map_or("", |(_, q)| q);
     query.split('&').any(|kv| kv == name) || query_value(path, name).is_some_and(|v| v == "1" || v == "true")
 }
 
 /// The value `path`'s query gives `name` (`?name=value`), if it does.
-fn query_value<'a>(path: &'a str, name: &str) -> Option<&'a str> {
+pub(super) fn query_value<'a>(path: &'a str, name: &str) -> Option<&'a str> {
     let query = path.split_once('?').map_or("", |(_, q)| q);
     query.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
 }

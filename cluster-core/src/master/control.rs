@@ -32,7 +32,7 @@ use crate::control::{MAX_LINE, PROTOCOL_VERSION, parse_socket_file_name, prepare
 use crate::log::{note, ring, warning};
 use crate::sys;
 
-mod request;
+pub(super) mod request;
 
 /// Clients served at once; more are told so and closed.
 const MAX_CLIENTS: usize = 64;

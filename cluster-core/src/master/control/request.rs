@@ -8,7 +8,7 @@ use crate::master::Scale;
 
 /// One command of the control protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Request {
+pub(in crate::master) enum Request {
     Ping,
     Status,
     /// `per_worker`: the application's counters and histograms per worker id.
@@ -36,7 +36,7 @@ pub(super) enum Request {
 
 /// Why a line is not a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Refused {
+pub(in crate::master) enum Refused {
     /// Not a JSON object: the connection is closed after the error.
     Malformed(String),
     /// A JSON object, but not a valid request: an error, and the connection goes on.
@@ -51,7 +51,7 @@ const COMMANDS: &str = "status, watch, reload, scale, restart, stop, upgrade, lo
 const MAX_COUNT: u64 = 1_000_000;
 
 /// Parses one request line.
-pub(super) fn parse(line: &[u8]) -> Result<Request, Refused> {
+pub(in crate::master) fn parse(line: &[u8]) -> Result<Request, Refused> {
     let request: Value = match serde_json::from_slice(line) {
         Ok(request @ Value::Object(_)) => request,
         Ok(_) => return Err(Refused::Malformed("a request is a JSON object".into())),
@@ -117,7 +117,7 @@ pub(super) fn parse(line: &[u8]) -> Result<Request, Refused> {
 
 /// Reads one line (without its newline) into `line`; `false` at the end of the stream. A line
 /// longer than `max` bytes is an error, and no more than `max` bytes are ever held.
-pub(super) async fn read_line(
+pub(in crate::master) async fn read_line(
     rd: &mut (impl AsyncBufRead + Unpin),
     line: &mut Vec<u8>,
     max: usize,

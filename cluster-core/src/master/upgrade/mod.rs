@@ -38,7 +38,7 @@ mod decide;
 mod link;
 #[cfg(test)]
 mod tests;
-mod wire;
+pub(in crate::master) mod wire;
 
 pub(super) use decide::{Effect, Input, Seen, Side};
 pub(super) use wire::{Handover, Listener, Successor};

@@ -45,17 +45,17 @@ pub(in crate::master) struct Handover {
 
 /// The messages a predecessor sends, in order: the sockets (one datagram per
 /// [`PER_DATAGRAM`] descriptors), then `start`; or `refused`; later `go`.
-pub(super) fn refused(reason: &str) -> Vec<u8> {
+pub(in crate::master) fn refused(reason: &str) -> Vec<u8> {
     json!({"t": "refused", "reason": reason}).to_string().into_bytes()
 }
 
 /// See [`refused`].
-pub(super) fn sockets(items: &[Value]) -> Vec<u8> {
+pub(in crate::master) fn sockets(items: &[Value]) -> Vec<u8> {
     json!({"t": "sockets", "items": items}).to_string().into_bytes()
 }
 
 /// See [`refused`].
-pub(super) fn start(workers: usize) -> Vec<u8> {
+pub(in crate::master) fn start(workers: usize) -> Vec<u8> {
     json!({"t": "start", "workers": workers, "pid": sys::getpid(), "init": sys::under_own_init()})
         .to_string()
         .into_bytes()
@@ -120,7 +120,7 @@ pub(super) fn adopt_metrics(datagram: crate::ipc::Datagram, totals: &crate::mast
 }
 
 /// What a datagram from the successor says.
-pub(super) fn from_successor(data: &[u8]) -> Input {
+pub(in crate::master) fn from_successor(data: &[u8]) -> Input {
     let msg: Value = match serde_json::from_slice(data) {
         Ok(msg) => msg,
         Err(e) => return Input::Garbage(e.to_string()),
@@ -136,7 +136,7 @@ pub(super) fn from_successor(data: &[u8]) -> Input {
 }
 
 /// What a datagram from the predecessor says, after `start`: `go`, or the upgrade is off.
-pub(super) fn from_predecessor(data: &[u8]) -> Input {
+pub(in crate::master) fn from_predecessor(data: &[u8]) -> Input {
     match serde_json::from_slice::<Value>(data) {
         Ok(msg) if msg["t"] == "go" => Input::Go,
         Ok(msg) => Input::Off(format!("the old master says: {msg}")),
@@ -145,7 +145,7 @@ pub(super) fn from_predecessor(data: &[u8]) -> Input {
 }
 
 /// Describes what is handed over, one item per descriptor.
-pub(super) fn encode(handover: Handover) -> Result<(Vec<Value>, Vec<OwnedFd>), String> {
+pub(in crate::master) fn encode(handover: Handover) -> Result<(Vec<Value>, Vec<OwnedFd>), String> {
     let mut items = Vec::new();
     let mut fds = Vec::new();
     let text = |path: &std::path::Path| {
@@ -252,30 +252,53 @@ impl Successor {
                 Ok(Ok(Some(datagram))) => datagram,
             };
             let (data, fds) = datagram.whole().map_err(|e| format!("upgrade channel: {e}"))?;
-            let msg: Value = serde_json::from_slice(&data).map_err(|e| format!("upgrade channel: {e}"))?;
-            match msg["t"].as_str() {
-                Some("refused") => return Err(format!("refused: {}", msg["reason"].as_str().unwrap_or("?"))),
-                Some("sockets") => {
-                    let items = msg["items"].as_array().map(Vec::as_slice).unwrap_or_default();
-                    if items.len() != fds.len() {
-                        return Err(format!("{} socket descriptions came with {} descriptors", items.len(), fds.len()));
-                    }
-                    for (item, fd) in items.iter().zip(fds) {
-                        decode(item, fd, &mut handover)?;
-                    }
+            if let Some(start) = handshake_step(&data, fds, &mut handover)? {
+                handover.workers = start.workers;
+                me.predecessor = start.predecessor;
+                if start.init {
+                    sys::set_under_own_init();
                 }
-                Some("start") => {
-                    let number = |key: &str| msg[key].as_u64().ok_or_else(|| format!("a bad start message: {msg}"));
-                    handover.workers = usize::try_from(number("workers")?).map_err(|e| e.to_string())?;
-                    me.predecessor = u32::try_from(number("pid")?).map_err(|e| e.to_string())?;
-                    if msg["init"] == true {
-                        sys::set_under_own_init();
-                    }
-                    return Ok((me, handover));
-                }
-                _ => return Err(format!("unexpected message from the old master: {msg}")),
+                return Ok((me, handover));
             }
         }
+    }
+}
+
+/// The old master's `start`: the handshake is over.
+pub(in crate::master) struct Start {
+    pub(in crate::master) workers: usize,
+    pub(in crate::master) predecessor: u32,
+    /// Whether the old master ran as PID 1's child under its own init.
+    pub(in crate::master) init: bool,
+}
+
+/// One datagram of the handshake from the old master, with its descriptors: socket
+/// descriptions go `into` the handover, `start` ends the handshake, anything else is an error.
+pub(in crate::master) fn handshake_step(
+    data: &[u8],
+    fds: Vec<OwnedFd>,
+    into: &mut Handover,
+) -> Result<Option<Start>, String> {
+    let msg: Value = serde_json::from_slice(data).map_err(|e| format!("upgrade channel: {e}"))?;
+    match msg["t"].as_str() {
+        Some("refused") => Err(format!("refused: {}", msg["reason"].as_str().unwrap_or("?"))),
+        Some("sockets") => {
+            let items = msg["items"].as_array().map(Vec::as_slice).unwrap_or_default();
+            if items.len() != fds.len() {
+                return Err(format!("{} socket descriptions came with {} descriptors", items.len(), fds.len()));
+            }
+            for (item, fd) in items.iter().zip(fds) {
+                decode(item, fd, into)?;
+            }
+            Ok(None)
+        }
+        Some("start") => {
+            let number = |key: &str| msg[key].as_u64().ok_or_else(|| format!("a bad start message: {msg}"));
+            let workers = usize::try_from(number("workers")?).map_err(|e| e.to_string())?;
+            let predecessor = u32::try_from(number("pid")?).map_err(|e| e.to_string())?;
+            Ok(Some(Start { workers, predecessor, init: msg["init"] == true }))
+        }
+        _ => Err(format!("unexpected message from the old master: {msg}")),
     }
 }
 
