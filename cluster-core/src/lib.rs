@@ -68,6 +68,7 @@ pub use sys::ChannelFdError;
 pub mod __private {
     pub use crate::builder::Builder;
     pub use crate::ipc::bench as ipc_bench;
+    pub use crate::master::fuzz;
 
     /// A recorder with a segment of its own, as a worker has one, for the benchmark
     /// (`benches/metrics.rs`) to measure records without a master.

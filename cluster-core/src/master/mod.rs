@@ -12,6 +12,8 @@ mod control;
 mod decide;
 mod dispatch;
 mod events;
+#[doc(hidden)]
+pub mod fuzz;
 mod handle;
 mod history;
 mod listeners;
