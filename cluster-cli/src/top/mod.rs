@@ -32,8 +32,12 @@ const MIN_FRAME: Duration = Duration::from_millis(50);
 
 enum Input {
     Line(Value),
-    /// The stream ended, and why.
-    Gone(String),
+    /// The stream ended, and why; `refused`: the master answered the request with an error
+    /// (an older master without `watch`), so asking again would get the same.
+    Gone {
+        why: String,
+        refused: bool,
+    },
     Key(event::KeyEvent),
     Resize,
     /// A command's outcome.
@@ -106,9 +110,10 @@ fn view(
                     }
                     m.ingest(&line);
                 }
-                Some(Input::Gone(why)) => {
+                Some(Input::Gone { why, refused: true }) => m.message = format!("the master refused: {why}"),
+                Some(Input::Gone { why, refused: false }) => {
                     m.message = format!("{why}; reconnecting…");
-                    reconnect = Some(Instant::now());
+                    reconnect = Some(Instant::now() + Duration::from_millis(250));
                 }
                 Some(Input::Key(key)) if key.kind != KeyEventKind::Release => {
                     let ctrl_c = key.modifiers.contains(KeyModifiers::CONTROL) && key.code == KeyCode::Char('c');
@@ -208,23 +213,27 @@ fn again(target: &mut Target) -> Result<Conn, Fail> {
 fn stream(mut conn: Conn, interval: Duration, tx: Sender<Input>) {
     thread::spawn(move || {
         let request = json!({"cmd": "watch", "interval_ms": interval.as_millis() as u64, "logs": LOG_TAIL});
-        if let Err(e) = conn.send(&request) {
-            let _ = tx.send(Input::Gone(e));
+        if let Err(why) = conn.send(&request) {
+            let _ = tx.send(Input::Gone { why, refused: false });
             return;
         }
+        let mut streamed = false;
         loop {
-            let why = match conn.next() {
-                Ok(Some(line)) if line.get("ok").is_some() => client::error_of(&line),
+            let (why, refused) = match conn.next() {
+                // An error before anything was streamed is an answer to the request; later,
+                // the master is stopping.
+                Ok(Some(line)) if line.get("ok").is_some() => (client::error_of(&line), !streamed),
                 Ok(Some(line)) => {
+                    streamed = true;
                     if tx.send(Input::Line(line)).is_err() {
                         return;
                     }
                     continue;
                 }
-                Ok(None) => "the master closed the connection".into(),
-                Err(e) => e,
+                Ok(None) => ("the master closed the connection".into(), false),
+                Err(e) => (e, false),
             };
-            let _ = tx.send(Input::Gone(why));
+            let _ = tx.send(Input::Gone { why, refused });
             return;
         }
     });
