@@ -132,6 +132,9 @@ fn view(
                     match key.code {
                         KeyCode::Up => m.select(-1),
                         KeyCode::Down => m.select(1),
+                        KeyCode::Char('k') if m.selected_id().is_none() => {
+                            m.message = "select a worker (↑↓) to restart".into();
+                        }
                         _ => {}
                     }
                 }
