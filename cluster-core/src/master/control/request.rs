@@ -184,6 +184,11 @@ mod tests {
             other => panic!("{line}: {other:?}"),
         };
         assert!(invalid(r#"{"cmd":"frob"}"#).contains("unknown command \"frob\""));
+        // An odd command is echoed whole up to 80 bytes (quotes included), cut with … past it.
+        let exactly = "x".repeat(78);
+        assert!(invalid(&format!(r#"{{"cmd":"{exactly}"}}"#)).contains(&format!("\"{exactly}\"; commands")));
+        let longer = invalid(&format!(r#"{{"cmd":"{}"}}"#, "y".repeat(200)));
+        assert!(longer.contains(&format!("\"{}…; commands", "y".repeat(79))), "{longer}");
         assert!(invalid(r#"{"cmd":"scale","workers":0}"#).contains("not a number of workers"));
         assert!(invalid(r#"{"cmd":"restart","id":-1}"#).contains("worker id"));
         assert!(invalid(r#"{"cmd":"restart","id":4294967296}"#).contains("worker id"));
