@@ -178,7 +178,47 @@ fn malformed_input_is_a_typed_error() {
 #[test]
 fn long_exit_reason_is_cut_to_fit() {
     let mut out = BytesMut::new();
-    encode::exiting(&mut out, &"é".repeat(MAX_MESSAGE));
+    // One byte first: the 65,520-byte cut falls inside an "é", and moves back to its start.
+    let long = format!("a{}", "é".repeat(MAX_MESSAGE));
+    encode::exiting(&mut out, &long);
     assert!(out.len() <= MAX_MESSAGE);
-    assert!(matches!(ToMaster::decode(out.freeze(), Vec::new()), Ok(ToMaster::Exiting { .. })));
+    let Ok(ToMaster::Exiting { reason }) = ToMaster::decode(out.freeze(), Vec::new()) else { panic!("not exiting") };
+    assert_eq!(reason.len(), MAX_MESSAGE - 17, "cut at the last character boundary that fits");
+    assert!(long.starts_with(&reason), "the start of the reason, whole characters only");
+}
+
+#[test]
+fn relayed_round_trips_both_ways() {
+    for delivered in [true, false] {
+        let mut out = BytesMut::new();
+        encode::relayed(&mut out, delivered);
+        let got = ToWorker::decode(out.freeze(), Vec::new()).unwrap();
+        assert!(matches!(got, ToWorker::Relayed { delivered: d } if d == delivered), "{got:?}");
+    }
+}
+
+#[test]
+fn endpoints_say_what_they_are() {
+    let tcp = |a: &str| Endpoint::Tcp(a.parse().unwrap());
+    let udp = |a: &str| Endpoint::Udp(a.parse().unwrap());
+    let unix = Endpoint::Unix { path: "/run/app.sock".into(), mode: None };
+    assert!(tcp("127.0.0.1:0").is_port_zero() && udp("[::1]:0").is_port_zero());
+    assert!(!tcp("127.0.0.1:8080").is_port_zero() && !udp("[::1]:53").is_port_zero() && !unix.is_port_zero());
+    assert_eq!(tcp("127.0.0.1:8080").to_string(), "tcp 127.0.0.1:8080");
+    assert_eq!(udp("[::1]:53").to_string(), "udp [::1]:53");
+    assert_eq!(unix.to_string(), "unix /run/app.sock");
+}
+
+/// The wire addresses are part of the protocol: workers of the old build and of the new one
+/// talk to one master during an upgrade and must agree on them, so they are pinned here.
+#[test]
+fn the_wire_addresses_are_fixed() {
+    assert_eq!((AGENT, ALL_WORKERS, REPLY), (0xffff_ffff, 0xffff_fffe, 0x8000_0000));
+}
+
+#[test]
+fn a_user_message_may_be_16_mib_and_no_more() {
+    assert!(Reassembly::default().start(1, 2, (16 << 20) as u32, Bytes::new()).unwrap().is_none());
+    let err = Reassembly::default().start(1, 2, (16 << 20) as u32 + 1, Bytes::new()).unwrap_err();
+    assert!(matches!(err, ProtocolError::Fragment(m) if m.contains("larger than the limit")), "{err:?}");
 }

@@ -304,4 +304,93 @@ mod tests {
             s.await.unwrap();
         }
     }
+
+    /// A user message goes in one datagram while it fits with its header, else in fragments,
+    /// none larger than [`MAX_MESSAGE`], that put back together give the bytes sent.
+    #[tokio::test]
+    async fn user_messages_go_whole_or_in_fragments_that_add_up() {
+        let (a, b) = Channel::pair().unwrap();
+        let b = Channel::from_fd(b).unwrap();
+        let mut rx = Receiver::new();
+        let single = MAX_MESSAGE - USER_HEADER;
+        let cases =
+            [(0, 1), (10, 1), (single, 1), (single + 1, 2), (single + MAX_MESSAGE - 1, 2), (single + MAX_MESSAGE, 3)];
+        for (len, datagrams) in cases {
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let mut turn = false;
+            let send = a.send_user(message::USER_TO_WORKER, 7, 9, &data, || turn = true);
+            let receive = async {
+                let mut whole = Reassembly::default();
+                for n in 1..=datagrams {
+                    let d = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv(&b))
+                        .await
+                        .unwrap_or_else(|_| panic!("{len} bytes: datagram {n} of {datagrams} never came"))
+                        .unwrap_or_else(|e| panic!("{len} bytes: datagram {n}: {e}"))
+                        .expect("open");
+                    let (bytes, fds) = d.whole().unwrap();
+                    let got = match message::ToWorker::decode(bytes, fds).unwrap() {
+                        message::ToWorker::User { from, call, data } => Some((from, call, data)),
+                        message::ToWorker::UserStart { from, call, total, data } => {
+                            assert!(datagrams > 1, "{len} bytes fit in one datagram, not a start");
+                            assert_eq!(total as usize, len);
+                            whole.start(from, call, total, data).unwrap()
+                        }
+                        message::ToWorker::UserMore(data) => whole.more(data).unwrap(),
+                        other => panic!("{other:?}"),
+                    };
+                    assert_eq!(got.is_some(), n == datagrams, "{len} bytes: whole after datagram {n} of {datagrams}");
+                    if let Some((from, call, got)) = got {
+                        assert_eq!((from, call, got.len()), (7, 9, len));
+                        assert!(got[..] == data[..], "{len} bytes: not the bytes sent");
+                    }
+                }
+            };
+            let (sent, ()) = tokio::join!(send, receive);
+            sent.unwrap();
+            assert!(turn, "its turn was told");
+        }
+        drop(a);
+        assert!(rx.recv(&b).await.unwrap().is_none(), "no datagram more than counted");
+    }
+
+    /// `poll_send` sends at once when there is room, and waits for room when there is none.
+    #[tokio::test]
+    async fn poll_send_sends_and_waits_for_room() {
+        let (a, b) = Channel::pair().unwrap();
+        let b = Channel::from_fd(b).unwrap();
+        let mut rx = Receiver::new();
+        let mut wait = None;
+        std::future::poll_fn(|cx| a.poll_send(cx, b"\x09", &mut wait)).await.unwrap();
+        assert_eq!(&rx.recv(&b).await.unwrap().unwrap().data[..], b"\x09");
+        let payload = vec![1u8; 16 * 1024];
+        let mut filled = 0;
+        while a.try_send_with_fds(&payload, NO_FDS).is_ok() {
+            filled += 1;
+        }
+        let waker = std::task::Waker::noop();
+        let full = a.poll_send(&mut Context::from_waker(waker), b"\x0a", &mut wait);
+        assert!(full.is_pending() && wait.is_some(), "a full buffer is waited on");
+        let send = std::future::poll_fn(|cx| a.poll_send(cx, b"\x0a", &mut wait));
+        let receive = async {
+            for _ in 0..filled {
+                assert_eq!(rx.recv(&b).await.unwrap().unwrap().data.len(), payload.len());
+            }
+            rx.recv(&b).await.unwrap().unwrap()
+        };
+        let limit = std::time::Duration::from_secs(10);
+        let (sent, last) = tokio::time::timeout(limit, async { tokio::join!(send, receive) }).await.expect("woken");
+        sent.unwrap();
+        assert_eq!(&last.data[..], b"\x0a");
+        assert!(wait.is_none(), "the registration for writability is dropped once sent");
+    }
+
+    /// A send to a closed peer fails at once; it does not wait for room that never comes.
+    #[tokio::test]
+    async fn a_send_to_a_closed_peer_fails() {
+        let (a, b) = Channel::pair().unwrap();
+        drop(b);
+        let sent = tokio::time::timeout(std::time::Duration::from_secs(10), a.send(b"\x09")).await;
+        let e = sent.expect("an error, not a wait").expect_err("the peer is gone");
+        assert_eq!(e.kind(), io::ErrorKind::BrokenPipe, "{e}");
+    }
 }
