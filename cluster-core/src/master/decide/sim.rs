@@ -276,6 +276,10 @@ impl Sim {
         let agents = core.procs.values().filter(|p| p.id == AGENT_ID).count();
         assert!(agents <= 1, "{agents} agent processes at once");
         for (id, slot) in &core.slots {
+            assert!(
+                slot.restart_at.is_none() || (slot.current.is_none() && slot.incoming.is_none()),
+                "worker {id} has a process and a restart time"
+            );
             let serving: Vec<_> =
                 core.procs.values().filter(|p| p.id == *id && p.life == Life::Ready).map(|p| p.pid).collect();
             assert!(serving.len() <= 1, "worker {id} served by {serving:?} at once");

@@ -526,7 +526,8 @@ fn a_graceful_stop_serves_the_master_s_last_connections_before_closing_workers()
     sim.world.backlog = 0;
     let out = sim.advance(FAST_TICK, &[]);
     assert_eq!((closes(&out), disconnects(&out)), (vec![1, 2], vec![1, 2]));
-    sim.exit(1, 0);
+    assert_eq!(exit_code(&out), None, "not while its workers finish");
+    assert_eq!(exit_code(&sim.exit(1, 0)), None, "not while one finishes");
     assert_eq!(exit_code(&sim.exit(2, 0)), Some(0));
 }
 
@@ -660,7 +661,8 @@ fn a_fast_stop_kills_everything_and_exits_zero_once_they_are_gone() {
     let out = sim.cmd(Command::Stop(StopKind::Fast));
     assert_eq!(kills(&out), [1, 2]);
     assert!(out.iter().any(|a| matches!(a, Action::StopListening { drain: false })));
-    sim.exit(1, 0);
+    assert_eq!(exit_code(&out), None, "not while its workers run");
+    assert_eq!(exit_code(&sim.exit(1, 0)), None, "not while one runs");
     assert_eq!(exit_code(&sim.exit(2, 0)), Some(0));
 }
 
@@ -735,7 +737,8 @@ fn a_first_start_with_no_worker_ready_in_time_stops_the_master() {
     sim.fact(1, Fact::Hello);
     let out = sim.advance(Duration::from_secs(2), &[]);
     assert_eq!(kills(&out), [1, 2]);
-    sim.exit(1, 0);
+    assert_eq!(exit_code(&out), None, "not while its workers run");
+    assert_eq!(exit_code(&sim.exit(1, 0)), None, "not while one runs");
     assert_eq!(exit_code(&sim.exit(2, 0)), Some(1));
 }
 
@@ -869,4 +872,68 @@ fn a_signalled_agent_is_restarted_never_doubled() {
     assert!(!spawns(&out).iter().any(|(_, id)| *id == AGENT_ID), "not while the old one runs");
     let out = sim.exit(agent, 0);
     assert_eq!(spawns(&out).iter().filter(|(_, id)| *id == AGENT_ID).count(), 1);
+}
+
+// ----- the sockets a process accepts on, status, wakes -----
+
+#[test]
+fn a_worker_s_sockets_are_a_set_and_each_report_changes_only_its_own() {
+    let mut sim = Sim::started(cfg(1));
+    for _ in 0..3 {
+        sim.fact(1, Fact::Listening(1));
+    }
+    sim.fact(1, Fact::Listening(2));
+    assert_eq!(sim.core.procs[&1].keys, [1, 2], "a report repeated by a worker grows nothing in the master");
+    sim.fact(1, Fact::Unlisten(2));
+    assert!(sim.core.accepted_on(1) && !sim.core.accepted_on(2));
+}
+
+#[test]
+fn a_socket_a_ready_worker_adds_is_one_its_restarted_process_must_listen_on() {
+    let mut sim = Sim::started(cfg(1));
+    sim.fact(1, Fact::Listening(2));
+    sim.advance(Duration::from_secs(2), &[]);
+    let out = sim.exit(1, 1);
+    assert_eq!(spawns(&out), [(2, 1)]);
+    sim.fact(2, Fact::Hello);
+    let out = sim.fact(2, Fact::Listening(1));
+    assert!(!has(&out, |e| matches!(e, Event::Ready { .. })), "ready on one of its two sockets: {out:?}");
+    let out = sim.fact(2, Fact::Listening(2));
+    assert!(has(&out, |e| matches!(e, Event::Ready { id: 1, pid: 1002 })), "{out:?}");
+}
+
+#[test]
+fn a_killed_worker_waiting_for_its_exit_cannot_be_restarted() {
+    let mut sim = Sim::started(cfg(2));
+    assert_eq!(kills(&sim.advance(Duration::from_millis(1200), &[1])), [1]);
+    let refused = sim.core.can_restart(1).expect_err("its process is killed");
+    assert!(refused.contains("no process"), "{refused}");
+    assert_eq!(sim.core.can_restart(2), Ok(()));
+}
+
+#[test]
+fn status_lists_only_processes_that_run_each_in_its_state() {
+    let mut sim = Sim::new(Config { wait_ready: true, ..cfg(2) });
+    let out = sim.core.reconcile(sim.now, &sim.world);
+    assert_eq!(spawns(&out), [(1, 1), (2, 2)]);
+    assert!(sim.core.status(sim.now, &sim.world).is_empty(), "no pid yet");
+    for serial in [1, 2] {
+        sim.core.record(serial, Fact::Spawned(1000 + serial as u32), sim.now);
+    }
+    sim.core.record(1, Fact::Hello, sim.now);
+    let states =
+        |sim: &Sim| -> Vec<_> { sim.core.status(sim.now, &sim.world).iter().map(|s| (s.id, s.pid, s.state)).collect() };
+    assert_eq!(states(&sim), [(1, Some(1001), WorkerState::Online), (2, Some(1002), WorkerState::Starting)]);
+    sim.core.record(2, Fact::Exited(Ok(Status { code: Some(1), signal: None })), sim.now);
+    assert_eq!(states(&sim), [(1, Some(1001), WorkerState::Online)], "gone, before it is reaped");
+}
+
+#[test]
+fn the_next_wake_is_a_tick_away_or_a_fast_tick_while_a_worker_retires() {
+    let mut sim = Sim::started(cfg(1));
+    assert_eq!(sim.core.next_wake(sim.now), sim.now + TICK);
+    sim.world.backlog = 1;
+    sim.cmd(Command::Stop(StopKind::Now));
+    assert!(matches!(sim.life(1), Some(Life::Retiring { step: Step::Open, .. })), "{:?}", sim.life(1));
+    assert_eq!(sim.core.next_wake(sim.now), sim.now + FAST_TICK);
 }
