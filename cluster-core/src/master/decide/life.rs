@@ -62,7 +62,8 @@ impl Core {
                 })));
             }
             let Some(slot) = self.slots.get_mut(&p.id) else { continue };
-            if self.first_start.is_some() && p.ready_at.is_none() {
+            // During the first start no process has been ready yet (the first ready ends it).
+            if self.first_start.is_some() {
                 slot.failed_starts += 1;
                 let name = Peer::from_wire(p.id);
                 let how = if p.pid == 0 { "could not be started".into() } else { describe(status) };

@@ -273,6 +273,10 @@ impl Sim {
                 assert!(replacing, "a restart of worker {id} is waited for and none is under way");
             }
         }
+        assert!(
+            core.first_start.is_none() || core.procs.values().all(|p| p.ready_at.is_none()),
+            "a process was ready and the first start is not over"
+        );
         let agents = core.procs.values().filter(|p| p.id == AGENT_ID).count();
         assert!(agents <= 1, "{agents} agent processes at once");
         for (id, slot) in &core.slots {

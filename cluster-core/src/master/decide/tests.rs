@@ -937,3 +937,89 @@ fn the_next_wake_is_a_tick_away_or_a_fast_tick_while_a_worker_retires() {
     assert!(matches!(sim.life(1), Some(Life::Retiring { step: Step::Open, .. })), "{:?}", sim.life(1));
     assert_eq!(sim.core.next_wake(sim.now), sim.now + FAST_TICK);
 }
+
+#[test]
+fn the_queries_of_the_supervisor_follow_the_cluster() {
+    let mut sim = Sim::started(cfg(3));
+    assert_eq!((sim.core.ready_count(), sim.core.target(), sim.core.worker_count()), (3, 3, 3));
+    assert!(!sim.core.reloading());
+    sim.exit(2, 1);
+    assert_eq!(sim.core.ready_count(), 2, "worker 2 waits to restart");
+    sim.cmd(Command::SetWorkers(5));
+    assert_eq!((sim.core.target(), sim.core.worker_count()), (5, 5));
+    sim.cmd(Command::Reload);
+    assert!(sim.core.reloading());
+}
+
+#[test]
+fn a_step_exactly_the_suspension_threshold_after_the_last_is_no_suspension() {
+    let mut sim = Sim::started(cfg(1));
+    sim.now += 500 * MS;
+    sim.step();
+    sim.now += SUSPENDED;
+    let out = sim.step();
+    assert_eq!(kills(&out), [1], "silent for 1.5 s: its heartbeat clock was not restarted");
+}
+
+#[test]
+fn heartbeats_are_missed_only_past_the_timeout() {
+    let mut sim = Sim::started(cfg(1));
+    assert!(kills(&sim.advance(Duration::from_secs(1), &[1])).is_empty(), "silent for exactly the timeout");
+    assert_eq!(kills(&sim.advance(MS, &[1])), [1]);
+}
+
+#[test]
+fn a_process_whose_start_is_not_reported_yet_is_never_killed() {
+    let mut sim = Sim::new(cfg(1));
+    assert_eq!(spawns(&sim.core.reconcile(sim.now, &sim.world)), [(1, 1)]);
+    for _ in 0..30 {
+        sim.now += TICK;
+        let out = sim.core.reconcile(sim.now, &sim.world);
+        assert!(kills(&out).is_empty(), "silent, but pid 0 is nobody's: {out:?}");
+    }
+}
+
+#[test]
+fn a_worker_dying_at_exactly_its_minimum_uptime_was_stable() {
+    let mut sim = Sim::started(cfg(2));
+    sim.now += Duration::from_secs(1);
+    sim.core.record(1, Fact::Heard, sim.now);
+    sim.core.record(2, Fact::Heard, sim.now);
+    let out = sim.exit(1, 1);
+    assert_eq!((spawns(&out), crash_delays(&out)), (vec![(3, 1)], vec![]));
+}
+
+#[test]
+fn a_worker_dying_while_its_replacement_starts_counts_as_a_restart() {
+    let mut sim = Sim::started(cfg(1));
+    sim.cmd(Command::Reload);
+    let out = sim.exit(1, 1);
+    assert!(spawns(&out).is_empty(), "its replacement is on the way: {out:?}");
+    assert_eq!(sim.core.slots[&1].restarts, 1);
+    sim.ready(2);
+    assert_eq!(sim.core.status(sim.now, &sim.world)[0].restarts, 1);
+}
+
+#[test]
+fn a_retiring_worker_signalled_to_stop_is_not_replaced_again() {
+    let mut sim = Sim::started(cfg(1));
+    sim.cmd(Command::Reload);
+    sim.ready(2);
+    assert!(matches!(sim.life(1), Some(Life::Retiring { .. })), "{:?}", sim.life(1));
+    sim.fact(1, Fact::StopAsked);
+    let out = sim.advance(STOP_ASK_WAIT + TICK, &[]);
+    assert!(spawns(&out).is_empty(), "{out:?}");
+    assert_eq!(sim.current(1), 2);
+}
+
+#[test]
+fn a_restarted_worker_must_listen_on_what_its_predecessor_was_ready_on() {
+    let mut sim = Sim::started(cfg(1));
+    sim.advance(Duration::from_secs(2), &[]);
+    assert_eq!(spawns(&sim.exit(1, 1)), [(2, 1)]);
+    sim.fact(2, Fact::Hello);
+    let out = sim.fact(2, Fact::Listening(2));
+    assert!(!has(&out, |e| matches!(e, Event::Ready { .. })), "socket 1 was its predecessor's: {out:?}");
+    let out = sim.fact(2, Fact::Listening(1));
+    assert!(has(&out, |e| matches!(e, Event::Ready { id: 1, pid: 1002 })), "{out:?}");
+}
