@@ -270,9 +270,9 @@ struct Reload {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stop {
     Running,
-    Graceful {
-        deadline: Instant,
-    },
+    /// Every process was retired at the stop, so each is killed at the stop's instant plus
+    /// the kill timeout.
+    Graceful,
     Fast,
     Abort,
     /// The first start failed (see `decide/life.rs`, `check_first_start`): exit 1.
@@ -465,7 +465,7 @@ impl Core {
         self.route(&mut out);
         match self.stop {
             Stop::Abort => out.push(Action::Exit(130)),
-            Stop::Graceful { .. } | Stop::Fast if self.procs.is_empty() => {
+            Stop::Graceful | Stop::Fast if self.procs.is_empty() => {
                 note!(event = "stopped", "all workers stopped; master exiting");
                 out.push(Action::Exit(0));
             }

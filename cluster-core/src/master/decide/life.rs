@@ -366,10 +366,7 @@ impl Core {
 
     /// Retires a process: with `close_now`, it gets no new connections from this moment.
     pub(super) fn retire(&mut self, serial: Serial, close_now: bool, now: Instant, out: &mut Vec<Action>) {
-        let kill_at = match self.stop {
-            Stop::Graceful { deadline } => deadline,
-            _ => now + self.cfg.kill_timeout,
-        };
+        let kill_at = now + self.cfg.kill_timeout;
         let Some(p) = self.procs.get_mut(&serial) else { return };
         match &mut p.life {
             Life::Starting | Life::Online | Life::Ready => {

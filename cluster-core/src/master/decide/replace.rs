@@ -34,7 +34,7 @@ impl Core {
                 self.stop_at = None;
                 let timeout = self.cfg.kill_timeout;
                 note!(event = "stop", kind = "graceful", "stopping gracefully (kill timeout {timeout:?})");
-                self.stop = Stop::Graceful { deadline: now + timeout };
+                self.stop = Stop::Graceful;
                 if self.reload.take().is_some() {
                     note!(event = "reload_cancelled", "reload cancelled");
                 }
@@ -44,7 +44,7 @@ impl Core {
                     self.retire(serial, false, now, out);
                 }
             }
-            (Command::Stop(StopKind::Fast), Stop::Running | Stop::Graceful { .. }) => {
+            (Command::Stop(StopKind::Fast), Stop::Running | Stop::Graceful) => {
                 note!(event = "stop", kind = "fast", "fast stop");
                 self.stop_at = None;
                 self.stop = Stop::Fast;

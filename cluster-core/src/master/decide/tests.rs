@@ -1023,3 +1023,24 @@ fn a_restarted_worker_must_listen_on_what_its_predecessor_was_ready_on() {
     let out = sim.fact(2, Fact::Listening(1));
     assert!(has(&out, |e| matches!(e, Event::Ready { id: 1, pid: 1002 })), "{out:?}");
 }
+
+#[test]
+fn connection_limits_are_spread_over_the_jitter_and_no_further() {
+    let limits = |jitter: u64| -> Vec<u64> {
+        let cfg = Config { max_connections: Some(100), max_connections_jitter: jitter, ..cfg(1) };
+        let mut core = Core::new(Arc::new(cfg), 7);
+        let now = Instant::now();
+        (0..200)
+            .map(|_| {
+                let serial = core.spawn(1, Vec::new(), now, &mut Vec::new());
+                core.procs[&serial].max_connections.expect("a limit")
+            })
+            .collect()
+    };
+    assert!(limits(0).iter().all(|l| *l == 100));
+    let spread = limits(20);
+    let (min, max) = (spread.iter().min().copied(), spread.iter().max().copied());
+    assert_eq!((min, max), (Some(100), Some(120)), "from the limit to the limit plus the jitter");
+    let distinct: std::collections::BTreeSet<_> = spread.iter().collect();
+    assert!(distinct.len() > 15, "spread, not one value: {distinct:?}");
+}
