@@ -364,18 +364,17 @@ impl Core {
         serial
     }
 
-    /// Retires a process: with `close_now`, it gets no new connections from this moment.
+    /// Retires a process: with `close_now`, it gets no new connections from this moment. A
+    /// process already retiring keeps its step: only a graceful stop retires one open, and
+    /// then nothing else retires any (no reload, scaling or replacement runs while stopping).
     pub(super) fn retire(&mut self, serial: Serial, close_now: bool, now: Instant, out: &mut Vec<Action>) {
         let kill_at = now + self.cfg.kill_timeout;
         let Some(p) = self.procs.get_mut(&serial) else { return };
-        match &mut p.life {
-            Life::Starting | Life::Online | Life::Ready => {
-                let step = if close_now { Step::Closed } else { Step::Open };
-                p.life = Life::Retiring { step, kill_at };
-            }
-            Life::Retiring { step: step @ Step::Open, .. } if close_now => *step = Step::Closed,
-            _ => return,
+        if !matches!(p.life, Life::Starting | Life::Online | Life::Ready) {
+            return;
         }
+        let step = if close_now { Step::Closed } else { Step::Open };
+        p.life = Life::Retiring { step, kill_at };
         if close_now {
             out.push(Action::Close(serial));
         }
