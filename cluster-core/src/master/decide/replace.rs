@@ -61,7 +61,9 @@ impl Core {
                 }
                 self.target = n;
             }
-            (Command::Restart(id), Stop::Running) if self.stop_at.is_none() => {
+            // Also while stopping, to answer it (`can_restart` refuses then): a restart asked
+            // in the step of a stop is told so, not left waiting for the master's exit.
+            (Command::Restart(id), _) => {
                 if let Err(why) = self.can_restart(id) {
                     out.push(Action::Answer(Answer::Restart { id, result: Err(why) }));
                     return;

@@ -590,6 +590,7 @@ fn during_the_stop_delay_commands_wait_for_nothing_and_a_crash_is_still_replaced
     sim.cmd(Command::Stop(StopKind::Graceful));
     assert!(spawns(&sim.cmd(Command::Reload)).is_empty(), "no reload");
     assert!(spawns(&sim.cmd(Command::SetWorkers(4))).is_empty(), "no scaling");
+    assert_eq!(sim.core.target(), 2, "not later either");
     assert!(spawns(&sim.cmd(Command::Restart(1))).is_empty(), "no restart");
     assert!(sim.core.can_restart(1).is_err());
     // Its clients are still sent to it: a worker that dies now is replaced.
@@ -1043,4 +1044,42 @@ fn connection_limits_are_spread_over_the_jitter_and_no_further() {
     assert_eq!((min, max), (Some(100), Some(120)), "from the limit to the limit plus the jitter");
     let distinct: std::collections::BTreeSet<_> = spread.iter().collect();
     assert!(distinct.len() > 15, "spread, not one value: {distinct:?}");
+}
+
+#[test]
+fn a_restart_asked_in_the_step_of_a_stop_is_answered() {
+    for stop in [StopKind::Graceful, StopKind::Now] {
+        let mut sim = Sim::started(delayed(2));
+        sim.core.command(Command::Stop(stop));
+        sim.core.command(Command::Restart(1));
+        let out = sim.step();
+        let refused = answers(&out)
+            .into_iter()
+            .any(|a| matches!(a, Answer::Restart { id: 1, result: Err(why) } if why.contains("stopping")));
+        assert!(refused && spawns(&out).is_empty(), "{stop:?}: {out:?}");
+    }
+}
+
+#[test]
+fn scaling_down_during_a_reload_still_replaces_the_workers_that_stay() {
+    let mut sim = Sim::started(cfg(3));
+    assert_eq!(spawns(&sim.cmd(Command::Reload)), [(4, 1)]);
+    sim.cmd(Command::SetWorkers(2));
+    assert_eq!(spawns(&sim.ready(4)), [(5, 2)], "worker 2 is still to be replaced");
+    assert!(has(&sim.ready(5), |e| matches!(e, Event::ReloadDone { replaced: 2, .. })));
+}
+
+#[test]
+fn a_slot_whose_process_and_replacement_both_die_starts_again() {
+    let mut sim = Sim::started(cfg(1));
+    sim.cmd(Command::Reload);
+    sim.exit(1, 1);
+    let out = sim.fact(2, Fact::Exited(Ok(Status { code: None, signal: Some(9) })));
+    let reason = events(&out).into_iter().find_map(|e| match e {
+        Event::ReloadAbandoned { id: 1, reason } => Some(reason.clone()),
+        _ => None,
+    });
+    assert!(reason.as_deref().is_some_and(|r| r.contains("killed by signal 9")), "{out:?}");
+    let out = sim.advance(Duration::from_secs(1), &[]);
+    assert_eq!(spawns(&out), [(3, 1)], "worker 1 has no process: it is restarted");
 }
